@@ -1,0 +1,145 @@
+"""`dot_product_attention`: validated arguments -> plan -> executor, with a custom VJP."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from . import executor
+from .arguments import check_plan_matches, validate
+from .kernels.base import accumulator_dtype
+from .merge import finalize
+from .plan import Plan, plan as make_plan, resolve_implementation
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    plan: Plan
+    scale: float
+
+
+def _forward(static: _Static, q, k, v, masks):
+    state = executor.forward(static.plan, static.scale, q, k, v, masks)
+    o, lse = finalize(state, q.shape[1])
+    return o, lse, state
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attend(static: _Static, q, k, v, masks: executor.MaskArrays):
+    o, lse, _ = _forward(static, q, k, v, masks)
+    return o.astype(q.dtype), lse
+
+
+def _attend_fwd(static: _Static, q, k, v, masks):
+    o, lse, state = _forward(static, q, k, v, masks)
+    # Residuals: the inputs, the output in the accumulator dtype and the row
+    # statistics (m, l) that make up the log-sum-exp. Both keep full float32
+    # precision: delta = rowsum(dO * O) cancels where softmax rows are peaked,
+    # and O rounded to bfloat16 there would double the gradients' error.
+    t = q.shape[1]
+    return (o.astype(q.dtype), lse), (q, k, v, masks, o, state.m[:, :, :t], state.l[:, :, :t])
+
+
+def _attend_bwd(static: _Static, residuals, cotangents):
+    q, k, v, masks, o, m, l = residuals
+    do, dlse = cotangents
+    acc = accumulator_dtype(q.dtype)
+    delta = jnp.einsum("btnh,btnh->bnt", do.astype(acc), o, precision=jax.lax.Precision.HIGHEST) - dlse.astype(acc)
+    dq, dk, dv = executor.backward(static.plan.backward(), static.scale, q, k, v, do, m, l, delta, masks)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), executor.MaskArrays(*(None for _ in masks))
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend_jit = jax.jit(_attend, static_argnums=0)
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    *,
+    scale: float | None = None,
+    is_causal: bool = False,
+    local_window_size: int | tuple[int, int] | None = None,
+    segment_ids=None,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    memory_budget: int | float | str | None = None,
+    plan: Plan | None = None,
+    implementation: str | None = None,
+    return_residuals: bool = False,
+):
+    """Exact softmax attention, decomposed into quorum subproblems that fit a memory budget.
+
+    Arguments, shapes and masking follow `jax.nn.dot_product_attention`:
+
+    Args:
+      query: [B, T, N, H] (or [T, N, H]).
+      key, value: [B, S, K, H] (or [S, K, H]), N a multiple of K (GQA / MQA).
+      bias, mask: dense [.., T, S] arrays are refused (O(T*S)); use the
+        structured arguments below.
+      scale: logit scale; default ``1 / sqrt(H)``.
+      is_causal: query ``i`` sees keys ``j <= i`` (top-left aligned).
+      local_window_size: int or (left, right): keys ``i - left <= j <= i + right``.
+      segment_ids: int [B, T] (self-attention) or a pair (q_ids [B, T],
+        kv_ids [B, S]): queries see keys of their own segment only.
+      query_seq_lengths, key_value_seq_lengths: int [B]: real tokens per
+        example; padded query rows return zeros.
+      memory_budget: device bytes the call may add (int or e.g. "1.5GiB");
+        default: 80% of the device's free memory.
+      plan: a `Plan` from `stream_cqsa_jax.plan(...)` for exactly this call
+        (it overrides `memory_budget` and `implementation`).
+      implementation: kernel name, default "xla" (see `plan.summary()`).
+      return_residuals: also return the natural-log log-sum-exp, float32
+        [B, N, T] ([N, T] unbatched); its cotangent is supported.
+
+    Returns:
+      The output [B, T, N, H] in the inputs' dtype; with `return_residuals`,
+      ``(output, lse)``. Rows that see no key are zeros (their lse is -inf).
+
+    Raises:
+      TypeError / ValueError before any work for malformed arguments, and
+      ValueError when the budget is too small (it states the smallest one that
+      works).
+    """
+    spec, q, k, v, masks = validate(
+        query,
+        key,
+        value,
+        bias,
+        mask,
+        scale=scale,
+        is_causal=is_causal,
+        local_window_size=local_window_size,
+        segment_ids=segment_ids,
+        query_seq_lengths=query_seq_lengths,
+        key_value_seq_lengths=key_value_seq_lengths,
+    )
+    if not isinstance(return_residuals, bool):
+        raise TypeError(f"return_residuals must be a bool, got {return_residuals!r}")
+    if plan is None:
+        plan = make_plan(
+            q_len=spec.q_len,
+            kv_len=spec.kv_len,
+            num_q_heads=spec.num_q_heads,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            dtype=spec.dtype,
+            batch=spec.batch,
+            is_causal=spec.is_causal,
+            local_window_size=spec.window,
+            memory_budget=memory_budget,
+            implementation=implementation,
+        )
+    else:
+        resolve_implementation(implementation)
+        check_plan_matches(plan, spec)
+    out, lse = _attend_jit(_Static(plan, spec.scale), q, k, v, masks)
+    if spec.unbatched:
+        out, lse = out[0], lse[0]
+    return (out, lse) if return_residuals else out

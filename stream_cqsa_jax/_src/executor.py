@@ -1,0 +1,197 @@
+"""The scan executor: runs a plan's subproblems with a kernel, all on one device.
+
+Each `lax.scan` step gathers one subproblem's query and key/value chunks
+(padding past the real length reads as zeros and is masked), calls the
+kernel, and folds the partial results into full-length accumulators: the
+forward merges softmax states (``merge.py``), the backward adds
+``dq, dk, dv``. The order is static, so results are bitwise repeatable.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .kernels import xla as xla_kernel
+from .kernels.base import KernelConfig, KernelInputs, accumulator_dtype
+from .merge import SoftmaxState, empty_state, merge_states
+from .plan import Plan
+
+_KERNELS = {"xla": xla_kernel}
+
+
+class MaskArrays(NamedTuple):
+    """The data-dependent masks of a call (each may be None).
+
+    q_segment_ids: int32 [B, T]; kv_segment_ids: int32 [B, S];
+    q_lengths, kv_lengths: int32 [B].
+    """
+
+    q_segment_ids: jax.Array | None = None
+    kv_segment_ids: jax.Array | None = None
+    q_lengths: jax.Array | None = None
+    kv_lengths: jax.Array | None = None
+
+
+def kernel_config(plan: Plan, scale: float) -> KernelConfig:
+    return KernelConfig(plan.band, plan.q_chunk, plan.kv_chunk, plan.block_q, plan.block_kv, float(scale))
+
+
+def _gather(x: jax.Array | None, chunk_ids: jax.Array, chunk: int, axis: int) -> jax.Array | None:
+    """Concatenates chunks `chunk_ids` of `x` along `axis`; positions past the end read as 0."""
+    if x is None:
+        return None
+    rows = (chunk_ids[:, None] * chunk + jnp.arange(chunk, dtype=chunk_ids.dtype)).reshape(-1)
+    return jnp.take(x, rows, axis=axis, mode="fill", fill_value=0)
+
+
+def schedule_tables(plan: Plan, rows=None) -> tuple[jax.Array, ...]:
+    """The executor's tables (see `schedule.Schedule`) for subproblems `rows`.
+
+    Default: all subproblems in plan order. Each table has one leading row per subproblem.
+    """
+    sched = plan.schedule
+    tables = (
+        sched.q_slots,
+        sched.kv_slots,
+        sched.pair_count,
+        sched.pair_kv,
+        sched.pair_full,
+        sched.kv_pair_count,
+        sched.kv_pair_q,
+    )
+    return tuple(jnp.asarray(t if rows is None else t[rows]) for t in tables)
+
+
+def _kernel_inputs(plan: Plan, row, q, k, v, masks: MaskArrays) -> KernelInputs:
+    """Gathers one subproblem's chunks (`row` holds its schedule rows)."""
+    q_slots, kv_slots, pair_count, pair_kv, pair_full, kv_pair_count, kv_pair_q = row
+    if plan.reads_in_place:
+        gq, gkv = (lambda x, axis=1: x), (lambda x, axis=1: x)
+    else:
+        gq = lambda x, axis=1: _gather(x, q_slots, plan.q_chunk, axis)
+        gkv = lambda x, axis=1: _gather(x, kv_slots, plan.kv_chunk, axis)
+    return KernelInputs(
+        q=gq(q),
+        k=gkv(k),
+        v=gkv(v),
+        q_chunks=q_slots,
+        kv_chunks=kv_slots,
+        pair_count=pair_count,
+        pair_kv=pair_kv,
+        pair_full=pair_full,
+        kv_pair_count=kv_pair_count,
+        kv_pair_q=kv_pair_q,
+        q_segment_ids=gq(masks.q_segment_ids),
+        kv_segment_ids=gkv(masks.kv_segment_ids),
+        q_lengths=masks.q_lengths,
+        kv_lengths=masks.kv_lengths,
+    )
+
+
+def _chunk(x, index, chunk, axis):
+    return lax.dynamic_slice_in_dim(x, index * chunk, chunk, axis=axis)
+
+
+def _put_chunk(x, value, index, chunk, axis):
+    return lax.dynamic_update_slice_in_dim(x, value, index * chunk, axis=axis)
+
+
+def forward(plan: Plan, scale: float, q, k, v, masks: MaskArrays, tables=None) -> SoftmaxState:
+    """Exact attention as a softmax state over all keys: acc [B, Tp, N, H], m, l [B, N, Tp].
+
+    ``Tp >= T`` is the padded length; rows past T are padding. `tables`
+    (default: every subproblem, see `schedule_tables`) selects the subproblems
+    to run; the state then covers only their pairs.
+    """
+    kernel = _KERNELS[plan.implementation]
+    cfg = kernel_config(plan, scale)
+    b, _, n, h = q.shape
+    cq = plan.q_chunk
+    tables = schedule_tables(plan) if tables is None else tables
+
+    if tables[0].shape[0] == 1 and plan.num_chunks == 1:  # the single subproblem's state is the result
+        return kernel.forward(_kernel_inputs(plan, tuple(x[0] for x in tables), q, k, v, masks), cfg)
+
+    def step(carry, row):
+        part = kernel.forward(_kernel_inputs(plan, row, q, k, v, masks), cfg)
+        q_slots = row[0]
+
+        def merge_slot(j, total: SoftmaxState):
+            c = q_slots[j]
+            old = SoftmaxState(_chunk(total.acc, c, cq, 1), _chunk(total.m, c, cq, 2), _chunk(total.l, c, cq, 2))
+            new = SoftmaxState(_chunk(part.acc, j, cq, 1), _chunk(part.m, j, cq, 2), _chunk(part.l, j, cq, 2))
+            merged = merge_states(old, new)
+            return SoftmaxState(
+                _put_chunk(total.acc, merged.acc, c, cq, 1),
+                _put_chunk(total.m, merged.m, c, cq, 2),
+                _put_chunk(total.l, merged.l, c, cq, 2),
+            )
+
+        return lax.fori_loop(0, q_slots.shape[0], merge_slot, carry), None
+
+    total, _ = lax.scan(step, empty_state(b, plan.padded_q_len, n, h, accumulator_dtype(q.dtype)), tables)
+    return total
+
+
+def backward(
+    plan: Plan, scale: float, q, k, v, do, m, l, delta, masks: MaskArrays, tables=None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Gradients (dq [B, T, N, H], dk, dv [B, S, K, H]) in the accumulator dtype.
+
+    Only the pairs of the subproblems in `tables` (default: all) contribute.
+
+    `m`, `l` [B, N, T] are the global softmax statistics of each query row and
+    `delta` [B, N, T] is ``rowsum(dO * O) - dlse`` (accumulator dtype);
+    `do` [B, T, N, H].
+    """
+    kernel = _KERNELS[plan.implementation]
+    cfg = kernel_config(plan, scale)
+    b, t, n, h = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    acc = accumulator_dtype(q.dtype)
+    cq, ck = plan.q_chunk, plan.kv_chunk
+    tables = schedule_tables(plan) if tables is None else tables
+
+    def subproblem_grads(row):
+        inputs = _kernel_inputs(plan, row, q, k, v, masks)
+        if plan.reads_in_place:
+            return kernel.backward(inputs, do, m, l, delta, cfg)
+        q_slots = row[0]
+        gather = lambda x, axis: _gather(x, q_slots, cq, axis)
+        return kernel.backward(inputs, gather(do, 1), gather(m, 2), gather(l, 2), gather(delta, 2), cfg)
+
+    if tables[0].shape[0] == 1 and plan.num_chunks == 1:  # the single subproblem's gradients are the result
+        dq, dk, dv = subproblem_grads(tuple(x[0] for x in tables))
+        return dq[:, :t], dk[:, :s], dv[:, :s]
+
+    def step(carry, row):
+        dq_part, dk_part, dv_part = subproblem_grads(row)
+        q_slots, kv_slots = row[0], row[1]
+
+        def add_q(j, dq):
+            c = q_slots[j]
+            return _put_chunk(dq, _chunk(dq, c, cq, 1) + _chunk(dq_part, j, cq, 1), c, cq, 1)
+
+        def add_kv(j, grads):
+            dk, dv = grads
+            c = kv_slots[j]
+            dk = _put_chunk(dk, _chunk(dk, c, ck, 1) + _chunk(dk_part, j, ck, 1), c, ck, 1)
+            dv = _put_chunk(dv, _chunk(dv, c, ck, 1) + _chunk(dv_part, j, ck, 1), c, ck, 1)
+            return dk, dv
+
+        dq_acc, dk_acc, dv_acc = carry
+        dq_acc = lax.fori_loop(0, q_slots.shape[0], add_q, dq_acc)
+        dk_acc, dv_acc = lax.fori_loop(0, kv_slots.shape[0], add_kv, (dk_acc, dv_acc))
+        return (dq_acc, dk_acc, dv_acc), None
+
+    init = (
+        jnp.zeros((b, plan.padded_q_len, n, h), acc),
+        jnp.zeros((b, plan.padded_kv_len, kh, h), acc),
+        jnp.zeros((b, plan.padded_kv_len, kh, h), acc),
+    )
+    (dq, dk, dv), _ = lax.scan(step, init, tables)
+    return dq[:, :t], dk[:, :s], dv[:, :s]

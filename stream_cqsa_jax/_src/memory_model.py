@@ -1,0 +1,158 @@
+"""The device-memory model behind every plan (see docs/memory_model.md).
+
+The budget covers what one attention call adds to device memory: its
+temporaries. Arrays the caller passes in and the arrays it gets back are the
+caller's and are not counted (when they live in host memory they cost the
+device nothing at all). Two terms make up the estimate:
+
+* resident: float32 accumulators that live for the whole pass;
+* working: what one subproblem step holds (gathered chunks, kernel tiles,
+  partial results, merge buffers).
+
+All sizes are in bytes and are upper bounds for the executor in
+``executor.py`` and the XLA kernel in ``kernels/xla.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Fixed allowance for scalars and allocator rounding.
+SLACK_BYTES = 1 << 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """Static description of one attention call: shapes and dtype."""
+
+    batch: int
+    q_len: int
+    kv_len: int
+    num_q_heads: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(_numpy_dtype(self.dtype)).itemsize
+
+    @property
+    def acc_itemsize(self) -> int:
+        """Accumulators are float32, or float64 for float64 inputs."""
+        return max(4, self.itemsize)
+
+    @property
+    def groups(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a plan cuts the problem, as the memory model needs it.
+
+    Attributes:
+      num_chunks: C.
+      q_slots, kv_slots: most query / key-value chunks one subproblem holds.
+      q_chunk, kv_chunk: chunk sizes in tokens.
+      block_q, block_kv: kernel tile sizes in tokens.
+      gathers: False when the single subproblem reads the inputs in place.
+    """
+
+    num_chunks: int
+    q_slots: int
+    kv_slots: int
+    q_chunk: int
+    kv_chunk: int
+    block_q: int
+    block_kv: int
+    gathers: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Footprint:
+    """Estimated device bytes of one pass."""
+
+    resident: int
+    working: int
+
+    tables: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.resident + self.working + self.tables + SLACK_BYTES
+
+
+def _table_bytes(lay: Layout) -> int:
+    """The schedule tables (int32 slots and pair lists, bool pair kinds), one row per chunk at most."""
+    pairs = lay.q_slots * lay.kv_slots
+    return lay.num_chunks * (4 * (2 * lay.q_slots + lay.kv_slots) + 5 * pairs)
+
+
+def _tile_bytes(p: Problem, lay: Layout, score_buffers: int, row_buffers: int) -> int:
+    """Kernel temporaries for one (query tile, key tile) step."""
+    f = p.acc_itemsize
+    scores = score_buffers * p.batch * p.num_q_heads * lay.block_q * lay.block_kv * f
+    mask = 2 * p.batch * lay.block_q * lay.block_kv
+    rows = row_buffers * p.batch * lay.block_q * p.num_q_heads * p.head_dim * f
+    kv_tiles = 2 * p.batch * lay.block_kv * p.num_kv_heads * p.head_dim * f
+    stats = 4 * p.batch * p.num_q_heads * lay.block_q * f
+    return scores + mask + rows + kv_tiles + stats
+
+
+def forward_footprint(p: Problem, lay: Layout) -> Footprint:
+    """Forward pass: inputs q, k, v; accumulated softmax state (acc, m, l).
+
+    A plan that reads the inputs in place computes the state directly; one
+    that gathers also holds one subproblem's chunks and partial state.
+    """
+    f, it = p.acc_itemsize, p.itemsize
+    q_row = p.num_q_heads * p.head_dim
+    state_row = q_row + 2 * p.num_q_heads  # acc, m, l per token
+    kv_row = p.num_kv_heads * p.head_dim
+    resident = p.batch * lay.num_chunks * lay.q_chunk * state_row * f
+    working = _tile_bytes(p, lay, score_buffers=3, row_buffers=3)
+    if lay.gathers:
+        q_tokens = lay.q_slots * lay.q_chunk
+        kv_tokens = lay.kv_slots * lay.kv_chunk
+        gathered = p.batch * (q_tokens * q_row + 2 * kv_tokens * kv_row) * it
+        positions = 4 * p.batch * (q_tokens + kv_tokens) * 2
+        working += gathered + positions
+        if lay.num_chunks > 1:  # one subproblem's state is the result itself
+            partial = p.batch * q_tokens * state_row * f
+            merge = 2 * p.batch * lay.q_chunk * state_row * f
+            working += partial + merge
+    return Footprint(resident=resident, working=working, tables=_table_bytes(lay))
+
+
+def backward_footprint(p: Problem, lay: Layout) -> Footprint:
+    """Backward pass: the forward's residuals (o in the accumulator dtype, m, l), delta and
+    accumulators dq, dk, dv; a gathering plan also holds one subproblem's chunks and gradients."""
+    f, it = p.acc_itemsize, p.itemsize
+    q_row = p.num_q_heads * p.head_dim
+    kv_row = p.num_kv_heads * p.head_dim
+    residuals = p.batch * p.q_len * (q_row + 3 * p.num_q_heads) * f  # o, m, l, delta
+    accumulators = p.batch * lay.num_chunks * (lay.q_chunk * q_row + lay.kv_chunk * 2 * kv_row) * f
+    working = _tile_bytes(p, lay, score_buffers=5, row_buffers=4)
+    if lay.gathers:
+        q_tokens = lay.q_slots * lay.q_chunk
+        kv_tokens = lay.kv_slots * lay.kv_chunk
+        gathered = p.batch * (2 * q_tokens * q_row + 2 * kv_tokens * kv_row) * it
+        stats = 3 * p.batch * p.num_q_heads * q_tokens * f
+        positions = 4 * p.batch * (q_tokens + kv_tokens) * 2
+        working += gathered + stats + positions
+        if lay.num_chunks > 1:  # one subproblem's gradients are the result itself
+            partial = p.batch * (q_tokens * q_row + 2 * kv_tokens * kv_row) * f
+            merge = 2 * p.batch * max(lay.q_chunk * q_row, 2 * lay.kv_chunk * kv_row) * f
+            working += partial + merge
+    return Footprint(resident=residuals + accumulators, working=working, tables=_table_bytes(lay))
+
+
+def _numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)

@@ -1,0 +1,69 @@
+"""Human-readable description of a plan (`Plan.summary()`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .budget import format_bytes
+
+
+def _cover_text(cover) -> str:
+    if cover.depth == 1:
+        c = cover.num_chunks
+        from .quorum import singer_q
+
+        kind = "perfect (Singer) difference set" if singer_q(c) is not None else "difference cover"
+        return f"Z_{c}, {kind} {{{', '.join(map(str, cover.elements))}}}"
+    groups = " x ".join(f"Z_{m}" for m in cover.moduli)
+    return f"{groups} (depth {cover.depth}), product cover of {cover.size} elements"
+
+
+def _mask_text(plan) -> str:
+    parts = []
+    if plan.is_causal:
+        parts.append("causal")
+    if plan.window is not None:
+        parts.append(f"window (left {plan.window[0]}, right {plan.window[1]})")
+    return ", ".join(parts) or "none (dense)"
+
+
+def describe(plan) -> str:
+    sched = plan.schedule
+    c = plan.num_chunks
+    pairs = int(sched.pair_count.sum())
+    q_used = int(np.max(np.count_nonzero(sched.pair_count, axis=1))) if sched.num_subproblems else 0
+    per_sub = sched.pair_count.sum(axis=1)
+    work_line = (
+        f"{int(per_sub.min())}..{int(per_sub.max())} pairs per subproblem (max/mean {per_sub.max() / per_sub.mean():.2f})"
+        if sched.num_subproblems
+        else "nothing visible"
+    )
+    budget = (
+        f"{format_bytes(plan.budget_bytes)} ({plan.budget_source})"
+        if plan.memory_budget is None
+        else f"{format_bytes(plan.memory_budget)} (memory_budget)"
+    )
+    if plan.reads_in_place:
+        executor = "one kernel call on the inputs in place"
+    elif c == 1:
+        executor = "one kernel call on padded copies of the inputs"
+    else:
+        executor = f"lax.scan over {sched.num_subproblems} subproblems"
+    lines = [
+        f"Stream-CQSA plan ({plan.pass_kind} pass)",
+        f"  problem    : batch {plan.batch}, q_len {plan.q_len}, kv_len {plan.kv_len}, heads {plan.num_q_heads} "
+        f"(kv heads {plan.num_kv_heads}), head_dim {plan.head_dim}, {plan.dtype}",
+        f"  masking    : {_mask_text(plan)}",
+        f"  chunks     : C = {c}: {plan.q_chunk} query / {plan.kv_chunk} key tokens per chunk "
+        f"(padded lengths {plan.padded_q_len} / {plan.padded_kv_len})",
+        f"  cover      : {_cover_text(plan.cover)}; {plan.cover.size} of {c} chunks per quorum",
+        f"  subproblems: {sched.num_subproblems} live of {c}; up to {q_used} query and {sched.max_kv_slots} key "
+        f"chunks each",
+        f"  pairs      : {pairs} of {c * c} chunk pairs computed ({c * c - pairs} skipped by masking); {work_line}",
+        f"  kernel     : {plan.implementation}, tiles {plan.block_q} x {plan.block_kv}",
+        f"  executor   : {executor}, all arrays device-resident",
+        f"  memory     : estimated peak {format_bytes(plan.estimated_peak_bytes)} of {budget}; "
+        f"accumulators {format_bytes(plan.estimated_resident_bytes)}, "
+        f"per step {format_bytes(plan.estimated_peak_bytes - plan.estimated_resident_bytes)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Dense float64 NumPy attention: the reference every path is tested against."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def visibility(
+    t: int,
+    s: int,
+    batch: int,
+    *,
+    is_causal=False,
+    window=None,
+    segment_ids=None,
+    q_lengths=None,
+    kv_lengths=None,
+) -> np.ndarray:
+    """bool [B, T, S]: which query sees which key (jax.nn.dot_product_attention semantics)."""
+    i = np.arange(t)[:, None]
+    j = np.arange(s)[None, :]
+    vis = np.ones((t, s), bool)
+    if is_causal:
+        vis &= j <= i
+    if window is not None:
+        left, right = (window, window) if np.isscalar(window) else window
+        vis &= (j >= i - left) & (j <= i + right)
+    vis = np.broadcast_to(vis, (batch, t, s)).copy()
+    if segment_ids is not None:
+        q_ids, kv_ids = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+        vis &= np.asarray(q_ids)[:, :, None] == np.asarray(kv_ids)[:, None, :]
+    if q_lengths is not None:
+        vis &= np.arange(t)[None, :, None] < np.asarray(q_lengths)[:, None, None]
+    if kv_lengths is not None:
+        vis &= np.arange(s)[None, None, :] < np.asarray(kv_lengths)[:, None, None]
+    return vis
+
+
+def _probs(q, k, vis, scale):
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    k_rep = np.repeat(k, n // kh, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q, k_rep) * scale
+    logits = np.where(vis[:, None], logits, -np.inf)
+    row_max = np.max(logits, axis=-1, keepdims=True)
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    e = np.exp(logits - row_max)
+    denom = e.sum(-1, keepdims=True)
+    probs = np.where(denom > 0, e / np.where(denom > 0, denom, 1.0), 0.0)
+    lse = np.where(denom[..., 0] > 0, np.log(np.where(denom[..., 0] > 0, denom[..., 0], 1.0)) + row_max[..., 0], -np.inf)
+    return probs, lse
+
+
+def attention(q, k, v, *, scale=None, **mask_kwargs):
+    """float64 (out [B, T, N, H], lse [B, N, T]); rows that see no key give 0 and -inf."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scale = 1.0 / np.sqrt(q.shape[-1]) if scale is None else scale
+    vis = visibility(q.shape[1], k.shape[1], q.shape[0], **mask_kwargs)
+    probs, lse = _probs(q, k, vis, scale)
+    v_rep = np.repeat(v, q.shape[2] // v.shape[2], axis=2)
+    return np.einsum("bnts,bsnh->btnh", probs, v_rep), lse
+
+
+def attention_grads(q, k, v, do, *, scale=None, dlse=None, **mask_kwargs):
+    """float64 (dq, dk, dv) of <out, do> + <lse, dlse>."""
+    q, k, v, do = (np.asarray(x, np.float64) for x in (q, k, v, do))
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    g = n // kh
+    scale = 1.0 / np.sqrt(h) if scale is None else scale
+    vis = visibility(t, k.shape[1], b, **mask_kwargs)
+    probs, _ = _probs(q, k, vis, scale)
+    k_rep, v_rep = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    out = np.einsum("bnts,bsnh->btnh", probs, v_rep)
+    dv_rep = np.einsum("bnts,btnh->bsnh", probs, do)
+    dp = np.einsum("btnh,bsnh->bnts", do, v_rep)
+    delta = np.einsum("btnh,btnh->bnt", do, out)
+    if dlse is not None:
+        delta = delta - np.asarray(dlse, np.float64)
+    ds = probs * (dp - delta[..., None])
+    dq = np.einsum("bnts,bsnh->btnh", ds, k_rep) * scale
+    dk_rep = np.einsum("bnts,btnh->bsnh", ds, q) * scale
+    fold = lambda x: x.reshape(b, x.shape[1], kh, g, h).sum(axis=3)
+    return dq, fold(dk_rep), fold(dv_rep)
+
+
+def rel_error(x, ref) -> float:
+    """Relative Frobenius error ||x - ref|| / ||ref||."""
+    x = np.asarray(x, np.float64)
+    ref = np.asarray(ref, np.float64)
+    assert np.all(np.isfinite(x)), "result has NaN or inf"
+    return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))
