@@ -10,16 +10,26 @@ from ._src.attention import dot_product_attention
 from ._src.budget import parse_budget
 from ._src.plan import Plan, Subproblem, plan
 from ._src.quorum import Cover, difference_cover, is_difference_cover
+from ._src.sharded_plan import ShardedPlan, shard_plan
+from ._src.streaming import stream_attention
+from .flax_attention import attention_fn
+from . import linen, nnx  # Flax modules: sc.nnx.StreamCQSAAttention, sc.linen.StreamCQSAAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Cover",
     "Plan",
+    "ShardedPlan",
     "Subproblem",
+    "attention_fn",
     "difference_cover",
     "dot_product_attention",
     "is_difference_cover",
+    "linen",
+    "nnx",
     "parse_budget",
     "plan",
+    "shard_plan",
+    "stream_attention",
 ]

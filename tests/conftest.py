@@ -1,7 +1,14 @@
-"""Shared test set-up: the float64 reference on the path, hypothesis settings."""
+"""Shared test set-up: 8 CPU devices, the float64 reference on the path, hypothesis settings."""
 
 import os
 import sys
+
+# Eight host devices for the multi-device tests (tests/test_sharded.py). XLA reads
+# this once, when the CPU backend starts, so it must be set before anything
+# imports and uses jax; single-device tests still run on device 0 only.
+_DEVICES_FLAG = "--xla_force_host_platform_device_count="
+if _DEVICES_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {_DEVICES_FLAG}8").strip()
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -84,6 +84,24 @@ def attention_grads(q, k, v, do, *, scale=None, dlse=None, **mask_kwargs):
     return dq, fold(dk_rep), fold(dv_rep)
 
 
+def as64(x) -> np.ndarray:
+    """Any float array (bfloat16 included) as float64 NumPy."""
+    import jax.numpy as jnp
+
+    return np.asarray(jnp.asarray(x).astype(jnp.float32), np.float64)
+
+
+def random_inputs(seed, b, t, s, n, kh, h, dtype, logit_scale=1.0):
+    """Fresh normal q [b, t, n, h], k, v [b, s, kh, h]; q scaled by `logit_scale` (logits grow with it)."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((b, t, n, h)) * logit_scale
+    k = rng.standard_normal((b, s, kh, h))
+    v = rng.standard_normal((b, s, kh, h))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
 def rel_error(x, ref) -> float:
     """Relative Frobenius error ||x - ref|| / ||ref||."""
     x = np.asarray(x, np.float64)

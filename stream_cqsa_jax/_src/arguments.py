@@ -174,3 +174,27 @@ def check_plan_matches(plan, spec: CallSpec) -> None:
     if wrong:
         detail = ", ".join(f"{name}: plan has {have!r}, call has {want!r}" for name, (have, want) in wrong.items())
         raise ValueError(f"plan was made for a different call ({detail})")
+
+
+def check_mesh(mesh, subproblem_axis) -> str | None:
+    """Validates `mesh` and `subproblem_axis`; returns the axis name (None without a mesh)."""
+    from jax.sharding import Mesh
+
+    if mesh is None:
+        if subproblem_axis is not None:
+            raise ValueError(f"subproblem_axis={subproblem_axis!r} needs a mesh: pass mesh=jax.sharding.Mesh(...)")
+        return None
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}")
+    names = tuple(mesh.axis_names)
+    if subproblem_axis is None:
+        if len(names) != 1:
+            raise ValueError(
+                f"subproblem_axis must name the mesh axis to spread subproblems over; the mesh has axes {names}"
+            )
+        return names[0]
+    if not isinstance(subproblem_axis, str):
+        raise TypeError(f"subproblem_axis must be a str (a mesh axis name), got {type(subproblem_axis).__name__}")
+    if subproblem_axis not in names:
+        raise ValueError(f"subproblem_axis={subproblem_axis!r} is not an axis of the mesh (axes: {names})")
+    return subproblem_axis

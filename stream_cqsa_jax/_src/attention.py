@@ -8,8 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import executor
-from .arguments import check_plan_matches, validate
+from . import executor, sharded
+from .arguments import check_mesh, check_plan_matches, validate
 from .kernels.base import accumulator_dtype
 from .merge import finalize
 from .plan import Plan, plan as make_plan, resolve_implementation
@@ -73,6 +73,8 @@ def dot_product_attention(
     plan: Plan | None = None,
     implementation: str | None = None,
     return_residuals: bool = False,
+    mesh=None,
+    subproblem_axis: str | None = None,
 ):
     """Exact softmax attention, decomposed into quorum subproblems that fit a memory budget.
 
@@ -94,9 +96,15 @@ def dot_product_attention(
         default: 80% of the device's free memory.
       plan: a `Plan` from `stream_cqsa_jax.plan(...)` for exactly this call
         (it overrides `memory_budget` and `implementation`).
-      implementation: kernel name, default "xla" (see `plan.summary()`).
+      implementation: kernel name: "xla" (any backend) or "pallas_triton"
+        (GPU, Pallas interpret mode elsewhere); default: the fastest for the
+        backend (`plan.summary()` says which).
       return_residuals: also return the natural-log log-sum-exp, float32
         [B, N, T] ([N, T] unbatched); its cotangent is supported.
+      mesh, subproblem_axis: a `jax.sharding.Mesh` and one of its axis names
+        (default: the mesh's only axis): the subproblems are spread over the
+        devices along that axis and merged once; the output comes back
+        sharded along the sequence over that axis (docs/multi_device.md).
 
     Returns:
       The output [B, T, N, H] in the inputs' dtype; with `return_residuals`,
@@ -107,6 +115,7 @@ def dot_product_attention(
       ValueError when the budget is too small (it states the smallest one that
       works).
     """
+    axis = check_mesh(mesh, subproblem_axis)
     spec, q, k, v, masks = validate(
         query,
         key,
@@ -136,10 +145,15 @@ def dot_product_attention(
             memory_budget=memory_budget,
             implementation=implementation,
         )
+        if mesh is not None:
+            plan = sharded.plan_for_devices(plan, mesh.shape[axis])
     else:
         resolve_implementation(implementation)
         check_plan_matches(plan, spec)
-    out, lse = _attend_jit(_Static(plan, spec.scale), q, k, v, masks)
+    if mesh is None:
+        out, lse = _attend_jit(_Static(plan, spec.scale), q, k, v, masks)
+    else:
+        out, lse = sharded.attend_jit(sharded.ShardedStatic(plan, spec.scale, mesh, axis), q, k, v, masks)
     if spec.unbatched:
         out, lse = out[0], lse[0]
     return (out, lse) if return_residuals else out

@@ -15,12 +15,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .kernels import xla as xla_kernel
+from .kernels import pallas_triton, xla as xla_kernel
 from .kernels.base import KernelConfig, KernelInputs, accumulator_dtype
 from .merge import SoftmaxState, empty_state, merge_states
 from .plan import Plan
 
-_KERNELS = {"xla": xla_kernel}
+_KERNELS = {"xla": xla_kernel, "pallas_triton": pallas_triton}
 
 
 class MaskArrays(NamedTuple):

@@ -156,3 +156,76 @@ def _numpy_dtype(name: str):
 
         return ml_dtypes.bfloat16
     return np.dtype(name)
+
+
+# -- the streaming executor (streaming.py) ----------------------------------------------
+
+# Subproblems whose inputs the streaming executor keeps on the device at once:
+# one whose kernel runs while the next one's chunks arrive.
+STREAM_IN_FLIGHT = 2
+
+
+def stream_table_bytes(lay: Layout) -> int:
+    """One subproblem's tables, padded to the plan's slot counts: int32 slots and counts,
+    int32 pair lists both ways and bool pair kinds (``kv_slots`` pairs per query slot at most)."""
+    return 8 * (lay.q_slots + lay.kv_slots) + lay.q_slots * lay.kv_slots * (4 + 1) + lay.kv_slots * lay.q_slots * 4
+
+
+def stream_input_bytes(p: Problem, lay: Layout) -> int:
+    """Device bytes of one subproblem's inputs: gathered q, k, v chunks and its tables."""
+    q_tokens = lay.q_slots * lay.q_chunk
+    kv_tokens = lay.kv_slots * lay.kv_chunk
+    gathered = p.batch * (q_tokens * p.num_q_heads + 2 * kv_tokens * p.num_kv_heads) * p.head_dim * p.itemsize
+    return gathered + stream_table_bytes(lay)
+
+
+def stream_partial_bytes(p: Problem, lay: Layout) -> int:
+    """Device bytes of one subproblem's partial softmax state (acc, m, l in the accumulator dtype)."""
+    q_tokens = lay.q_slots * lay.q_chunk
+    return p.batch * q_tokens * (p.num_q_heads * p.head_dim + 2 * p.num_q_heads) * p.acc_itemsize
+
+
+def stream_unit_bytes(p: Problem, lay: Layout) -> int:
+    """Device bytes of one subproblem: its inputs and its partial state."""
+    return stream_input_bytes(p, lay) + stream_partial_bytes(p, lay)
+
+
+def stream_footprint(p: Problem, lay: Layout) -> Footprint:
+    """Streaming executor: the softmax accumulators live in host memory (resident 0 on the device).
+
+    The executor frees a subproblem's partial state before it lets the next
+    inputs onto the device (`streaming.py`), so at most either two inputs and
+    one partial state (a kernel runs while the next inputs arrive) or one input
+    and two partial states (a kernel runs while the previous state is copied
+    back) are live, plus one kernel's tile temporaries.
+    """
+    inputs, partial = stream_input_bytes(p, lay), stream_partial_bytes(p, lay)
+    working = inputs + partial + max(inputs, partial) + _tile_bytes(p, lay, score_buffers=3, row_buffers=3)
+    return Footprint(resident=0, working=working, tables=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFootprint:
+    """Host bytes of a streaming run (not part of the device budget).
+
+    Attributes:
+      accumulators: float32 softmax state of every (padded) query token, plus
+        one spare slot per query slot of a subproblem (copy-on-write merges).
+      buffers: gathered chunks and partial states in flight on the host.
+    """
+
+    accumulators: int
+    buffers: int
+
+    @property
+    def total(self) -> int:
+        return self.accumulators + self.buffers
+
+
+def stream_host_footprint(p: Problem, lay: Layout) -> HostFootprint:
+    """Host memory of a streaming run: accumulators (in memory or in files) and per-step buffers."""
+    state_row = p.num_q_heads * p.head_dim + 2 * p.num_q_heads
+    slots = lay.num_chunks + lay.q_slots
+    accumulators = p.batch * slots * lay.q_chunk * state_row * 4
+    buffers = (STREAM_IN_FLIGHT + 1) * stream_unit_bytes(p, lay)
+    return HostFootprint(accumulators=accumulators, buffers=buffers)

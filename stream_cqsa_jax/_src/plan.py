@@ -19,6 +19,10 @@ from . import memory_model, quorum, tiling
 from .masks import Band
 
 PASSES = ("forward", "backward")
+# "scan": a jitted `lax.scan` over device-resident arrays (`executor.py`);
+# "stream": a Python loop over host arrays or files, one subproblem at a time,
+# accumulators in host memory (`streaming.py`).
+EXECUTORS = ("scan", "stream")
 
 # Cyclic covers of every size up to this are candidates; above it only perfect
 # (Singer) sizes are, since they hold the fewest chunks per subproblem.
@@ -27,6 +31,9 @@ _DENSE_CANDIDATES = 64
 _PRODUCT_BASES = (7, 13, 21, 31, 57)
 # Schedules are materialised as tables of about C * C entries: this bounds C.
 MAX_CHUNKS = 4096
+# Streaming plans build one subproblem's tables at a time (about C entries, and
+# the cover's representatives, 2 * C ints): this bounds C for them.
+STREAM_MAX_CHUNKS = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +90,7 @@ class Plan:
     estimated_peak_bytes: int
     estimated_resident_bytes: int
     forced_chunking: bool = False
+    executor: str = "scan"
 
     # -- derived views -------------------------------------------------------
     @property
@@ -122,7 +130,39 @@ class Plan:
         """NumPy tables that drive the executor (see `schedule.Schedule`)."""
         from .schedule import build_schedule
 
+        if self.executor == "stream" and self.num_chunks > MAX_CHUNKS:
+            raise ValueError(
+                f"this plan has {self.num_chunks} chunks; its full schedule would hold about "
+                f"{self.num_chunks}^2 entries (the limit is {MAX_CHUNKS} chunks). Use plan.quorum_tables(i) or "
+                "plan.quorum_subproblem(i) for one subproblem at a time, and plan.num_pairs for the total"
+            )
         return build_schedule(self)
+
+    def quorum_tables(self, quorum: int):
+        """The padded tables of quorum `quorum`'s subproblem (`schedule.QuorumTables`), in O(C)."""
+        from .schedule import quorum_tables
+
+        return quorum_tables(self, quorum)
+
+    def quorum_subproblem(self, quorum: int) -> "Subproblem":
+        """Quorum `quorum`'s subproblem, built on demand in O(C) (its ``index`` is the quorum;
+        it may own no visible pair). The streaming executor runs quorums in this order."""
+        return self.quorum_tables(quorum).subproblem()
+
+    @property
+    def num_pairs(self) -> int:
+        """Visible (query chunk, key chunk) pairs over all subproblems, in O(C)."""
+        from .schedule import visible_pair_count
+
+        return visible_pair_count(self)
+
+    @property
+    def host_footprint(self) -> memory_model.HostFootprint:
+        """Host bytes of a streaming run of this plan (accumulators and buffers in flight)."""
+        layout = memory_model.Layout(
+            self.num_chunks, self.cover.size, self.cover.size, self.q_chunk, self.kv_chunk, self.block_q, self.block_kv
+        )
+        return memory_model.stream_host_footprint(self.problem, layout)
 
     @property
     def subproblems(self) -> tuple[Subproblem, ...]:
@@ -137,6 +177,8 @@ class Plan:
         """The plan for the backward pass of this call, under the same budget."""
         if self.pass_kind == "backward":
             return self
+        if self.executor == "stream":
+            raise ValueError("streaming plans (executor='stream') run the forward pass only; they have no backward plan")
         return _backward_of(self)
 
     def summary(self) -> str:
@@ -164,6 +206,7 @@ def plan(
     block_q: int | None = None,
     block_kv: int | None = None,
     pass_kind: str = "forward",
+    executor: str = "scan",
 ) -> Plan:
     """Plans one attention call: chunking, quorum cover, tiles and memory.
 
@@ -179,9 +222,15 @@ def plan(
         ``Z_num_chunks``); default: the planner chooses.
       depth: levels of the product cover (``num_chunks ** depth`` chunks in
         all); default 1 when `num_chunks` is given, else the planner chooses.
-      implementation: kernel name (see `tiling.IMPLEMENTATIONS`); default "xla".
+      implementation: kernel name: "xla" (any backend) or "pallas_triton"
+        (GPU; interpret mode elsewhere); default: `default_implementation()`.
       block_q, block_kv: largest kernel tiles; default from the kernel's rules.
       pass_kind: "forward" or "backward" (the backward holds more per token).
+      executor: "scan" (default; the arrays and float32 accumulators live on
+        the device) or "stream" (forward only, for `stream_attention`: the
+        accumulators live in host memory and the device holds a couple of
+        subproblems at a time, so plans reach billions of tokens and up to
+        `STREAM_MAX_CHUNKS` chunks; tables are built one subproblem at a time).
 
     Raises:
       ValueError / TypeError: for malformed arguments, naming the argument;
@@ -212,8 +261,25 @@ def plan(
         raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     if pass_kind not in PASSES:
         raise ValueError(f"pass_kind must be one of {PASSES}, got {pass_kind!r}")
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if executor == "stream" and pass_kind != "forward":
+        raise ValueError("executor='stream' plans the forward pass only; pass pass_kind='forward'")
     implementation = resolve_implementation(implementation)
     budget = budget_lib.parse_budget(memory_budget)
+    if executor == "stream":
+        from .stream_plan import stream_plan_cached
+
+        return stream_plan_cached(
+            memory_model.Problem(batch, q_len, kv_len, num_q_heads, num_kv_heads, head_dim, dtype_name),
+            bool(is_causal),
+            window,
+            budget,
+            (num_chunks, depth),
+            implementation,
+            block_q,
+            block_kv,
+        )
     return _plan_cached(
         memory_model.Problem(batch, q_len, kv_len, num_q_heads, num_kv_heads, head_dim, dtype_name),
         bool(is_causal),
@@ -271,9 +337,22 @@ def dtype_name_of(dtype) -> str:
     return name
 
 
+def default_implementation() -> str:
+    """The fastest kernel for JAX's default backend: Triton-lowered Pallas on NVIDIA GPUs
+    of compute capability 8.0 or newer, else the XLA kernel."""
+    import jax
+
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        capability = getattr(device, "compute_capability", "0.0")
+        if float(capability) >= 8.0:
+            return "pallas_triton"
+    return "xla"
+
+
 def resolve_implementation(implementation: str | None) -> str:
     if implementation is None:
-        return "xla"
+        return default_implementation()
     if implementation not in tiling.IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be None or one of {list(tiling.IMPLEMENTATIONS)}, got {implementation!r}"
@@ -330,23 +409,46 @@ def _footprint(problem, pass_kind, num_chunks, cover_size, rule, max_bq, max_bk)
 
 @functools.lru_cache(maxsize=256)
 def _plan_cached(problem, is_causal, window, budget, forced, implementation, block_q, block_kv, pass_kind):
-    rule = tiling.TILE_RULES[implementation]
+    def footprint(cand, rule, bq, bk):
+        return _footprint(problem, pass_kind, cand.num_chunks, cand.cover_size, rule, bq, bk)
+
+    return search(
+        problem, is_causal, window, budget, forced, implementation, block_q, block_kv, pass_kind,
+        executor="scan", max_chunks=MAX_CHUNKS, candidates=_candidates, footprint=footprint,
+        what=f"the {pass_kind} pass of attention",
+        hint="; executor='stream' (stream_attention) keeps the accumulators in host memory instead"
+        if pass_kind == "forward" else "",
+    )
+
+
+def search(
+    problem, is_causal, window, budget, forced, implementation, block_q, block_kv, pass_kind, *,
+    executor: str, max_chunks: int, candidates, footprint, what: str, hint: str,
+) -> Plan:
+    """The planner's search, shared by both executors: covers from fewest chunks up, each
+    with full-size tiles before any cover with smaller ones; the first whose `footprint`
+    fits the budget wins. Raises ValueError stating the smallest budget that works.
+
+    candidates(max_chunks, num_chunks, depth) -> [_Candidate]; footprint(candidate, rule,
+    block_q, block_kv) -> (memory_model.Layout, memory_model.Footprint).
+    """
+    rule = tiling.rule_for(implementation, problem.dtype)
     max_bq = block_q or rule.max_block_q
     max_bk = block_kv or rule.max_block_kv
     budget_bytes, source = (budget, "memory_budget") if budget is not None else (
         int(budget_lib.FREE_MEMORY_FRACTION * budget_lib.device_free_bytes()),
         "free device memory",
     )
-    max_chunks = min(MAX_CHUNKS, max(1, -(-max(problem.q_len, problem.kv_len) // rule.align)))
+    max_chunks = min(max_chunks, max(1, -(-max(problem.q_len, problem.kv_len) // rule.align)))
     num_chunks, depth = forced
-    candidates = _candidates(max_chunks, num_chunks, depth)
     tiles = list(zip(tiling.block_options(rule, max_bq), tiling.block_options(rule, max_bk)))
+    found = candidates(max_chunks, num_chunks, depth)
     # More chunks cost little and smaller tiles cost much: every cover is
     # tried with full-size tiles before any cover with smaller ones.
-    searches = [(cand, tiles[0]) for cand in candidates] + [(c, t) for c in candidates for t in tiles[1:]]
+    searches = [(cand, tiles[0]) for cand in found] + [(c, t) for c in found for t in tiles[1:]]
     smallest = None
     for cand, (bq, bk) in searches:
-        layout, foot = _footprint(problem, pass_kind, cand.num_chunks, cand.cover_size, rule, bq, bk)
+        layout, foot = footprint(cand, rule, bq, bk)
         if smallest is None or foot.total < smallest[0]:
             smallest = (foot.total, cand.num_chunks)
         if foot.total <= budget_bytes:
@@ -373,6 +475,7 @@ def _plan_cached(problem, is_causal, window, budget, forced, implementation, blo
                 estimated_peak_bytes=foot.total,
                 estimated_resident_bytes=foot.resident,
                 forced_chunking=forced != (None, None),
+                executor=executor,
             )
     if smallest is None:
         raise ValueError(
@@ -380,13 +483,14 @@ def _plan_cached(problem, is_causal, window, budget, forced, implementation, blo
             f"(at least {min(_PRODUCT_BASES) ** depth} chunks of {rule.align} tokens); pass a smaller depth"
         )
     need, chunks = smallest
-    what = "memory_budget" if budget is not None else "the free device memory"
+    source_text = "memory_budget" if budget is not None else "the free device memory"
     raise ValueError(
-        f"{what} ({budget_lib.format_bytes(budget_bytes)}, {budget_bytes} bytes) is too small for the {pass_kind} "
-        f"pass of attention with batch={problem.batch}, q_len={problem.q_len}, kv_len={problem.kv_len}, "
+        f"{source_text} ({budget_lib.format_bytes(budget_bytes)}, {budget_bytes} bytes) is too small for {what} "
+        f"with batch={problem.batch}, q_len={problem.q_len}, kv_len={problem.kv_len}, "
         f"heads={problem.num_q_heads}/{problem.num_kv_heads}, head_dim={problem.head_dim}, {problem.dtype}: "
         f"the smallest budget that works is {need} bytes ({budget_lib.format_bytes(need)}, with {chunks} chunks)"
         + ("" if forced == (None, None) else f" for num_chunks={num_chunks}, depth={depth}")
+        + hint
     )
 
 
@@ -396,3 +500,4 @@ def _backward_of(fwd: Plan) -> Plan:
     return _plan_cached(
         fwd.problem, fwd.is_causal, fwd.window, fwd.memory_budget, forced, fwd.implementation, None, None, "backward"
     )
+

@@ -27,7 +27,19 @@ def _mask_text(plan) -> str:
     return ", ".join(parts) or "none (dense)"
 
 
+def _kernel_text(plan) -> str:
+    if plan.implementation != "pallas_triton":
+        return plan.implementation
+    import jax
+
+    return "pallas_triton" + ("" if jax.default_backend() == "gpu" else " (Pallas interpret mode on this backend)")
+
+
 def describe(plan) -> str:
+    if plan.executor == "stream":  # O(C) description, no schedule tables (stream_summary.py)
+        from .stream_summary import describe_stream
+
+        return describe_stream(plan)
     sched = plan.schedule
     c = plan.num_chunks
     pairs = int(sched.pair_count.sum())
@@ -60,10 +72,23 @@ def describe(plan) -> str:
         f"  subproblems: {sched.num_subproblems} live of {c}; up to {q_used} query and {sched.max_kv_slots} key "
         f"chunks each",
         f"  pairs      : {pairs} of {c * c} chunk pairs computed ({c * c - pairs} skipped by masking); {work_line}",
-        f"  kernel     : {plan.implementation}, tiles {plan.block_q} x {plan.block_kv}",
+        f"  kernel     : {_kernel_text(plan)}, tiles {plan.block_q} x {plan.block_kv}",
         f"  executor   : {executor}, all arrays device-resident",
         f"  memory     : estimated peak {format_bytes(plan.estimated_peak_bytes)} of {budget}; "
         f"accumulators {format_bytes(plan.estimated_resident_bytes)}, "
         f"per step {format_bytes(plan.estimated_peak_bytes - plan.estimated_resident_bytes)}",
     ]
+    lines.append(_devices_line(plan))
     return "\n".join(lines)
+
+
+def _devices_line(plan) -> str:
+    """Per-device work balance when the subproblems are spread over a mesh axis (sharded_plan.py)."""
+    from .sharded_plan import assign
+
+    counts = (2, 4, 8)
+    balance = " / ".join(f"{assign(plan, d).balance:.2f}" for d in counts)
+    return (
+        f"  devices    : work max/mean {balance} over {' / '.join(map(str, counts))} devices "
+        "(mesh=..., subproblem_axis=...)"
+    )

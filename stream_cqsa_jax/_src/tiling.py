@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("xla", "pallas_triton")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,20 @@ class TileRule:
 
 TILE_RULES: dict[str, TileRule] = {
     "xla": TileRule(max_block_q=64, max_block_kv=64, align=8),
+    "pallas_triton": TileRule(max_block_q=128, max_block_kv=128, align=16, power_of_two=True),
 }
+# 32/64-bit inputs in the Triton kernel: 16-token tiles, so that every dot
+# product sums at most 16 terms (see kernels/pallas_triton.py).
+_WIDE_RULES: dict[str, TileRule] = {
+    "pallas_triton": TileRule(max_block_q=16, max_block_kv=16, align=16, power_of_two=True),
+}
+
+
+def rule_for(implementation: str, dtype: str) -> TileRule:
+    """The tile rule of `implementation` for inputs of `dtype` (a dtype name)."""
+    if dtype in ("float32", "float64") and implementation in _WIDE_RULES:
+        return _WIDE_RULES[implementation]
+    return TILE_RULES[implementation]
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -1,0 +1,97 @@
+"""Accuracy on the device against a float64 reference, next to cuDNN on the same inputs.
+
+    PYTHONPATH=. python bench/check_accuracy.py --out bench/results/accuracy.json
+
+For each sequence length the query rows checked are all rows (short
+sequences) or `--rows` evenly spaced ones; the reference is computed in NumPy
+float64 from the same bfloat16 inputs. Errors are relative Frobenius norms
+over the checked rows of the output (and of dq, dk, dv where `--grads`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import stream_cqsa_jax as sc
+
+
+def reference_rows(q, k, v, rows, causal):
+    """float64 attention output for query `rows`: [B, len(rows), N, H]."""
+    b, t, n, h = q.shape
+    out = np.zeros((b, len(rows), n, h))
+    scale = 1.0 / np.sqrt(h)
+    for bi in range(b):
+        for hi in range(n):
+            for start in range(0, len(rows), 64):
+                sel = rows[start : start + 64]
+                s = (q[bi, sel, hi] @ k[bi, :, hi].T) * scale
+                if causal:
+                    s = np.where(np.arange(k.shape[1])[None, :] <= sel[:, None], s, -np.inf)
+                s = s - s.max(axis=1, keepdims=True)
+                p = np.exp(s)
+                p /= p.sum(axis=1, keepdims=True)
+                out[bi, start : start + len(sel), hi] = p @ v[bi, :, hi]
+    return out
+
+
+def rel(x, ref):
+    return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def check(n, heads, head_dim, causal, rows, implementations, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    shape = (1, n, heads, head_dim)
+    q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
+    q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
+    rows = np.arange(n) if rows is None or rows >= n else np.linspace(0, n - 1, rows).astype(int)
+    start = time.perf_counter()
+    ref = reference_rows(q64, k64, v64, rows, causal)
+    ref_seconds = time.perf_counter() - start
+    result = {"seq_len": n, "heads": heads, "head_dim": head_dim, "causal": causal, "rows_checked": len(rows),
+              "reference_seconds": ref_seconds, "errors": {}}
+    for impl in implementations:
+        try:
+            if impl == "cudnn":
+                f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+            else:
+                p = sc.plan(q_len=n, num_q_heads=heads, head_dim=head_dim, dtype=jnp.bfloat16, is_causal=causal,
+                            implementation=impl, num_chunks=1)
+                f = lambda q, k, v, p=p: sc.dot_product_attention(q, k, v, is_causal=causal, plan=p)
+            out = np.asarray(jax.jit(f)(q, k, v).astype(jnp.float32), np.float64)
+            result["errors"][impl] = rel(out[:, rows], ref)
+        except Exception as err:
+            result["errors"][impl] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192])
+    parser.add_argument("--rows", type=int, default=None, help="query rows to check (default: all)")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64])
+    parser.add_argument("--implementations", nargs="+", default=["pallas_triton", "xla", "cudnn"])
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    results = []
+    for n in args.seq_lens:
+        for d in args.head_dims:
+            for causal in (True, False):
+                results.append(check(n, args.heads, d, causal, args.rows, args.implementations))
+                print(json.dumps(results[-1]), flush=True)
+    if args.out:
+        meta = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "date": time.strftime("%Y-%m-%d")}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "results": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,526 @@
+"""The portable Pallas kernel: block-map flash attention lowered through Triton.
+
+One program per (query tile, batch, head) walks the key tiles of its chunk
+pairs, trimmed to the band; tiles that need no mask take an unmasked path.
+The backward runs two kernels and no atomics, so it is deterministic: one over
+query tiles for ``dq``, one over key tiles (walking the transposed pair lists)
+for ``dk, dv``, summing the query heads of each group.
+
+On GPU, bfloat16/float16 products run on tensor cores with float32
+accumulation (probabilities are rounded to the inputs' dtype before
+``p @ v``, as in every flash kernel); float32 inputs run in TF32. For float32
+inputs the planner uses 16-token tiles and the kernels contract the head dim
+in 16-wide slices, so every dot product sums at most 16 terms and the result
+does not depend on how a backend orders long sums. On other backends the same
+kernels run in Pallas interpret mode: slow, exact, and what the CPU tests
+exercise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ..masks import Band
+from ..merge import SoftmaxState
+from .base import KernelConfig, KernelInputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Launch parameters of one Triton kernel.
+
+    block_q, block_kv: the kernel's tiles, at most the plan's (powers of two,
+    so they divide its chunks); None takes the plan's.
+    """
+
+    num_warps: int = 4
+    num_stages: int = 2
+    block_q: int | None = None
+    block_kv: int | None = None
+
+    def tiles(self, cfg: KernelConfig) -> KernelConfig:
+        """`cfg` with this launch's tiles."""
+        bq = cfg.block_q if self.block_q is None else min(self.block_q, cfg.block_q)
+        bk = cfg.block_kv if self.block_kv is None else min(self.block_kv, cfg.block_kv)
+        return dataclasses.replace(cfg, block_q=bq, block_kv=bk)
+
+    def params(self):
+        return plgpu.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Launch parameters of the forward, dq and dk/dv kernels."""
+
+    forward: Launch = Launch()
+    dq: Launch = Launch()
+    dkv: Launch = Launch()
+
+
+def default_tuning(head_dim: int) -> Tuning:
+    """Settings measured on an H200 at 64K tokens (bench/tune_triton.py, docs/benchmarks.md)."""
+    if head_dim <= 64:
+        return Tuning(forward=Launch(4, 3, 128, 128), dq=Launch(4, 3, 64, 64), dkv=Launch(4, 2, 128, 64))
+    return Tuning(forward=Launch(4, 2, 128, 64), dq=Launch(8, 2, 128, 64), dkv=Launch(8, 2, 128, 64))
+
+
+def _interpret() -> bool:
+    return jax.default_backend() != "gpu"
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# -- schedule rows packed into one int32 vector ---------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Offsets of the packed schedule rows and the static sizes a kernel needs."""
+
+    mq: int
+    mk: int
+    pairs: int
+    kv_pairs: int
+
+    @property
+    def q_chunks(self) -> int:
+        return 0
+
+    @property
+    def kv_chunks(self) -> int:
+        return self.mq
+
+    @property
+    def pair_count(self) -> int:
+        return self.mq + self.mk
+
+    @property
+    def pair_kv(self) -> int:
+        return 2 * self.mq + self.mk
+
+    @property
+    def kv_pair_count(self) -> int:
+        return self.pair_kv + self.mq * self.pairs
+
+    @property
+    def kv_pair_q(self) -> int:
+        return self.kv_pair_count + self.mk
+
+    @property
+    def size(self) -> int:
+        return self.kv_pair_q + self.mk * self.kv_pairs
+
+
+def _pack(inp: KernelInputs) -> tuple[jax.Array, _Layout]:
+    lay = _Layout(inp.q_chunks.shape[0], inp.kv_chunks.shape[0], inp.pair_kv.shape[1], inp.kv_pair_q.shape[1])
+    parts = [inp.q_chunks, inp.kv_chunks, inp.pair_count, inp.pair_kv.reshape(-1), inp.kv_pair_count]
+    parts.append(inp.kv_pair_q.reshape(-1))
+    packed = jnp.concatenate([p.astype(jnp.int32) for p in parts])
+    return jnp.pad(packed, (0, _pow2(lay.size) - lay.size)), lay
+
+
+def _lengths(inp: KernelInputs) -> jax.Array | None:
+    """int32 [2, pow2(B)]: query and key/value lengths per example (or None)."""
+    if inp.q_lengths is None and inp.kv_lengths is None:
+        return None
+    b = inp.q.shape[0]
+    q_len = inp.q_lengths if inp.q_lengths is not None else jnp.full((b,), 2**30, jnp.int32)
+    kv_len = inp.kv_lengths if inp.kv_lengths is not None else jnp.full((b,), 2**30, jnp.int32)
+    both = jnp.stack([q_len, kv_len]).astype(jnp.int32)
+    return jnp.pad(both, ((0, 0), (0, _pow2(b) - b)))
+
+
+def _full_spec(x: jax.Array | None):
+    if x is None:
+        return None
+    return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
+
+
+# -- scalar geometry shared by the kernels ----------------------------------------
+
+
+def _div(a, b: int):
+    """Floor division for non-negative int32 scalars."""
+    return lax.div(a, jnp.int32(b))
+
+
+def _limits(band: Band, lens_ref, bi):
+    """Positions at or past these are padding for example `bi`: (queries, keys)."""
+    q_limit, kv_limit = jnp.int32(band.q_len), jnp.int32(band.kv_len)
+    if lens_ref is not None:
+        q_limit = jnp.minimum(q_limit, lens_ref[0, bi])
+        kv_limit = jnp.minimum(kv_limit, lens_ref[1, bi])
+    return q_limit, kv_limit
+
+
+def _tile_ranges(lo, hi, full_lo, full_hi, empty, chunk_start, block: int, tiles: int, all_masked: bool):
+    """Tiles of a chunk starting at `chunk_start` holding positions in [lo, hi]: (first, full_first, full_last, last).
+
+    Tiles in [full_first, full_last) lie inside [full_lo, full_hi] and need no mask.
+    """
+    first = jnp.minimum(_div(jnp.maximum(lo - chunk_start, 0), block), tiles)
+    last = jnp.where(hi >= chunk_start, jnp.minimum(_div(hi - chunk_start, block) + 1, tiles), 0)
+    last = jnp.where(empty, first, jnp.maximum(first, last))
+    if all_masked:
+        return first, last, last, last
+    ff = _div(jnp.maximum(full_lo - chunk_start, 0) + block - 1, block)
+    ff = jnp.clip(ff, first, last)
+    fl = jnp.where(full_hi + 1 >= chunk_start, _div(full_hi + 1 - chunk_start, block), 0)
+    fl = jnp.clip(fl, ff, last)
+    return first, ff, fl, last
+
+
+def _mask(band: Band, q_pos, kv_pos, q_limit, kv_limit, q_ids, kv_ids):
+    """bool [bq, bk]: which (query, key) pairs of a tile are visible."""
+    left, right = band.left_bound, band.right_bound
+    q, k = q_pos[:, None], kv_pos[None, :]
+    mask = (k < kv_limit) & (q < q_limit) & (k >= q - left) & (k <= q + right)
+    if q_ids is not None:
+        mask = mask & (q_ids[:, None] == kv_ids[None, :])
+    return mask
+
+
+_SLICE = 16
+_LOG2E = float(np.log2(np.e))
+_LN2 = float(np.log(2.0))
+
+
+def _exponent(sliced: bool) -> tuple[float, Callable]:
+    """(factor, exp) for softmax exponentials.
+
+    16-bit inputs work in base 2 (``exp2(s * log2 e)``: one multiply per
+    element fewer on the GPU; the row max handed out is converted back to
+    natural units once, an error far below 16-bit rounding). 32-bit inputs
+    keep natural units so that merges stay exact.
+    """
+    return (1.0, jnp.exp) if sliced else (_LOG2E, jnp.exp2)
+
+
+def _sliced(ref) -> bool:
+    """Whether dot products over the head dim run in 16-wide slices (32/64-bit inputs)."""
+    return jnp.dtype(ref.dtype).itemsize >= 4
+
+
+def _qk(q, q_ref, q_rows: tuple, k_ref, k_rows: tuple):
+    """q k^T [rows_q, rows_k] in float32 over the head dim.
+
+    `q` is the loaded query tile, or None to read `q_ref[q_rows]` in 16-wide
+    head-dim slices (see `_sliced`); `k_ref[k_rows]` is read likewise.
+    """
+    if q is not None:
+        return plgpu.dot(q, k_ref[k_rows], trans_b=True)
+    hp = q_ref.shape[-1]
+    total = None
+    for c in range(0, hp, _SLICE):
+        cols = pl.ds(c, _SLICE)
+        part = plgpu.dot(q_ref[q_rows + (cols,)], k_ref[k_rows + (cols,)], trans_b=True)
+        total = part if total is None else total + part
+    return total
+
+
+def _pad_heads(x: jax.Array | None, hp: int) -> jax.Array | None:
+    """Zero-pads the head dim (last axis) to the power of two `hp` that Triton tiles need."""
+    if x is None or x.shape[-1] == hp:
+        return x
+    return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, hp - x.shape[-1])])
+
+
+# -- forward ------------------------------------------------------------------------
+
+
+def _forward_kernel(
+    tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, cfg, lay
+):
+    bq, bk, cq, ck = cfg.block_q, cfg.block_kv, cfg.q_chunk, cfg.kv_chunk
+    band = cfg.band
+    t, bi = pl.program_id(0), pl.program_id(1)
+    per_chunk = cq // bq
+    slot = _div(t, per_chunk)
+    q_start = tab_ref[lay.q_chunks + slot] * cq + (t - slot * per_chunk) * bq
+    q_limit, kv_limit = _limits(band, lens_ref, bi)
+    hp = q_ref.shape[-1]
+    sliced = _sliced(q_ref)
+    base, exp = _exponent(sliced)
+    q = None if sliced else q_ref[...]
+    q_ids = None if q_ids_ref is None else q_ids_ref[...]
+    q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)
+
+    q_last = jnp.minimum(q_start + bq, q_limit) - 1
+    lo, hi = band.key_span(q_start, q_last, jnp)
+    hi = jnp.minimum(hi, kv_limit - 1)
+    empty = (q_last < q_start) | (hi < lo)
+    full_lo = jnp.maximum(q_last - band.left_bound, 0)
+    full_hi = jnp.minimum(q_start + band.right_bound, kv_limit - 1)
+    full_hi = jnp.where(q_start + bq <= q_limit, full_hi, -1)  # padding rows must stay empty
+
+    def tile(kt, carry, kv_slot, chunk_start, masked):
+        o, m, l = carry
+        row0 = kv_slot * ck + kt * bk
+        rows = pl.ds(row0, bk)
+        s = _qk(q, q_ref, (slice(None),), k_ref, (rows,)) * (cfg.scale * base)
+        if masked:
+            kv_ids = None if kv_ids_ref is None else kv_ids_ref[rows]
+            kv_pos = chunk_start + kt * bk + jnp.arange(bk, dtype=jnp.int32)
+            s = jnp.where(_mask(band, q_pos, kv_pos, q_limit, kv_limit, q_ids, kv_ids), s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        m_ref_ = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = exp(s - m_ref_[:, None])
+        alpha = exp(m - m_ref_)
+        v = v_ref[rows, :]
+        o = alpha[:, None] * o + plgpu.dot(p.astype(v.dtype), v)
+        return o, m_new, alpha * l + jnp.sum(p, axis=1)
+
+    def pair(p, carry):
+        kv_slot = tab_ref[lay.pair_kv + slot * lay.pairs + p]
+        chunk_start = tab_ref[lay.kv_chunks + kv_slot] * ck
+        first, ff, fl, last = _tile_ranges(
+            lo, hi, full_lo, full_hi, empty, chunk_start, bk, ck // bk, q_ids_ref is not None
+        )
+        masked = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=True)
+        plain = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=False)
+        carry = lax.fori_loop(first, ff, masked, carry)
+        carry = lax.fori_loop(ff, fl, plain, carry)
+        return lax.fori_loop(fl, last, masked, carry)
+
+    init = (jnp.zeros((bq, hp), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
+    o, m, l = lax.fori_loop(0, tab_ref[lay.pair_count + slot], pair, init)
+    acc_ref[...] = o
+    m_ref[...] = m if sliced else m * _LN2
+    l_ref[...] = l
+
+
+def forward(inp: KernelInputs, cfg: KernelConfig, tuning: Tuning | None = None) -> SoftmaxState:
+    """The softmax state of one subproblem; see `base`."""
+    b, lq, n, h = inp.q.shape
+    lk, kh = inp.k.shape[1], inp.k.shape[2]
+    g = n // kh
+    launch = (tuning or default_tuning(h)).forward
+    cfg = launch.tiles(cfg)
+    bq, hp = cfg.block_q, _pow2(h)
+    tab, lay = _pack(inp)
+    lens = _lengths(inp)
+    q_spec = pl.BlockSpec((None, bq, None, hp), lambda t, bi, ni: (bi, t, ni, 0))
+    kv_spec = pl.BlockSpec((None, lk, None, hp), lambda t, bi, ni: (bi, 0, ni // g, 0))
+    q_ids_spec = kv_ids_spec = None
+    if inp.q_segment_ids is not None:
+        q_ids_spec = pl.BlockSpec((None, bq), lambda t, bi, ni: (bi, t))
+        kv_ids_spec = pl.BlockSpec((None, lk), lambda t, bi, ni: (bi, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda t, bi, ni: (bi, ni, t))
+    acc, m, l = pl.pallas_call(
+        functools.partial(_forward_kernel, cfg=cfg, lay=lay),
+        grid=(lq // bq, b, n),
+        in_specs=[_full_spec(tab), _full_spec(lens), q_ids_spec, kv_ids_spec, q_spec, kv_spec, kv_spec],
+        out_specs=[q_spec, row_spec, row_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct((b, lq, n, hp), jnp.float32),
+            jax.ShapeDtypeStruct((b, n, lq), jnp.float32),
+            jax.ShapeDtypeStruct((b, n, lq), jnp.float32),
+        ],
+        compiler_params=launch.params(),
+        interpret=_interpret(),
+        name="stream_cqsa_forward",
+    )(tab, lens, inp.q_segment_ids, inp.kv_segment_ids, *(_pad_heads(x, hp) for x in (inp.q, inp.k, inp.v)))
+    return SoftmaxState(acc[..., :h], m, l)
+
+
+# -- backward -------------------------------------------------------------------------
+
+
+def _probabilities(s, m, l, base: float, exp: Callable):
+    """p = exp(s - m) / l from logits `s` (already times `base`) and the global row statistics.
+
+    Rows that saw no key give 0.
+    """
+    m = jnp.where(m == -jnp.inf, 0.0, m * base)
+    inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
+    return exp(s - m[:, None]) * inv_l[:, None]
+
+
+def _dq_kernel(
+    tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, delta_ref, dq_ref,
+    *, cfg, lay,
+):
+    bq, bk, cq, ck = cfg.block_q, cfg.block_kv, cfg.q_chunk, cfg.kv_chunk
+    band = cfg.band
+    t, bi = pl.program_id(0), pl.program_id(1)
+    per_chunk = cq // bq
+    slot = _div(t, per_chunk)
+    q_start = tab_ref[lay.q_chunks + slot] * cq + (t - slot * per_chunk) * bq
+    q_limit, kv_limit = _limits(band, lens_ref, bi)
+    hp = q_ref.shape[-1]
+    sliced = _sliced(q_ref)
+    base, exp = _exponent(sliced)
+    q = None if sliced else q_ref[...]
+    do = None if sliced else do_ref[...]
+    m, l, delta = m_ref[...], l_ref[...], delta_ref[...]
+    q_ids = None if q_ids_ref is None else q_ids_ref[...]
+    q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)
+    q_last = jnp.minimum(q_start + bq, q_limit) - 1
+    lo, hi = band.key_span(q_start, q_last, jnp)
+    hi = jnp.minimum(hi, kv_limit - 1)
+    empty = (q_last < q_start) | (hi < lo)
+    full_lo = jnp.maximum(q_last - band.left_bound, 0)
+    full_hi = jnp.minimum(q_start + band.right_bound, kv_limit - 1)
+    full_hi = jnp.where(q_start + bq <= q_limit, full_hi, -1)  # padding rows must stay empty
+
+    def tile(kt, dq, kv_slot, chunk_start, masked):
+        rows = pl.ds(kv_slot * ck + kt * bk, bk)
+        s = _qk(q, q_ref, (slice(None),), k_ref, (rows,)) * (cfg.scale * base)
+        if masked:
+            kv_ids = None if kv_ids_ref is None else kv_ids_ref[rows]
+            kv_pos = chunk_start + kt * bk + jnp.arange(bk, dtype=jnp.int32)
+            s = jnp.where(_mask(band, q_pos, kv_pos, q_limit, kv_limit, q_ids, kv_ids), s, -jnp.inf)
+        p = _probabilities(s, m, l, base, exp)
+        ds = p * (_qk(do, do_ref, (slice(None),), v_ref, (rows,)) - delta[:, None])
+        k = k_ref[rows, :]
+        return dq + plgpu.dot(ds.astype(k.dtype), k)
+
+    def pair(p, dq):
+        kv_slot = tab_ref[lay.pair_kv + slot * lay.pairs + p]
+        chunk_start = tab_ref[lay.kv_chunks + kv_slot] * ck
+        first, ff, fl, last = _tile_ranges(
+            lo, hi, full_lo, full_hi, empty, chunk_start, bk, ck // bk, q_ids_ref is not None
+        )
+        masked = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=True)
+        plain = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=False)
+        dq = lax.fori_loop(first, ff, masked, dq)
+        dq = lax.fori_loop(ff, fl, plain, dq)
+        return lax.fori_loop(fl, last, masked, dq)
+
+    dq = lax.fori_loop(0, tab_ref[lay.pair_count + slot], pair, jnp.zeros((bq, hp), jnp.float32))
+    dq_ref[...] = dq * cfg.scale
+
+
+def _dkv_kernel(
+    tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, delta_ref, dk_ref, dv_ref,
+    *, cfg, lay, groups,
+):
+    bq, bk, cq, ck = cfg.block_q, cfg.block_kv, cfg.q_chunk, cfg.kv_chunk
+    band = cfg.band
+    t, bi = pl.program_id(0), pl.program_id(1)
+    per_chunk = ck // bk
+    kv_slot = _div(t, per_chunk)
+    kv_start = tab_ref[lay.kv_chunks + kv_slot] * ck + (t - kv_slot * per_chunk) * bk
+    q_limit, kv_limit = _limits(band, lens_ref, bi)
+    hp = k_ref.shape[-1]
+    sliced = _sliced(k_ref)
+    base, exp = _exponent(sliced)
+    k, v = k_ref[...], v_ref[...]
+    kv_ids = None if kv_ids_ref is None else kv_ids_ref[...]
+    kv_pos = kv_start + jnp.arange(bk, dtype=jnp.int32)
+    # Queries that see some key of this tile, and those that see all of them.
+    kv_last = jnp.minimum(kv_start + bk, kv_limit) - 1
+    lo = jnp.maximum(kv_start - band.right_bound, 0)
+    hi = jnp.minimum(kv_last + band.left_bound, q_limit - 1)
+    empty = (kv_last < kv_start) | (hi < lo)
+    full_lo = jnp.maximum(kv_last - band.right_bound, 0)
+    full_hi = jnp.minimum(kv_start + band.left_bound, q_limit - 1)
+    full_hi = jnp.where(kv_start + bk <= kv_limit, full_hi, -1)  # padding keys must get no gradient
+
+    def tile(qt, grads, q_slot, chunk_start, masked):
+        dk, dv = grads
+        row0 = q_slot * cq + qt * bq
+        rows = pl.ds(row0, bq)
+        q_pos = chunk_start + qt * bq + jnp.arange(bq, dtype=jnp.int32)
+        q_ids = None if q_ids_ref is None else q_ids_ref[rows]
+        for gi in range(groups):
+            q, do = q_ref[rows, gi, :], do_ref[rows, gi, :]
+            s = _qk(None if sliced else q, q_ref, (rows, gi), k_ref, (slice(None),)) * (cfg.scale * base)
+            if masked:
+                s = jnp.where(_mask(band, q_pos, kv_pos, q_limit, kv_limit, q_ids, kv_ids), s, -jnp.inf)
+            p = _probabilities(s, m_ref[gi, rows], l_ref[gi, rows], base, exp)
+            dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+            dp = _qk(None if sliced else do, do_ref, (rows, gi), v_ref, (slice(None),))
+            ds = p * (dp - delta_ref[gi, rows][:, None])
+            dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+        return dk, dv
+
+    def visitor(i, grads):
+        q_slot = tab_ref[lay.kv_pair_q + kv_slot * lay.kv_pairs + i]
+        chunk_start = tab_ref[lay.q_chunks + q_slot] * cq
+        first, ff, fl, last = _tile_ranges(
+            lo, hi, full_lo, full_hi, empty, chunk_start, bq, cq // bq, q_ids_ref is not None
+        )
+        masked = functools.partial(tile, q_slot=q_slot, chunk_start=chunk_start, masked=True)
+        plain = functools.partial(tile, q_slot=q_slot, chunk_start=chunk_start, masked=False)
+        grads = lax.fori_loop(first, ff, masked, grads)
+        grads = lax.fori_loop(ff, fl, plain, grads)
+        return lax.fori_loop(fl, last, masked, grads)
+
+    zeros = jnp.zeros((bk, hp), jnp.float32)
+    dk, dv = lax.fori_loop(0, tab_ref[lay.kv_pair_count + kv_slot], visitor, (zeros, zeros))
+    dk_ref[...], dv_ref[...] = dk * cfg.scale, dv
+
+
+def backward(
+    inp: KernelInputs, do, m, l, delta, cfg: KernelConfig, tuning: Tuning | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq [B, Lq, N, H], dk, dv [B, Lk, K, H]) float32 of one subproblem; see `base`."""
+    b, lq, n, h = inp.q.shape
+    lk, kh = inp.k.shape[1], inp.k.shape[2]
+    g = n // kh
+    hp = _pow2(h)
+    tuning = tuning or default_tuning(h)
+    tab, lay = _pack(inp)
+    lens = _lengths(inp)
+    m, l, delta = (x.astype(jnp.float32) for x in (m, l, delta))
+    q, k, v, do = (_pad_heads(x, hp) for x in (inp.q, inp.k, inp.v, do))
+
+    # dq: one program per (query tile, batch, query head).
+    dq_cfg = tuning.dq.tiles(cfg)
+    bq = dq_cfg.block_q
+    q_spec = pl.BlockSpec((None, bq, None, hp), lambda t, bi, ni: (bi, t, ni, 0))
+    kv_spec = pl.BlockSpec((None, lk, None, hp), lambda t, bi, ni: (bi, 0, ni // g, 0))
+    row_spec = pl.BlockSpec((None, None, bq), lambda t, bi, ni: (bi, ni, t))
+    ids_specs = [None, None]
+    if inp.q_segment_ids is not None:
+        ids_specs = [
+            pl.BlockSpec((None, bq), lambda t, bi, ni: (bi, t)),
+            pl.BlockSpec((None, lk), lambda t, bi, ni: (bi, 0)),
+        ]
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, cfg=dq_cfg, lay=lay),
+        grid=(lq // bq, b, n),
+        in_specs=[_full_spec(tab), _full_spec(lens), *ids_specs, q_spec, kv_spec, kv_spec, q_spec]
+        + [row_spec] * 3,
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct((b, lq, n, hp), jnp.float32),
+        compiler_params=tuning.dq.params(),
+        interpret=_interpret(),
+        name="stream_cqsa_backward_dq",
+    )(tab, lens, inp.q_segment_ids, inp.kv_segment_ids, q, k, v, do, m, l, delta)
+
+    # dk, dv: one program per (key tile, batch, key/value head), over the group's query heads.
+    dkv_cfg = tuning.dkv.tiles(cfg)
+    bk = dkv_cfg.block_kv
+    group_spec = pl.BlockSpec((None, lq, g, hp), lambda t, bi, ki: (bi, 0, ki, 0))
+    tile_spec = pl.BlockSpec((None, bk, None, hp), lambda t, bi, ki: (bi, t, ki, 0))
+    stats_spec = pl.BlockSpec((None, g, lq), lambda t, bi, ki: (bi, ki, 0))
+    if inp.q_segment_ids is not None:
+        ids_specs = [
+            pl.BlockSpec((None, lq), lambda t, bi, ki: (bi, 0)),
+            pl.BlockSpec((None, bk), lambda t, bi, ki: (bi, t)),
+        ]
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkv_kernel, cfg=dkv_cfg, lay=lay, groups=g),
+        grid=(lk // bk, b, kh),
+        in_specs=[_full_spec(tab), _full_spec(lens), *ids_specs, group_spec, tile_spec, tile_spec, group_spec]
+        + [stats_spec] * 3,
+        out_specs=[tile_spec, tile_spec],
+        out_shape=[jax.ShapeDtypeStruct((b, lk, kh, hp), jnp.float32)] * 2,
+        compiler_params=tuning.dkv.params(),
+        interpret=_interpret(),
+        name="stream_cqsa_backward_dkv",
+    )(tab, lens, inp.q_segment_ids, inp.kv_segment_ids, q, k, v, do, m, l, delta)
+    return dq[..., :h], dk[..., :h], dv[..., :h]

@@ -1,0 +1,58 @@
+"""Human-readable description of a streaming plan (`Plan.summary()` for executor='stream').
+
+Everything here is O(C): a streaming plan may have millions of chunks, so no
+schedule table is built.
+"""
+
+from __future__ import annotations
+
+from . import memory_model
+from .budget import format_bytes
+from .quorum import singer_q
+from .summary import _cover_text, _kernel_text, _mask_text
+
+_SHOWN_ELEMENTS = 12
+
+
+def _cover_line(cover) -> str:
+    """`summary._cover_text`, with long element lists cut short."""
+    if cover.depth > 1 or cover.size <= _SHOWN_ELEMENTS:
+        return _cover_text(cover)
+    kind = "perfect (Singer) difference set" if singer_q(cover.num_chunks) is not None else "difference cover"
+    head = ", ".join(map(str, cover.elements[:_SHOWN_ELEMENTS]))
+    return f"Z_{cover.num_chunks}, {kind} {{{head}, ...}} ({cover.size} elements)"
+
+
+def describe_stream(plan) -> str:
+    c, m = plan.num_chunks, plan.cover.size
+    pairs = plan.num_pairs
+    layout = memory_model.Layout(c, m, m, plan.q_chunk, plan.kv_chunk, plan.block_q, plan.block_kv)
+    inputs = memory_model.stream_input_bytes(plan.problem, layout)
+    partial = memory_model.stream_partial_bytes(plan.problem, layout)
+    host = plan.host_footprint
+    budget = (
+        f"{format_bytes(plan.budget_bytes)} ({plan.budget_source})"
+        if plan.memory_budget is None
+        else f"{format_bytes(plan.memory_budget)} (memory_budget)"
+    )
+    lines = [
+        "Stream-CQSA plan (forward pass, streaming executor)",
+        f"  problem    : batch {plan.batch}, q_len {plan.q_len}, kv_len {plan.kv_len}, heads {plan.num_q_heads} "
+        f"(kv heads {plan.num_kv_heads}), head_dim {plan.head_dim}, {plan.dtype}",
+        f"  masking    : {_mask_text(plan)}",
+        f"  chunks     : C = {c}: {plan.q_chunk} query / {plan.kv_chunk} key tokens per chunk "
+        f"(padded lengths {plan.padded_q_len} / {plan.padded_kv_len})",
+        f"  cover      : {_cover_line(plan.cover)}; {m} of {c} chunks per quorum",
+        f"  subproblems: {c} quorums in order, one at a time; up to {m} query and {m} key chunks "
+        f"({m * plan.q_chunk} / {m * plan.kv_chunk} tokens) each",
+        f"  pairs      : {pairs} of {c * c} chunk pairs computed ({c * c - pairs} skipped by masking); "
+        f"{pairs / c:.1f} per subproblem on average",
+        f"  kernel     : {_kernel_text(plan)}, tiles {plan.block_q} x {plan.block_kv}",
+        f"  executor   : Python loop; chunks read from host arrays or files and sent ahead, "
+        f"{memory_model.STREAM_IN_FLIGHT} subproblems on the device at once; accumulators in host memory",
+        f"  memory     : estimated device peak {format_bytes(plan.estimated_peak_bytes)} of {budget}; "
+        f"per subproblem {format_bytes(inputs)} of inputs and {format_bytes(partial)} of partial state",
+        f"  host       : float32 accumulators {format_bytes(host.accumulators)} (in memory, or files next to "
+        f"`out` / in checkpoint_dir); buffers in flight {format_bytes(host.buffers)}",
+    ]
+    return "\n".join(lines)

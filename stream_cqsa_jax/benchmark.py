@@ -1,0 +1,205 @@
+"""Side-by-side timing of attention implementations.
+
+    python -m stream_cqsa_jax.benchmark --seq-lens 16384 65536 --head-dims 64 128 --out results.json
+    python -m stream_cqsa_jax.benchmark --quick        # small CPU-sized smoke run
+
+Every case builds fresh random inputs on the device, compiles each
+implementation, runs it once to warm up and then `--iters` times, and records
+the median wall time, the throughput (FLOPs counted as 4 B N T S H, halved when
+causal; forward+backward counted as 3.5 forwards) and XLA's memory accounting
+of the compiled program. Ratios are against cuDNN when it runs (GPU), else
+against XLA's dense attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+import stream_cqsa_jax as sc
+
+BASELINES = ("cudnn", "xla_dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmark configuration."""
+
+    seq_len: int
+    head_dim: int
+    causal: bool
+    direction: str  # "fwd" or "fwd_bwd"
+    batch: int = 1
+    heads: int = 8
+    dtype: str = "bfloat16"
+
+    def flops(self) -> float:
+        f = 4.0 * self.batch * self.heads * self.seq_len * self.seq_len * self.head_dim
+        f = f / 2 if self.causal else f
+        return f * (3.5 if self.direction == "fwd_bwd" else 1.0)
+
+
+def _attention(impl: str, case: Case, num_chunks: int | None, **plan_options) -> Callable:
+    """f(q, k, v) -> output for implementation `impl` (a baseline or one of this library's kernels)."""
+    if impl in BASELINES:
+        name = "cudnn" if impl == "cudnn" else "xla"
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=case.causal, implementation=name)
+    plan = sc.plan(
+        q_len=case.seq_len,
+        num_q_heads=case.heads,
+        head_dim=case.head_dim,
+        dtype=case.dtype,
+        batch=case.batch,
+        is_causal=case.causal,
+        num_chunks=num_chunks,
+        implementation=impl,
+        **plan_options,
+    )
+    return lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=case.causal, plan=plan)
+
+
+def _program(impl: str, case: Case, num_chunks: int | None, **plan_options) -> Callable:
+    f = _attention(impl, case, num_chunks, **plan_options)
+    if case.direction == "fwd":
+        return jax.jit(f)
+    return jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
+
+
+def _inputs(case: Case, seed: int):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    shape = (case.batch, case.seq_len, case.heads, case.head_dim)
+    arrays = [jax.random.normal(kk, shape, case.dtype) for kk in keys]
+    return arrays if case.direction == "fwd_bwd" else arrays[:3]
+
+
+def run_case(
+    impl: str, case: Case, iters: int, num_chunks: int | None = None, seed: int = 0, **plan_options
+) -> dict:
+    """Times one implementation on one case; errors are recorded, not raised.
+
+    `plan_options` (e.g. ``block_q``, ``memory_budget``) go to `stream_cqsa_jax.plan`.
+    """
+    row = {"implementation": impl, "num_chunks": num_chunks, **dataclasses.asdict(case)}
+    try:
+        args = _inputs(case, seed)
+        program = _program(impl, case, num_chunks, **plan_options)
+        compiled = program.lower(*args).compile()
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            row["temp_bytes"] = int(mem.temp_size_in_bytes)
+            row["argument_bytes"] = int(mem.argument_size_in_bytes)
+            row["output_bytes"] = int(mem.output_size_in_bytes)
+        jax.block_until_ready(compiled(*args))
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            times.append(time.perf_counter() - start)
+        row["seconds"] = statistics.median(times)
+        row["all_seconds"] = times
+        row["tflops"] = case.flops() / row["seconds"] / 1e12
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            row["process_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    except Exception as err:  # a failed case is data, not the end of the run
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Adds `ratio_vs_<baseline>` = baseline seconds / seconds, per case."""
+    key = lambda r: (r["seq_len"], r["head_dim"], r["causal"], r["direction"], r["batch"], r["heads"], r["dtype"])
+    for base in BASELINES:
+        times = {key(r): r["seconds"] for r in rows if r["implementation"] == base and "seconds" in r}
+        for r in rows:
+            if "seconds" in r and key(r) in times:
+                r[f"ratio_vs_{base}"] = times[key(r)] / r["seconds"]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of the rows."""
+    lines = [
+        "| N | D | causal | pass | implementation | chunks | seconds | TFLOP/s | vs cuDNN | temp GiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if "error" in r:
+            cells = [r["implementation"], str(r["num_chunks"] or 1), "error: " + r["error"][:60], "", "", ""]
+        else:
+            ratio = r.get("ratio_vs_cudnn")
+            cells = [
+                r["implementation"],
+                str(r["num_chunks"] or 1),
+                f"{r['seconds']:.4f}",
+                f"{r['tflops']:.0f}",
+                "" if ratio is None else f"{ratio:.2f}x",
+                f"{r.get('temp_bytes', 0) / 2**30:.2f}",
+            ]
+        head = [_tokens(r["seq_len"]), str(r["head_dim"]), "yes" if r["causal"] else "no", r["direction"]]
+        lines.append("| " + " | ".join(head + cells) + " |")
+    return "\n".join(lines)
+
+
+def _tokens(n: int) -> str:
+    for unit, size in (("M", 2**20), ("K", 2**10)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stream_cqsa_jax.benchmark", description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[16384, 65536])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--causal", choices=["yes", "no", "both"], default="both")
+    parser.add_argument("--directions", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
+    parser.add_argument("--implementations", nargs="+", default=None,
+                        help="kernels of this library and baselines (cudnn, xla_dense); default: by backend")
+    parser.add_argument("--num-chunks", type=int, default=None, help="force this many chunks in our plans")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="a small run that fits a CPU in seconds")
+    parser.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+
+    on_gpu = jax.default_backend() == "gpu"
+    if args.quick:
+        args.seq_lens, args.head_dims, args.heads, args.iters = [512], [32], 2, 1
+        args.dtype = "float32" if not on_gpu else args.dtype
+    impls = args.implementations or (["cudnn", "pallas_triton"] if on_gpu else ["xla_dense", "xla"])
+    causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
+    rows = []
+    for n in args.seq_lens:
+        for d in args.head_dims:
+            for c in causal:
+                for direction in args.directions:
+                    case = Case(n, d, c, direction, heads=args.heads, dtype=args.dtype)
+                    for impl in impls:
+                        chunks = None if impl in BASELINES else args.num_chunks
+                        rows.append(run_case(impl, case, args.iters, chunks))
+                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    add_ratios(rows)
+    print(format_table(rows))
+    if args.out:
+        meta = {
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
