@@ -20,7 +20,12 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- generated tables: begin -->", "<!-- generated tables: end -->"
 CHART = ROOT / "docs" / "benchmarks_kernel.png"
-KERNEL_FILES = ["pallas_triton_16k_256k.json", "pallas_triton_1m_fwd.json", "pallas_triton_1m_fwd_bwd.json"]
+KERNEL_FILES = [
+    "pallas_triton_16k_256k.json",
+    "pallas_triton_1m_fwd.json",
+    "pallas_triton_1m_fwd_bwd.json",
+    "pallas_triton_1m_fwd_bwd_d128.json",
+]
 
 
 def _tokens(n: int) -> str:
@@ -91,8 +96,9 @@ def generated() -> str:
         [
             BEGIN,
             "### Kernel speed: one subproblem, all data on the device (B=1, 8 heads, bfloat16)",
-            "Files: `pallas_triton_16k_256k.json` (3 timed runs, median), `pallas_triton_1m_fwd.json` and "
-            "`pallas_triton_1m_fwd_bwd.json` (1 timed run after a warm-up).",
+            "Files: `pallas_triton_16k_256k.json` (3 timed runs, median), `pallas_triton_1m_fwd.json`, "
+            "`pallas_triton_1m_fwd_bwd.json` and `pallas_triton_1m_fwd_bwd_d128.json` (1 timed run after a "
+            "warm-up).",
             kernel_table(KERNEL_FILES),
             f"![ours / cuDNN throughput]({CHART.name})",
             "The chart: ours / cuDNN throughput per group of head dim (D64, D128), causal (C) or not (NC), "
