@@ -1,5 +1,6 @@
 """Bad input is refused before any work, with the argument named."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -85,3 +86,13 @@ def test_errors_come_before_any_work(monkeypatch):
     monkeypatch.setattr(executor, "forward", fail)
     with pytest.raises(ValueError, match="smallest budget"):
         sc.dot_product_attention(q, k, v, memory_budget=100)
+
+
+def test_inputs_in_host_memory_are_refused_with_the_way_out():
+    device = jax.devices()[0]
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    x = jnp.ones((1, 40, 2, 16), jnp.float32)
+    assert x.sharding.memory_kind in (None, "device")
+    sc.dot_product_attention(x, x, x)  # device-resident inputs are fine
+    with pytest.raises(ValueError, match=r"key is in 'pinned_host' memory; .*stream_attention"):
+        sc.dot_product_attention(x, jax.device_put(x, host), x)

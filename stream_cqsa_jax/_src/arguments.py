@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,6 +58,18 @@ def _int_array(x, name: str, shape: tuple[int, ...], meaning: str):
     return jnp.asarray(x).astype(jnp.int32)
 
 
+def _check_on_device(x, name: str) -> None:
+    """Refuses concrete arrays held in host memory (``memory_kind`` other than the device's)."""
+    sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
+    kind = getattr(sharding, "memory_kind", None)
+    if kind is not None and kind != "device":
+        raise ValueError(
+            f"{name} is in {kind!r} memory; dot_product_attention needs its inputs in device memory. "
+            "Move them there (jax.device_put(x, jax.devices()[0])), or pass NumPy arrays or memmaps to "
+            "stream_attention, which keeps them on the host"
+        )
+
+
 def validate(
     query,
     key,
@@ -81,6 +94,8 @@ def validate(
         _shape_of(key, "key"),
         _shape_of(value, "value"),
     )
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        _check_on_device(x, name)
     if len(q_shape) not in (3, 4):
         raise ValueError(f"query must have rank 4 [B, T, N, H] or 3 [T, N, H], got shape {list(q_shape)}")
     for name, shape in (("key", k_shape), ("value", v_shape)):
