@@ -108,3 +108,50 @@ def rel_error(x, ref) -> float:
     ref = np.asarray(ref, np.float64)
     assert np.all(np.isfinite(x)), "result has NaN or inf"
     return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def schedule_tables(plan):
+    """A plan's schedule tables built pair by pair, with plain loops (the reference for
+    `schedule.build_schedule`): (quorums, q_slots, kv_slots, pair_count, pair_kv, pair_full,
+    kv_pair_count, kv_pair_q), each cut to the widest live subproblem."""
+    from stream_cqsa_jax._src.schedule import chunk_pair_visibility
+
+    cover = plan.cover
+    reps = cover.representatives()
+    rows = []
+    for i in range(cover.num_chunks):
+        a = cover.add(np.int64(i), reps[:, 0])
+        b = cover.add(np.int64(i), reps[:, 1])
+        visible, full = chunk_pair_visibility(plan, a, b)
+        if not visible.any():
+            continue
+        pa, pb, pf = a[visible], b[visible], full[visible]
+        order = np.lexsort((pb, pa))
+        rows.append((i, pa[order], pb[order], pf[order]))
+    n = len(rows)
+    mq = max((len(np.unique(r[1])) for r in rows), default=1)
+    mk = max((len(np.unique(r[2])) for r in rows), default=1)
+    mp = max((np.unique(r[1], return_counts=True)[1].max() for r in rows), default=1)
+    mp_kv = max((np.unique(r[2], return_counts=True)[1].max() for r in rows), default=1)
+    out = dict(
+        quorums=np.zeros(n, np.int32), q_slots=np.zeros((n, mq), np.int32), kv_slots=np.zeros((n, mk), np.int32),
+        pair_count=np.zeros((n, mq), np.int32), pair_kv=np.zeros((n, mq, mp), np.int32),
+        pair_full=np.zeros((n, mq, mp), bool), kv_pair_count=np.zeros((n, mk), np.int32),
+        kv_pair_q=np.zeros((n, mk, mp_kv), np.int32),
+    )
+    for s, (i, pa, pb, pf) in enumerate(rows):
+        out["quorums"][s] = i
+        q_chunks, kv_chunks = np.unique(pa), np.unique(pb)
+        out["q_slots"][s, : len(q_chunks)] = q_chunks
+        out["kv_slots"][s, : len(kv_chunks)] = kv_chunks
+        q_index, kv_index = np.searchsorted(q_chunks, pa), np.searchsorted(kv_chunks, pb)
+        for j in range(len(q_chunks)):
+            sel = q_index == j
+            out["pair_count"][s, j] = sel.sum()
+            out["pair_kv"][s, j, : sel.sum()] = kv_index[sel]
+            out["pair_full"][s, j, : sel.sum()] = pf[sel]
+        for j in range(len(kv_chunks)):
+            visitors = np.sort(q_index[kv_index == j])
+            out["kv_pair_count"][s, j] = len(visitors)
+            out["kv_pair_q"][s, j, : len(visitors)] = visitors
+    return out

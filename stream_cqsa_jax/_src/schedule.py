@@ -90,56 +90,30 @@ def chunk_pair_visibility(plan, a: np.ndarray, b: np.ndarray) -> tuple[np.ndarra
 
 @functools.lru_cache(maxsize=32)
 def build_schedule(plan) -> Schedule:
-    """Tables for every live subproblem of `plan` (those that own a visible pair)."""
-    cover = plan.cover
-    num_chunks = cover.num_chunks
-    reps = cover.representatives()
-    quorum = np.arange(num_chunks, dtype=np.int64)[:, None]
-    a = cover.add(quorum, reps[None, :, 0])
-    b = cover.add(quorum, reps[None, :, 1])
-    visible, full = chunk_pair_visibility(plan, a, b)
+    """Tables for every live subproblem of `plan` (those that own a visible pair), in quorum
+    order: the rows of `quorum_tables`, cut to the widest live subproblem."""
+    live = [t for t in (quorum_tables(plan, i) for i in range(plan.cover.num_chunks)) if t.num_pairs]
+    mq = max((t.num_q for t in live), default=1)
+    mk = max((t.num_kv for t in live), default=1)
+    mp = max((int(t.pair_count.max()) for t in live), default=1)
+    mp_kv = max((int(t.kv_pair_count.max()) for t in live), default=1)
 
-    rows = []
-    for i in range(num_chunks):
-        keep = visible[i]
-        if not keep.any():
-            continue
-        pa, pb, pf = a[i][keep], b[i][keep], full[i][keep]
-        order = np.lexsort((pb, pa))
-        rows.append((i, pa[order], pb[order], pf[order]))
+    def stack(name: str, dtype, *widths: int) -> np.ndarray:
+        if not live:
+            return np.zeros((0,) + widths, dtype)
+        cut = tuple(slice(0, w) for w in widths)
+        return np.stack([getattr(t, name)[cut] for t in live]).astype(dtype, copy=False)
 
-    n = len(rows)
-    mq = max((len(np.unique(r[1])) for r in rows), default=1)
-    mk = max((len(np.unique(r[2])) for r in rows), default=1)
-    mp = max((np.max(np.unique(r[1], return_counts=True)[1]) for r in rows), default=1)
-    mp_kv = max((np.max(np.unique(r[2], return_counts=True)[1]) for r in rows), default=1)
-    quorums = np.zeros(n, np.int32)
-    q_slots = np.zeros((n, mq), np.int32)
-    kv_slots = np.zeros((n, mk), np.int32)
-    pair_count = np.zeros((n, mq), np.int32)
-    pair_kv = np.zeros((n, mq, mp), np.int32)
-    pair_full = np.zeros((n, mq, mp), bool)
-    kv_pair_count = np.zeros((n, mk), np.int32)
-    kv_pair_q = np.zeros((n, mk, mp_kv), np.int32)
-    for s, (i, pa, pb, pf) in enumerate(rows):
-        quorums[s] = i
-        q_chunks = np.unique(pa)
-        kv_chunks = np.unique(pb)
-        q_slots[s, : len(q_chunks)] = q_chunks
-        kv_slots[s, : len(kv_chunks)] = kv_chunks
-        q_index = np.searchsorted(q_chunks, pa)
-        kv_index = np.searchsorted(kv_chunks, pb)
-        for j in range(len(q_chunks)):
-            sel = q_index == j
-            count = int(sel.sum())
-            pair_count[s, j] = count
-            pair_kv[s, j, :count] = kv_index[sel]
-            pair_full[s, j, :count] = pf[sel]
-        for j in range(len(kv_chunks)):
-            visitors = np.sort(q_index[kv_index == j])
-            kv_pair_count[s, j] = len(visitors)
-            kv_pair_q[s, j, : len(visitors)] = visitors
-    tables = (quorums, q_slots, kv_slots, pair_count, pair_kv, pair_full, kv_pair_count, kv_pair_q)
+    tables = (
+        np.array([t.quorum for t in live], np.int32),
+        stack("q_slots", np.int32, mq),
+        stack("kv_slots", np.int32, mk),
+        stack("pair_count", np.int32, mq),
+        stack("pair_kv", np.int32, mq, mp),
+        stack("pair_full", bool, mq, mp),
+        stack("kv_pair_count", np.int32, mk),
+        stack("kv_pair_q", np.int32, mk, mp_kv),
+    )
     for table in tables:
         table.setflags(write=False)
     return Schedule(*tables)
