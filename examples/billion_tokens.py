@@ -167,10 +167,9 @@ def sample(args) -> None:
     _report_stages(rows)
 
     # The same subproblems through the streaming pipeline, lanes overlapped as in stream_attention.
-    before = _device_memory()
     _, wall = _timed(lambda: streaming.run_quorums(p, p.head_dim**-0.5, q, k, v, acc, None, 0, 0, False, chosen))
     after = _device_memory()
-    _report(p, rows, wall, rates, before, after)
+    _report(p, rows, wall, rates, after)
 
 
 def _rates_text(r) -> str:
@@ -198,7 +197,7 @@ def _pipeline_seconds(stages) -> float:
     return first.producer + first.kernel + last.consumer + sum(s.step for s in stages[1:])
 
 
-def _report(p, rows, wall: float, rates, before, after) -> None:
+def _report(p, rows, wall: float, rates, after) -> None:
     """Prediction next to measurement for the sampled subproblems, then the whole run extrapolated."""
     predicted = [r[2] for r in rows]
     measured = [r[3] for r in rows]
@@ -211,11 +210,9 @@ def _report(p, rows, wall: float, rates, before, after) -> None:
     line(f"kernels of {len(rows)} subproblems", kernel_pred, kernel_meas)
     line(f"pipelined run of {len(rows)} subproblems", expected_wall, wall)
     line("per subproblem, pipelined", expected_wall / len(rows), wall / len(rows))
-    peak = None
     if after and "peak_bytes_in_use" in after:
-        peak = after["peak_bytes_in_use"]
         gib = 2**30
-        line("device peak (GiB, whole process)", p.estimated_peak_bytes / gib, peak / gib, " ")
+        line("device peak (GiB, whole process)", p.estimated_peak_bytes / gib, after["peak_bytes_in_use"] / gib, " ")
     else:
         print("device peak: n/a (this backend reports no memory statistics)")
     print(f"host accumulators of the whole run: {format_bytes(p.host_footprint.accumulators)} (not allocated here)")

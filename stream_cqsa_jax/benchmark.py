@@ -22,7 +22,6 @@ import time
 from typing import Callable
 
 import jax
-import numpy as np
 
 import stream_cqsa_jax as sc
 

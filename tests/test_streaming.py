@@ -157,7 +157,7 @@ def test_subproblem_memory_stays_within_the_model(kwargs):
     compiled = streaming.subproblem_kernel(p.implementation, executor.kernel_config(p, 0.1)).lower(*args).compile()
     stats = compiled.memory_analysis()
     used = stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
-    layout = memory_model.Layout(p.num_chunks, p.cover.size, p.cover.size, p.q_chunk, p.kv_chunk, p.block_q, p.block_kv)
+    layout = p.stream_layout
     inputs = memory_model.stream_input_bytes(p.problem, layout)
     partial = memory_model.stream_partial_bytes(p.problem, layout)
     assert used <= inputs + partial + (p.estimated_peak_bytes - inputs - partial - max(inputs, partial)), used

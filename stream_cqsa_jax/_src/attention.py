@@ -12,7 +12,7 @@ from . import executor, sharded
 from .arguments import check_mesh, check_plan_matches, validate
 from .kernels.base import accumulator_dtype
 from .merge import finalize
-from .plan import Plan, plan as make_plan, resolve_implementation
+from .plan import Plan, call_shape, plan as make_plan, resolve_implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,19 +132,7 @@ def dot_product_attention(
     if not isinstance(return_residuals, bool):
         raise TypeError(f"return_residuals must be a bool, got {return_residuals!r}")
     if plan is None:
-        plan = make_plan(
-            q_len=spec.q_len,
-            kv_len=spec.kv_len,
-            num_q_heads=spec.num_q_heads,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
-            dtype=spec.dtype,
-            batch=spec.batch,
-            is_causal=spec.is_causal,
-            local_window_size=spec.window,
-            memory_budget=memory_budget,
-            implementation=implementation,
-        )
+        plan = make_plan(**call_shape(spec), memory_budget=memory_budget, implementation=implementation)
         if mesh is not None:
             plan = sharded.plan_for_devices(plan, mesh.shape[axis])
     else:

@@ -89,13 +89,12 @@ class SubproblemBytes:
 
 
 def subproblem_bytes(plan) -> SubproblemBytes:
-    p = plan.problem
-    m = plan.cover.size
-    lay = memory_model.Layout(plan.num_chunks, m, m, plan.q_chunk, plan.kv_chunk, plan.block_q, plan.block_kv)
-    q_tokens, kv_tokens = m * plan.q_chunk, m * plan.kv_chunk
-    gathered = p.batch * (q_tokens * p.num_q_heads + 2 * kv_tokens * p.num_kv_heads) * p.head_dim * p.itemsize
-    state = p.batch * q_tokens * p.num_q_heads * (p.head_dim + 2) * 4
-    return SubproblemBytes(gathered, state, lay.q_slots * lay.kv_slots)
+    """The sizes the device-memory model counts (`memory_model.stream_input_bytes` and
+    `stream_partial_bytes`), split the way the host stages see them."""
+    p, lay = plan.problem, plan.stream_layout
+    tables = memory_model.stream_table_bytes(lay)
+    gathered = memory_model.stream_input_bytes(p, lay) - tables
+    return SubproblemBytes(gathered, memory_model.stream_partial_bytes(p, lay), lay.q_slots * lay.kv_slots)
 
 
 def pair_flops(plan) -> int:

@@ -157,12 +157,15 @@ class Plan:
         return visible_pair_count(self)
 
     @property
+    def stream_layout(self) -> memory_model.Layout:
+        """The layout of one streaming subproblem: every quorum padded to the cover size."""
+        m = self.cover.size
+        return memory_model.Layout(self.num_chunks, m, m, self.q_chunk, self.kv_chunk, self.block_q, self.block_kv)
+
+    @property
     def host_footprint(self) -> memory_model.HostFootprint:
         """Host bytes of a streaming run of this plan (accumulators and buffers in flight)."""
-        layout = memory_model.Layout(
-            self.num_chunks, self.cover.size, self.cover.size, self.q_chunk, self.kv_chunk, self.block_q, self.block_kv
-        )
-        return memory_model.stream_host_footprint(self.problem, layout)
+        return memory_model.stream_host_footprint(self.problem, self.stream_layout)
 
     @property
     def subproblems(self) -> tuple[Subproblem, ...]:
@@ -267,30 +270,13 @@ def plan(
         raise ValueError("executor='stream' plans the forward pass only; pass pass_kind='forward'")
     implementation = resolve_implementation(implementation)
     budget = budget_lib.parse_budget(memory_budget)
+    problem = memory_model.Problem(batch, q_len, kv_len, num_q_heads, num_kv_heads, head_dim, dtype_name)
+    static = (problem, bool(is_causal), window, budget, (num_chunks, depth), implementation, block_q, block_kv)
     if executor == "stream":
         from .stream_plan import stream_plan_cached
 
-        return stream_plan_cached(
-            memory_model.Problem(batch, q_len, kv_len, num_q_heads, num_kv_heads, head_dim, dtype_name),
-            bool(is_causal),
-            window,
-            budget,
-            (num_chunks, depth),
-            implementation,
-            block_q,
-            block_kv,
-        )
-    return _plan_cached(
-        memory_model.Problem(batch, q_len, kv_len, num_q_heads, num_kv_heads, head_dim, dtype_name),
-        bool(is_causal),
-        window,
-        budget,
-        (num_chunks, depth),
-        implementation,
-        block_q,
-        block_kv,
-        pass_kind,
-    )
+        return stream_plan_cached(*static)
+    return _plan_cached(*static, pass_kind)
 
 
 # -- argument helpers shared with the public API -----------------------------
@@ -335,6 +321,22 @@ def dtype_name_of(dtype) -> str:
     if name not in ("bfloat16", "float16", "float32", "float64"):
         raise TypeError(f"dtype must be one of bfloat16, float16, float32, float64; got {name}")
     return name
+
+
+def call_shape(call) -> dict:
+    """`plan` keywords describing a call's shapes and structured mask, read from anything with
+    those fields (an `arguments.CallSpec`, or a `Plan` to plan the same call again)."""
+    return dict(
+        q_len=call.q_len,
+        kv_len=call.kv_len,
+        num_q_heads=call.num_q_heads,
+        num_kv_heads=call.num_kv_heads,
+        head_dim=call.head_dim,
+        dtype=call.dtype,
+        batch=call.batch,
+        is_causal=call.is_causal,
+        local_window_size=call.window,
+    )
 
 
 def default_implementation() -> str:

@@ -26,7 +26,7 @@ from jax import lax
 from . import executor
 from .kernels.base import accumulator_dtype
 from .merge import SoftmaxState, empty_state, finalize, merge_states
-from .plan import Plan
+from .plan import Plan, call_shape
 from .plan import plan as make_plan
 from .quorum import singer_numbers
 from .sharded_layout import Layout, layout_of, own_block, ring_reduce_scatter, shard_map
@@ -186,18 +186,7 @@ def plan_for_devices(plan: Plan, num_devices: int) -> Plan:
         return plan
     try:
         return make_plan(
-            q_len=plan.q_len,
-            kv_len=plan.kv_len,
-            num_q_heads=plan.num_q_heads,
-            num_kv_heads=plan.num_kv_heads,
-            head_dim=plan.head_dim,
-            dtype=plan.dtype,
-            batch=plan.batch,
-            is_causal=plan.is_causal,
-            local_window_size=plan.window,
-            memory_budget=plan.memory_budget,
-            num_chunks=chunks,
-            implementation=plan.implementation,
+            **call_shape(plan), memory_budget=plan.memory_budget, num_chunks=chunks, implementation=plan.implementation
         )
     except ValueError:
         return plan

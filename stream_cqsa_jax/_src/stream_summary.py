@@ -26,7 +26,7 @@ def _cover_line(cover) -> str:
 def describe_stream(plan) -> str:
     c, m = plan.num_chunks, plan.cover.size
     pairs = plan.num_pairs
-    layout = memory_model.Layout(c, m, m, plan.q_chunk, plan.kv_chunk, plan.block_q, plan.block_kv)
+    layout = plan.stream_layout
     inputs = memory_model.stream_input_bytes(plan.problem, layout)
     partial = memory_model.stream_partial_bytes(plan.problem, layout)
     host = plan.host_footprint

@@ -35,7 +35,7 @@ from . import executor, memory_model, stream_inputs
 from .checkpoint import Checkpoint, fingerprint
 from .host_state import HostState, StateLayout
 from .kernels.base import KernelInputs
-from .plan import Plan, plan as make_plan
+from .plan import Plan, call_shape, plan as make_plan
 
 # Accumulators in host memory take at most this share of the host's available
 # memory; larger ones go to files next to a memory-mapped `out`.
@@ -95,19 +95,7 @@ def stream_attention(
         checkpoint_dir=checkpoint_dir,
         progress=progress,
     )
-    plan = make_plan(
-        q_len=spec.q_len,
-        kv_len=spec.kv_len,
-        num_q_heads=spec.num_q_heads,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        dtype=spec.dtype,
-        batch=spec.batch,
-        is_causal=spec.is_causal,
-        local_window_size=spec.window,
-        memory_budget=memory_budget,
-        executor="stream",
-    )
+    plan = make_plan(**call_shape(spec), memory_budget=memory_budget, executor="stream")
     result = out if out is not None else np.empty(q.shape[1:] if spec.unbatched else q.shape, q.dtype)
     out4 = out4 if out4 is not None else (result[None] if spec.unbatched else result)
     host, ckpt, scratch, done, pairs_done = _open_state(plan, spec, q, k, v, out, ckpt_dir)
@@ -196,6 +184,7 @@ def gather_subproblem(plan: Plan, tables, q, k, v) -> tuple[np.ndarray, ...]:
     ) + tables.kernel_tables()
 
 
+@functools.lru_cache(maxsize=16)
 def _pinned_host(device):
     """A sharding in pinned host memory of `device`, or None where that is not the faster way home."""
     if device.platform != "gpu":

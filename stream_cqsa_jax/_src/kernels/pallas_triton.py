@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -239,23 +239,35 @@ def _pad_heads(x: jax.Array | None, hp: int) -> jax.Array | None:
 # -- forward ------------------------------------------------------------------------
 
 
-def _forward_kernel(
-    tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, cfg, lay
-):
-    bq, bk, cq, ck = cfg.block_q, cfg.block_kv, cfg.q_chunk, cfg.kv_chunk
-    band = cfg.band
+# -- one query tile's walk over its key tiles (forward and dq kernels) ------------------
+
+
+class _QueryTile(NamedTuple):
+    """A query tile of this program: its slot, positions, limits and the key ranges it sees.
+
+    Keys in [lo, hi] are visible to some row, keys in [full_lo, full_hi] to every row;
+    `empty` when no row sees any key.
+    """
+
+    slot: jax.Array
+    pos: jax.Array
+    q_limit: jax.Array
+    kv_limit: jax.Array
+    lo: jax.Array
+    hi: jax.Array
+    empty: jax.Array
+    full_lo: jax.Array
+    full_hi: jax.Array
+
+
+def _query_tile(cfg: KernelConfig, lay, tab_ref, lens_ref) -> _QueryTile:
+    """The query tile of grid step (t, bi): from the packed table and the band."""
+    bq, cq, band = cfg.block_q, cfg.q_chunk, cfg.band
     t, bi = pl.program_id(0), pl.program_id(1)
     per_chunk = cq // bq
     slot = _div(t, per_chunk)
     q_start = tab_ref[lay.q_chunks + slot] * cq + (t - slot * per_chunk) * bq
     q_limit, kv_limit = _limits(band, lens_ref, bi)
-    hp = q_ref.shape[-1]
-    sliced = _sliced(q_ref)
-    base, exp = _exponent(sliced)
-    q = None if sliced else q_ref[...]
-    q_ids = None if q_ids_ref is None else q_ids_ref[...]
-    q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)
-
     q_last = jnp.minimum(q_start + bq, q_limit) - 1
     lo, hi = band.key_span(q_start, q_last, jnp)
     hi = jnp.minimum(hi, kv_limit - 1)
@@ -263,16 +275,55 @@ def _forward_kernel(
     full_lo = jnp.maximum(q_last - band.left_bound, 0)
     full_hi = jnp.minimum(q_start + band.right_bound, kv_limit - 1)
     full_hi = jnp.where(q_start + bq <= q_limit, full_hi, -1)  # padding rows must stay empty
+    pos = q_start + jnp.arange(bq, dtype=jnp.int32)
+    return _QueryTile(slot, pos, q_limit, kv_limit, lo, hi, empty, full_lo, full_hi)
+
+
+def _masked(s, cfg: KernelConfig, qt: _QueryTile, q_ids, kv_ids_ref, rows, kv_start):
+    """Scores `s` [bq, bk] with the pairs the band, lengths or segments hide set to -inf."""
+    kv_ids = None if kv_ids_ref is None else kv_ids_ref[rows]
+    kv_pos = kv_start + jnp.arange(cfg.block_kv, dtype=jnp.int32)
+    return jnp.where(_mask(cfg.band, qt.pos, kv_pos, qt.q_limit, qt.kv_limit, q_ids, kv_ids), s, -jnp.inf)
+
+
+def _walk_key_tiles(cfg: KernelConfig, lay, tab_ref, qt: _QueryTile, all_masked: bool, tile, init):
+    """Folds ``tile(kt, carry, kv_slot, chunk_start, masked)`` over every key tile the query tile
+    visits, pair by pair of its slot: the tiles that need a mask, then the unmasked run, then
+    masked ones again."""
+    bk, ck = cfg.block_kv, cfg.kv_chunk
+
+    def pair(p, carry):
+        kv_slot = tab_ref[lay.pair_kv + qt.slot * lay.pairs + p]
+        chunk_start = tab_ref[lay.kv_chunks + kv_slot] * ck
+        first, ff, fl, last = _tile_ranges(
+            qt.lo, qt.hi, qt.full_lo, qt.full_hi, qt.empty, chunk_start, bk, ck // bk, all_masked
+        )
+        masked = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=True)
+        plain = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=False)
+        carry = lax.fori_loop(first, ff, masked, carry)
+        carry = lax.fori_loop(ff, fl, plain, carry)
+        return lax.fori_loop(fl, last, masked, carry)
+
+    return lax.fori_loop(0, tab_ref[lay.pair_count + qt.slot], pair, init)
+
+
+def _forward_kernel(
+    tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, cfg, lay
+):
+    bk, ck = cfg.block_kv, cfg.kv_chunk
+    qt = _query_tile(cfg, lay, tab_ref, lens_ref)
+    hp = q_ref.shape[-1]
+    sliced = _sliced(q_ref)
+    base, exp = _exponent(sliced)
+    q = None if sliced else q_ref[...]
+    q_ids = None if q_ids_ref is None else q_ids_ref[...]
 
     def tile(kt, carry, kv_slot, chunk_start, masked):
         o, m, l = carry
-        row0 = kv_slot * ck + kt * bk
-        rows = pl.ds(row0, bk)
+        rows = pl.ds(kv_slot * ck + kt * bk, bk)
         s = _qk(q, q_ref, (slice(None),), k_ref, (rows,)) * (cfg.scale * base)
         if masked:
-            kv_ids = None if kv_ids_ref is None else kv_ids_ref[rows]
-            kv_pos = chunk_start + kt * bk + jnp.arange(bk, dtype=jnp.int32)
-            s = jnp.where(_mask(band, q_pos, kv_pos, q_limit, kv_limit, q_ids, kv_ids), s, -jnp.inf)
+            s = _masked(s, cfg, qt, q_ids, kv_ids_ref, rows, chunk_start + kt * bk)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         m_ref_ = jnp.where(m_new == -jnp.inf, 0.0, m_new)
         p = exp(s - m_ref_[:, None])
@@ -281,20 +332,9 @@ def _forward_kernel(
         o = alpha[:, None] * o + plgpu.dot(p.astype(v.dtype), v)
         return o, m_new, alpha * l + jnp.sum(p, axis=1)
 
-    def pair(p, carry):
-        kv_slot = tab_ref[lay.pair_kv + slot * lay.pairs + p]
-        chunk_start = tab_ref[lay.kv_chunks + kv_slot] * ck
-        first, ff, fl, last = _tile_ranges(
-            lo, hi, full_lo, full_hi, empty, chunk_start, bk, ck // bk, q_ids_ref is not None
-        )
-        masked = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=True)
-        plain = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=False)
-        carry = lax.fori_loop(first, ff, masked, carry)
-        carry = lax.fori_loop(ff, fl, plain, carry)
-        return lax.fori_loop(fl, last, masked, carry)
-
+    bq = cfg.block_q
     init = (jnp.zeros((bq, hp), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    o, m, l = lax.fori_loop(0, tab_ref[lay.pair_count + slot], pair, init)
+    o, m, l = _walk_key_tiles(cfg, lay, tab_ref, qt, q_ids_ref is not None, tile, init)
     acc_ref[...] = o
     m_ref[...] = m if sliced else m * _LN2
     l_ref[...] = l
@@ -351,13 +391,8 @@ def _dq_kernel(
     tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, delta_ref, dq_ref,
     *, cfg, lay,
 ):
-    bq, bk, cq, ck = cfg.block_q, cfg.block_kv, cfg.q_chunk, cfg.kv_chunk
-    band = cfg.band
-    t, bi = pl.program_id(0), pl.program_id(1)
-    per_chunk = cq // bq
-    slot = _div(t, per_chunk)
-    q_start = tab_ref[lay.q_chunks + slot] * cq + (t - slot * per_chunk) * bq
-    q_limit, kv_limit = _limits(band, lens_ref, bi)
+    bq, bk, ck = cfg.block_q, cfg.block_kv, cfg.kv_chunk
+    qt = _query_tile(cfg, lay, tab_ref, lens_ref)
     hp = q_ref.shape[-1]
     sliced = _sliced(q_ref)
     base, exp = _exponent(sliced)
@@ -365,40 +400,18 @@ def _dq_kernel(
     do = None if sliced else do_ref[...]
     m, l, delta = m_ref[...], l_ref[...], delta_ref[...]
     q_ids = None if q_ids_ref is None else q_ids_ref[...]
-    q_pos = q_start + jnp.arange(bq, dtype=jnp.int32)
-    q_last = jnp.minimum(q_start + bq, q_limit) - 1
-    lo, hi = band.key_span(q_start, q_last, jnp)
-    hi = jnp.minimum(hi, kv_limit - 1)
-    empty = (q_last < q_start) | (hi < lo)
-    full_lo = jnp.maximum(q_last - band.left_bound, 0)
-    full_hi = jnp.minimum(q_start + band.right_bound, kv_limit - 1)
-    full_hi = jnp.where(q_start + bq <= q_limit, full_hi, -1)  # padding rows must stay empty
 
     def tile(kt, dq, kv_slot, chunk_start, masked):
         rows = pl.ds(kv_slot * ck + kt * bk, bk)
         s = _qk(q, q_ref, (slice(None),), k_ref, (rows,)) * (cfg.scale * base)
         if masked:
-            kv_ids = None if kv_ids_ref is None else kv_ids_ref[rows]
-            kv_pos = chunk_start + kt * bk + jnp.arange(bk, dtype=jnp.int32)
-            s = jnp.where(_mask(band, q_pos, kv_pos, q_limit, kv_limit, q_ids, kv_ids), s, -jnp.inf)
+            s = _masked(s, cfg, qt, q_ids, kv_ids_ref, rows, chunk_start + kt * bk)
         p = _probabilities(s, m, l, base, exp)
         ds = p * (_qk(do, do_ref, (slice(None),), v_ref, (rows,)) - delta[:, None])
         k = k_ref[rows, :]
         return dq + plgpu.dot(ds.astype(k.dtype), k)
 
-    def pair(p, dq):
-        kv_slot = tab_ref[lay.pair_kv + slot * lay.pairs + p]
-        chunk_start = tab_ref[lay.kv_chunks + kv_slot] * ck
-        first, ff, fl, last = _tile_ranges(
-            lo, hi, full_lo, full_hi, empty, chunk_start, bk, ck // bk, q_ids_ref is not None
-        )
-        masked = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=True)
-        plain = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=False)
-        dq = lax.fori_loop(first, ff, masked, dq)
-        dq = lax.fori_loop(ff, fl, plain, dq)
-        return lax.fori_loop(fl, last, masked, dq)
-
-    dq = lax.fori_loop(0, tab_ref[lay.pair_count + slot], pair, jnp.zeros((bq, hp), jnp.float32))
+    dq = _walk_key_tiles(cfg, lay, tab_ref, qt, q_ids_ref is not None, tile, jnp.zeros((bq, hp), jnp.float32))
     dq_ref[...] = dq * cfg.scale
 
 
