@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import memory_kinds
 from .executor import MaskArrays
 from .plan import dtype_name_of, normalize_window
 
@@ -38,6 +39,7 @@ class CallSpec:
     is_causal: bool
     window: tuple[int, int] | None
     unbatched: bool
+    host_inputs: bool = False
 
 
 def _shape_of(x, name: str):
@@ -58,16 +60,17 @@ def _int_array(x, name: str, shape: tuple[int, ...], meaning: str):
     return jnp.asarray(x).astype(jnp.int32)
 
 
-def _check_on_device(x, name: str) -> None:
-    """Refuses concrete arrays held in host memory (``memory_kind`` other than the device's)."""
-    sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
-    kind = getattr(sharding, "memory_kind", None)
-    if kind is not None and kind != "device":
+def _residency(query, key, value) -> bool:
+    """True when query, key and value all live in host memory, False when all on the device."""
+    host = [memory_kinds.is_host(x) for x in (query, key, value)]
+    if any(host) and not all(host):
+        where = ", ".join(f"{name}: {memory_kinds.memory_kind(x) or 'device'}"
+                          for name, x in zip(("query", "key", "value"), (query, key, value)))
         raise ValueError(
-            f"{name} is in {kind!r} memory; dot_product_attention needs its inputs in device memory. "
-            "Move them there (jax.device_put(x, jax.devices()[0])), or pass NumPy arrays or memmaps to "
-            "stream_attention, which keeps them on the host"
+            f"query, key and value must all be in device memory or all in host memory, got {where}; "
+            "move them with jax.device_put(x, jax.sharding.SingleDeviceSharding(device, memory_kind=...))"
         )
+    return all(host)
 
 
 def validate(
@@ -94,8 +97,7 @@ def validate(
         _shape_of(key, "key"),
         _shape_of(value, "value"),
     )
-    for name, x in (("query", query), ("key", key), ("value", value)):
-        _check_on_device(x, name)
+    host = _residency(query, key, value)
     if len(q_shape) not in (3, 4):
         raise ValueError(f"query must have rank 4 [B, T, N, H] or 3 [T, N, H], got shape {list(q_shape)}")
     for name, shape in (("key", k_shape), ("value", v_shape)):
@@ -160,10 +162,15 @@ def validate(
     if key_value_seq_lengths is not None:
         kv_lengths = _int_array(key_value_seq_lengths, "key_value_seq_lengths", (b,), "real key tokens per example")
 
-    q, k, v = (jnp.asarray(x) for x in (query, key, value))
-    if unbatched:
-        q, k, v = q[None], k[None], v[None]
-    spec = CallSpec(b, t, s, n, kh, h, dtype_name_of(q_dtype), float(scale), bool(is_causal), window, unbatched)
+    if host:  # kept where they are; the out-of-core paths add the batch axis without moving them
+        q, k, v = query, key, value
+    else:
+        q, k, v = (jnp.asarray(x) for x in (query, key, value))
+        if unbatched:
+            q, k, v = q[None], k[None], v[None]
+    spec = CallSpec(
+        b, t, s, n, kh, h, dtype_name_of(q_dtype), float(scale), bool(is_causal), window, unbatched, host
+    )
     return spec, q, k, v, MaskArrays(q_ids, kv_ids, q_lengths, kv_lengths)
 
 

@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import executor, sharded
+from . import executor, host_accumulators, memory_kinds, offload, sharded
 from .arguments import check_mesh, check_plan_matches, validate
 from .kernels.base import accumulator_dtype
 from .merge import finalize
@@ -54,6 +54,47 @@ def _attend_bwd(static: _Static, residuals, cotangents):
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 _attend_jit = jax.jit(_attend, static_argnums=0)
+
+_NO_HOST_GRADIENTS = (
+    "gradients of attention over query, key and value in host memory are not supported yet; move them to "
+    "the device (jax.device_put(x, jax.devices()[0])) to differentiate"
+)
+
+
+def _add_batch(arrays, unbatched: bool):
+    return tuple(x[None] for x in arrays) if unbatched else tuple(arrays)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def _attend_host(static: _Static, q, k, v, masks, unbatched: bool):
+    """Query, key and value in host memory: the plan's residency picks the executor.
+
+    Returns (out [B, T, N, H], lse [B, N, T]) in the query's memory.
+    """
+    plan, kind = static.plan, memory_kinds.memory_kind(q)
+    traced = any(isinstance(x, jax.core.Tracer) for x in (q, k, v))
+    if plan.inputs == "device":  # they fit: one copy over, the device-resident executor, one copy home
+        q, k, v = _add_batch(memory_kinds.to_memory((q, k, v), "device"), unbatched)
+        out = (_attend if traced else _attend_jit)(static, q, k, v, masks)
+        return memory_kinds.to_memory(out, kind)
+    if traced:  # inside the caller's jit: the scan executor reads chunks from host memory
+        q, k, v = _add_batch((q, k, v), unbatched)
+        if plan.accumulators == "host":
+            state = executor.forward(plan, static.scale, q, k, v, masks)
+            return host_accumulators.outputs(state, q.shape[1], q.dtype)
+        return memory_kinds.to_memory(_attend(static, q, k, v, masks), kind)
+    return offload.forward(plan, static.scale, q, k, v, masks)
+
+
+def _attend_host_fwd(static, q, k, v, masks, unbatched):
+    raise NotImplementedError(_NO_HOST_GRADIENTS)
+
+
+def _attend_host_bwd(static, unbatched, residuals, cotangents):  # pragma: no cover - the forward rule raises
+    raise NotImplementedError(_NO_HOST_GRADIENTS)
+
+
+_attend_host.defvjp(_attend_host_fwd, _attend_host_bwd)
 
 
 def dot_product_attention(
@@ -131,14 +172,30 @@ def dot_product_attention(
     )
     if not isinstance(return_residuals, bool):
         raise TypeError(f"return_residuals must be a bool, got {return_residuals!r}")
+    if spec.host_inputs and mesh is not None:
+        raise ValueError(
+            "mesh: query, key and value in host memory run on one device; move them to the devices of the "
+            "mesh (jax.device_put with a sharding) to spread the subproblems"
+        )
+    executor_kind = "offload" if spec.host_inputs else "scan"
     if plan is None:
-        plan = make_plan(**call_shape(spec), memory_budget=memory_budget, implementation=implementation)
+        plan = make_plan(
+            **call_shape(spec), memory_budget=memory_budget, implementation=implementation, executor=executor_kind
+        )
         if mesh is not None:
             plan = sharded.plan_for_devices(plan, mesh.shape[axis])
     else:
         resolve_implementation(implementation)
         check_plan_matches(plan, spec)
-    if mesh is None:
+        if (plan.executor == "offload") != spec.host_inputs:
+            raise ValueError(
+                f"plan was made with executor={plan.executor!r}, but query, key and value are in "
+                f"{'host' if spec.host_inputs else 'device'} memory; plan with executor="
+                f"{executor_kind!r}"
+            )
+    if spec.host_inputs:
+        out, lse = _attend_host(_Static(plan, spec.scale), q, k, v, masks, spec.unbatched)
+    elif mesh is None:
         out, lse = _attend_jit(_Static(plan, spec.scale), q, k, v, masks)
     else:
         out, lse = sharded.attend_jit(sharded.ShardedStatic(plan, spec.scale, mesh, axis), q, k, v, masks)

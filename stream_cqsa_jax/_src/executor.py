@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import host_accumulators, memory_kinds
 from .kernels import pallas_triton, xla as xla_kernel
 from .kernels.base import KernelConfig, KernelInputs, accumulator_dtype
 from .merge import SoftmaxState, empty_state, merge_states
@@ -41,11 +42,44 @@ def kernel_config(plan: Plan, scale: float) -> KernelConfig:
 
 
 def _gather(x: jax.Array | None, chunk_ids: jax.Array, chunk: int, axis: int) -> jax.Array | None:
-    """Concatenates chunks `chunk_ids` of `x` along `axis`; positions past the end read as 0."""
+    """Concatenates chunks `chunk_ids` of `x` along `axis`; positions past the end read as 0.
+
+    An `x` in host memory is read one chunk at a time (`_gather_from_host`).
+    """
     if x is None:
         return None
+    if memory_kinds.is_host(x):
+        return _gather_from_host(x, chunk_ids, chunk, axis)
     rows = (chunk_ids[:, None] * chunk + jnp.arange(chunk, dtype=chunk_ids.dtype)).reshape(-1)
     return jnp.take(x, rows, axis=axis, mode="fill", fill_value=0)
+
+
+def _gather_from_host(x: jax.Array, chunk_ids: jax.Array, chunk: int, axis: int) -> jax.Array:
+    """`_gather` for a host-resident `x` inside `jit`: each chunk is sliced in host memory and
+    moved to the device on its own, so the device never holds more than the gathered chunks.
+
+    A chunk that runs past the end is read as the last `chunk` rows and shifted into place.
+    """
+    length = x.shape[axis]
+    on_device = memory_kinds.sharding(jax.devices()[0], "device")
+    if chunk > length:  # shorter than one chunk: the whole array is smaller than the gathered result
+        whole = jax.device_put(x, on_device)
+        return _gather(whole, chunk_ids, chunk, axis)
+
+    def one(c):
+        start = jnp.minimum(c * chunk, length - chunk)
+        block = jax.device_put(lax.dynamic_slice_in_dim(x, start, chunk, axis), on_device)
+        if length % chunk:
+            block = jnp.roll(block, start - c * chunk, axis)
+            shape = [1] * block.ndim
+            shape[axis] = chunk
+            inside = (c * chunk + jnp.arange(chunk)).reshape(shape) < length
+            block = jnp.where(inside, block, jnp.zeros((), block.dtype))
+        return block
+
+    blocks = lax.map(one, chunk_ids)  # [M, ..., chunk (at axis + 1), ...]
+    blocks = jnp.moveaxis(blocks, 0, axis)
+    return blocks.reshape(blocks.shape[:axis] + (-1,) + blocks.shape[axis + 2 :])
 
 
 def schedule_tables(plan: Plan, rows=None) -> tuple[jax.Array, ...]:
@@ -69,7 +103,7 @@ def schedule_tables(plan: Plan, rows=None) -> tuple[jax.Array, ...]:
 def _kernel_inputs(plan: Plan, row, q, k, v, masks: MaskArrays) -> KernelInputs:
     """Gathers one subproblem's chunks (`row` holds its schedule rows)."""
     q_slots, kv_slots, pair_count, pair_kv, pair_full, kv_pair_count, kv_pair_q = row
-    if plan.reads_in_place:
+    if plan.reads_in_place and not memory_kinds.is_host(q):
         gq, gkv = (lambda x, axis=1: x), (lambda x, axis=1: x)
     else:
         gq = lambda x, axis=1: _gather(x, q_slots, plan.q_chunk, axis)
@@ -103,7 +137,9 @@ def _put_chunk(x, value, index, chunk, axis):
 def forward(plan: Plan, scale: float, q, k, v, masks: MaskArrays, tables=None) -> SoftmaxState:
     """Exact attention as a softmax state over all keys: acc [B, Tp, N, H], m, l [B, N, Tp].
 
-    ``Tp >= T`` is the padded length; rows past T are padding. `tables`
+    ``Tp >= T`` is the padded length; rows past T are padding. A plan with
+    host accumulators returns them chunk-major in host memory instead
+    (`host_accumulators`). `tables`
     (default: every subproblem, see `schedule_tables`) selects the subproblems
     to run; the state then covers only their pairs.
     """
@@ -119,6 +155,8 @@ def forward(plan: Plan, scale: float, q, k, v, masks: MaskArrays, tables=None) -
     def step(carry, row):
         part = kernel.forward(_kernel_inputs(plan, row, q, k, v, masks), cfg)
         q_slots = row[0]
+        if plan.accumulators == "host":
+            return host_accumulators.merge(carry, part, q_slots, q_slots.shape[0], cq), None
 
         def merge_slot(j, total: SoftmaxState):
             c = q_slots[j]
@@ -133,7 +171,11 @@ def forward(plan: Plan, scale: float, q, k, v, masks: MaskArrays, tables=None) -
 
         return lax.fori_loop(0, q_slots.shape[0], merge_slot, carry), None
 
-    total, _ = lax.scan(step, empty_state(b, plan.padded_q_len, n, h, accumulator_dtype(q.dtype)), tables)
+    if plan.accumulators == "host":
+        init = host_accumulators.empty(plan)
+    else:
+        init = empty_state(b, plan.padded_q_len, n, h, accumulator_dtype(q.dtype))
+    total, _ = lax.scan(step, init, tables)
     return total
 
 

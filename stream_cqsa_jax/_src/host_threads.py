@@ -1,7 +1,8 @@
 """Host work split over threads: NumPy copies and ufuncs on large arrays release the GIL.
 
 Used by the streaming executor for the host-side gather of chunks and the
-merge of partial states. Both are elementwise per chunk, so how the chunks
+merge of partial states; `drain` consumes what a producer thread queues (the
+streaming and out-of-core pipelines). Both are elementwise per chunk, so how the chunks
 are split between threads never changes a bit of the result.
 """
 
@@ -38,3 +39,15 @@ def for_ranges(count: int, work: Callable[[int, int], None], min_items: int = 1)
     futures = [_pool().submit(work, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
     for future in futures:
         future.result()
+
+
+def drain(feed):
+    """Yields the items a producer thread puts in queue `feed` until it puts None; an exception
+    it puts instead is raised here, in the consuming thread."""
+    while True:
+        item = feed.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item is None:
+            return
+        yield item

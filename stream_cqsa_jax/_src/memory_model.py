@@ -229,3 +229,47 @@ def stream_host_footprint(p: Problem, lay: Layout) -> HostFootprint:
     accumulators = p.batch * slots * lay.q_chunk * state_row * 4
     buffers = (STREAM_IN_FLIGHT + 1) * stream_unit_bytes(p, lay)
     return HostFootprint(accumulators=accumulators, buffers=buffers)
+
+
+# -- the out-of-core executor (offload.py) -----------------------------------------------------
+
+# Subproblems whose input chunks the out-of-core pipeline keeps on the device at
+# once: the one computing and the next one arriving.
+OFFLOAD_IN_FLIGHT = 2
+
+
+def state_row_bytes(p: Problem) -> int:
+    """Softmax-state bytes per query token: acc [N, H], m and l [N] in the accumulator dtype."""
+    return (p.num_q_heads * p.head_dim + 2 * p.num_q_heads) * p.acc_itemsize
+
+
+def device_state_bytes(p: Problem, lay: Layout) -> int:
+    """Full-length softmax accumulators held on the device: every padded query token."""
+    return p.batch * lay.num_chunks * lay.q_chunk * state_row_bytes(p)
+
+
+def offload_footprint(p: Problem, lay: Layout, accumulators: str) -> Footprint:
+    """Out-of-core forward with q, k, v in host memory; `accumulators` is "device" or "host".
+
+    The pipeline (outside `jit`) holds the chunks of `OFFLOAD_IN_FLIGHT`
+    subproblems (one computing, the next arriving), the computing one's chunks
+    once more side by side for the kernel, its partial state and the merge
+    buffers. Host accumulators visit the device one query chunk's slice at a
+    time, inside the step (`host_accumulators.merge`); device accumulators
+    live on the device for the whole pass (``resident``). The jitted scan (a call traced inside `jit`)
+    holds less: one subproblem's gathered chunks, one chunk in transit, the
+    partial state, the merge, and at the end the output before it goes home.
+    """
+    inputs, partial = stream_input_bytes(p, lay), stream_partial_bytes(p, lay)
+    chunk_state = p.batch * lay.q_chunk * state_row_bytes(p)
+    merge = 2 * chunk_state
+    finalize = p.batch * lay.q_chunk * p.num_q_heads * (p.head_dim * (p.acc_itemsize + p.itemsize) + 4)
+    tiles = _tile_bytes(p, lay, score_buffers=3, row_buffers=3)
+    pipeline = (OFFLOAD_IN_FLIGHT + 1) * inputs + partial + merge + tiles + finalize
+    if accumulators == "host":  # slices are read, merged and written back one query chunk at a time
+        return Footprint(resident=0, working=pipeline + chunk_state, tables=0)
+    resident = device_state_bytes(p, lay)
+    chunk_in = p.batch * max(lay.q_chunk * p.num_q_heads, lay.kv_chunk * p.num_kv_heads) * p.head_dim * p.itemsize
+    output = p.batch * lay.num_chunks * lay.q_chunk * p.num_q_heads * (p.head_dim * p.itemsize + 4)
+    traced = max(inputs + chunk_in + partial + merge + tiles, output)
+    return Footprint(resident=resident, working=max(pipeline, traced), tables=0)

@@ -21,8 +21,9 @@ from .masks import Band
 PASSES = ("forward", "backward")
 # "scan": a jitted `lax.scan` over device-resident arrays (`executor.py`);
 # "stream": a Python loop over host arrays or files, one subproblem at a time,
-# accumulators in host memory (`streaming.py`).
-EXECUTORS = ("scan", "stream")
+# accumulators in host memory (`streaming.py`); "offload": query, key and value
+# in host memory as JAX arrays, residency chosen from the budget (`offload_plan.py`).
+EXECUTORS = ("scan", "stream", "offload")
 
 # Cyclic covers of every size up to this are candidates; above it only perfect
 # (Singer) sizes are, since they hold the fewest chunks per subproblem.
@@ -91,6 +92,8 @@ class Plan:
     estimated_resident_bytes: int
     forced_chunking: bool = False
     executor: str = "scan"
+    inputs: str = "device"
+    accumulators: str = "device"
 
     # -- derived views -------------------------------------------------------
     @property
@@ -130,7 +133,7 @@ class Plan:
         """NumPy tables that drive the executor (see `schedule.Schedule`)."""
         from .schedule import build_schedule
 
-        if self.executor == "stream" and self.num_chunks > MAX_CHUNKS:
+        if self.executor in ("stream", "offload") and self.num_chunks > MAX_CHUNKS:
             raise ValueError(
                 f"this plan has {self.num_chunks} chunks; its full schedule would hold about "
                 f"{self.num_chunks}^2 entries (the limit is {MAX_CHUNKS} chunks). Use plan.quorum_tables(i) or "
@@ -233,7 +236,10 @@ def plan(
         the device) or "stream" (forward only, for `stream_attention`: the
         accumulators live in host memory and the device holds a couple of
         subproblems at a time, so plans reach billions of tokens and up to
-        `STREAM_MAX_CHUNKS` chunks; tables are built one subproblem at a time).
+        `STREAM_MAX_CHUNKS` chunks; tables are built one subproblem at a time)
+        or "offload" (query, key and value are JAX arrays in host memory; the
+        plan's ``inputs`` and ``accumulators`` say where each lives: see
+        docs/out_of_core.md).
 
     Raises:
       ValueError / TypeError: for malformed arguments, naming the argument;
@@ -276,6 +282,11 @@ def plan(
         from .stream_plan import stream_plan_cached
 
         return stream_plan_cached(*static)
+    if executor == "offload":
+        from .offload_plan import offload_plan_cached
+
+        fwd = offload_plan_cached(*static)
+        return fwd if pass_kind == "forward" else fwd.backward()
     return _plan_cached(*static, pass_kind)
 
 

@@ -1,6 +1,7 @@
-"""Human-readable description of a streaming plan (`Plan.summary()` for executor='stream').
+"""Human-readable description of a streaming or out-of-core plan (`Plan.summary()` for
+executor='stream', and for executor='offload' with inputs in host memory).
 
-Everything here is O(C): a streaming plan may have millions of chunks, so no
+Everything here is O(C): such a plan may have millions of chunks, so no
 schedule table is built.
 """
 
@@ -35,8 +36,32 @@ def describe_stream(plan) -> str:
         if plan.memory_budget is None
         else f"{format_bytes(plan.memory_budget)} (memory_budget)"
     )
+    offload = plan.executor == "offload"
+    if offload:
+        foot = memory_model.offload_footprint(plan.problem, layout, plan.accumulators)
+        executor_line = (
+            "outside jit, a pipeline: chunks sent ahead from host memory, "
+            f"{memory_model.OFFLOAD_IN_FLIGHT} subproblems on the device at once, merges on the device; "
+            "inside jit, lax.scan reading each chunk from host memory"
+        )
+        where = (
+            f"float32 accumulators on the device ({format_bytes(foot.resident)})"
+            if plan.accumulators == "device"
+            else "float32 accumulators in host memory, visiting the device a subproblem at a time "
+            "(outside jit only)"
+        )
+        host_line = f"  residency  : query, key, value and output in host memory; {where}"
+    else:
+        executor_line = (
+            "Python loop; chunks read from host arrays or files and sent ahead, "
+            f"{memory_model.STREAM_IN_FLIGHT} subproblems on the device at once; accumulators in host memory"
+        )
+        host_line = (
+            f"  host       : float32 accumulators {format_bytes(host.accumulators)} (in memory, or files next to "
+            f"`out` / in checkpoint_dir); buffers in flight {format_bytes(host.buffers)}"
+        )
     lines = [
-        "Stream-CQSA plan (forward pass, streaming executor)",
+        f"Stream-CQSA plan (forward pass, {'out-of-core' if offload else 'streaming'} executor)",
         f"  problem    : batch {plan.batch}, q_len {plan.q_len}, kv_len {plan.kv_len}, heads {plan.num_q_heads} "
         f"(kv heads {plan.num_kv_heads}), head_dim {plan.head_dim}, {plan.dtype}",
         f"  masking    : {_mask_text(plan)}",
@@ -48,11 +73,9 @@ def describe_stream(plan) -> str:
         f"  pairs      : {pairs} of {c * c} chunk pairs computed ({c * c - pairs} skipped by masking); "
         f"{pairs / c:.1f} per subproblem on average",
         f"  kernel     : {_kernel_text(plan)}, tiles {plan.block_q} x {plan.block_kv}",
-        f"  executor   : Python loop; chunks read from host arrays or files and sent ahead, "
-        f"{memory_model.STREAM_IN_FLIGHT} subproblems on the device at once; accumulators in host memory",
+        f"  executor   : {executor_line}",
         f"  memory     : estimated device peak {format_bytes(plan.estimated_peak_bytes)} of {budget}; "
         f"per subproblem {format_bytes(inputs)} of inputs and {format_bytes(partial)} of partial state",
-        f"  host       : float32 accumulators {format_bytes(host.accumulators)} (in memory, or files next to "
-        f"`out` / in checkpoint_dir); buffers in flight {format_bytes(host.buffers)}",
+        host_line,
     ]
     return "\n".join(lines)

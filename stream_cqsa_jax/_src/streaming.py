@@ -31,7 +31,7 @@ import threading
 import jax
 import numpy as np
 
-from . import executor, memory_model, stream_inputs
+from . import executor, host_threads, memory_model, stream_inputs
 from .checkpoint import Checkpoint, fingerprint
 from .host_state import HostState, StateLayout
 from .kernels.base import KernelInputs
@@ -291,15 +291,9 @@ def run_quorums(
     producer.start()
     pending: list = []  # at most one (tables, partial state) whose merge is due
     try:
-        while True:
-            item = feed.get()
-            if isinstance(item, BaseException):
-                raise item
-            if item is None:
-                break
-            tables, args = item
+        for tables, args in host_threads.drain(feed):
             partial = start_fetch(run(*args))  # device buffers die once copied home
-            del args, item
+            del args
             if pending:
                 finish(pending)
             pending.append((tables, partial))

@@ -36,7 +36,8 @@ def _kernel_text(plan) -> str:
 
 
 def describe(plan) -> str:
-    if plan.executor == "stream":  # O(C) description, no schedule tables (stream_summary.py)
+    if plan.executor == "stream" or (plan.executor == "offload" and plan.inputs == "host"):
+        # O(C) description, no schedule tables (stream_summary.py)
         from .stream_summary import describe_stream
 
         return describe_stream(plan)
@@ -73,7 +74,9 @@ def describe(plan) -> str:
         f"chunks each",
         f"  pairs      : {pairs} of {c * c} chunk pairs computed ({c * c - pairs} skipped by masking); {work_line}",
         f"  kernel     : {_kernel_text(plan)}, tiles {plan.block_q} x {plan.block_kv}",
-        f"  executor   : {executor}, all arrays device-resident",
+        f"  executor   : {executor}, all arrays device-resident"
+        + (" (query, key and value are copied from host memory once, the output goes back)"
+           if plan.executor == "offload" else ""),
         f"  memory     : estimated peak {format_bytes(plan.estimated_peak_bytes)} of {budget}; "
         f"accumulators {format_bytes(plan.estimated_resident_bytes)}, "
         f"per step {format_bytes(plan.estimated_peak_bytes - plan.estimated_resident_bytes)}",

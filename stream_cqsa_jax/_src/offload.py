@@ -1,0 +1,257 @@
+"""The out-of-core pipeline: q, k, v in host memory, a couple of subproblems on the device at once.
+
+Used for calls made outside `jit` with host-resident JAX arrays
+(``memory_kind="pinned_host"``). The plan (``executor="offload"``) runs its
+quorums in order:
+
+* a producer thread moves each subproblem's query and key/value chunks to the
+  device (one `jax.device_put` per subproblem, of zero-copy views of the host
+  buffers or of pre-split pinned chunks; a chunk the previous subproblem also
+  holds is not sent again), staying `memory_model.OFFLOAD_IN_FLIGHT`
+  subproblems ahead;
+* the main thread dispatches one jitted step per subproblem: the kernel on
+  the chunks side by side, then the merge of its partial state into the
+  accumulators, which are donated to the step and live on the device for the
+  whole pass or, when they do not fit, chunk-major in pinned host memory
+  (`host_accumulators`: each slice is read, merged and written back inside
+  the step);
+* at the end each query chunk's state becomes its output and log-sum-exp on
+  the device, one chunk at a time, and lands in the query's memory.
+
+The device therefore holds what `memory_model.offload_footprint` counts.
+"""
+
+from __future__ import annotations
+
+import functools
+import queue
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import executor, host_accumulators, host_threads, memory_kinds, memory_model
+from .kernels.base import KernelInputs, accumulator_dtype
+from .merge import SoftmaxState, empty_state, finalize, merge_states
+from .plan import Plan
+
+
+# How input chunks reach the device: "view" sends zero-copy NumPy views of the
+# host buffers; "split" first copies every chunk into its own pinned host array
+# (one host-side program per input), which the runtime then moves at the link's
+# full speed and overlaps better with compute (bench/host_paths.py).
+INPUT_TRANSFER = "view"
+
+
+class ChunkSource:
+    """Chunks of a host array x [B, L, heads, H] (or [L, heads, H]) on their way to the device;
+    rows past the end are zeros."""
+
+    def __init__(self, x: jax.Array, chunk: int, num_chunks: int, device: jax.Device, transfer: str):
+        self.chunk = chunk
+        self._tail: dict[int, np.ndarray] = {}
+        self._split = None
+        if transfer == "split":
+            self._split = _splitter(x.shape, x.dtype, chunk, num_chunks, x.sharding)(x)
+            return
+        view = np.asarray(x)  # no copy for arrays in host memory
+        self.view = view[None] if view.ndim == 3 else view
+
+    def host_chunk(self, c: int):
+        """Chunk `c` in host memory: a pinned array ("split") or a NumPy view or padded copy."""
+        if self._split is not None:
+            return self._split[c]
+        start, length = c * self.chunk, self.view.shape[1]
+        if start + self.chunk <= length:
+            return self.view[:, start : start + self.chunk]
+        if c not in self._tail:
+            buf = np.zeros((self.view.shape[0], self.chunk) + self.view.shape[2:], self.view.dtype)
+            n = max(length - start, 0)
+            buf[:, :n] = self.view[:, start : start + n]
+            self._tail[c] = buf
+        return self._tail[c]
+
+
+@functools.lru_cache(maxsize=8)
+def _splitter(shape, dtype, chunk: int, num_chunks: int, sharding):
+    """A host-side program: x [B, L, ...] (or [L, ...]) -> `num_chunks` zero-padded chunks [B, chunk, ...]."""
+
+    def run(x):
+        x = x[None] if x.ndim == 3 else x
+        pad = num_chunks * chunk - x.shape[1]
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return tuple(x[:, c * chunk : (c + 1) * chunk] for c in range(num_chunks))
+
+    return jax.jit(run, out_shardings=sharding)
+
+
+def _gather_mask(x, slots, chunk):
+    return executor._gather(x, slots, chunk, 1) if x is not None else None
+
+
+def _kernel_state(plan: Plan, cfg, q_chunks, k_chunks, v_chunks, tables, masks: executor.MaskArrays):
+    """The partial softmax state of one subproblem over its chunks side by side."""
+    kernel = executor._KERNELS[plan.implementation]
+    q = jnp.concatenate(q_chunks, axis=1)
+    k = jnp.concatenate(k_chunks, axis=1)
+    v = jnp.concatenate(v_chunks, axis=1)
+    q_slots, kv_slots = tables[0], tables[1]
+    inputs = KernelInputs(
+        q, k, v, *tables,
+        q_segment_ids=_gather_mask(masks.q_segment_ids, q_slots, plan.q_chunk),
+        kv_segment_ids=_gather_mask(masks.kv_segment_ids, kv_slots, plan.kv_chunk),
+        q_lengths=masks.q_lengths,
+        kv_lengths=masks.kv_lengths,
+    )
+    return kernel.forward(inputs, cfg)
+
+
+def _slot(state: SoftmaxState, j: int, chunk: int) -> SoftmaxState:
+    return SoftmaxState(
+        lax.dynamic_slice_in_dim(state.acc, j * chunk, chunk, 1),
+        lax.dynamic_slice_in_dim(state.m, j * chunk, chunk, 2),
+        lax.dynamic_slice_in_dim(state.l, j * chunk, chunk, 2),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _step(plan: Plan, cfg, device):
+    """(state donated, chunks, tables, num_q, masks) -> (state, done marker): one subproblem's
+    kernel and merge. The state is [B, Tp, ...] on the device or chunk-major in host memory
+    (`host_accumulators`), as the plan says."""
+    cq = plan.q_chunk
+
+    def step(total, q_chunks, k_chunks, v_chunks, tables, num_q, masks):
+        part = _kernel_state(plan, cfg, q_chunks, k_chunks, v_chunks, tables, masks)
+        q_slots = tables[0]
+        if plan.accumulators == "host":
+            return host_accumulators.merge(total, part, q_slots, num_q, cq, device), part.l[0, 0, 0]
+
+        def merge_slot(j, total):
+            c = q_slots[j]
+            merged = merge_states(_slot(total, c, cq), _slot(part, j, cq))
+            return SoftmaxState(*(
+                lax.dynamic_update_slice_in_dim(t, x, c * cq, axis)
+                for t, x, axis in zip(total, merged, (1, 2, 2))
+            ))
+
+        return lax.fori_loop(0, num_q, merge_slot, total), part.l[0, 0, 0]
+
+    return jax.jit(step, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=16)
+def _initial_state(plan: Plan, device):
+    """The empty state: full length on the device, or chunk-major in host memory."""
+    if plan.accumulators == "host":
+        return jax.jit(lambda: host_accumulators.empty(plan, device))
+    on_device = memory_kinds.sharding(device, "device")
+    make = lambda: empty_state(plan.batch, plan.padded_q_len, plan.num_q_heads, plan.head_dim,
+                               accumulator_dtype(plan.dtype))
+    return jax.jit(make, out_shardings=on_device)
+
+
+@functools.lru_cache(maxsize=16)
+def _final_outputs(plan: Plan, out_dtype, device, out_kind: str):
+    """state -> (o [B, T, N, H] in `out_dtype`, lse [B, N, T] float32) in memory `out_kind`,
+    finalised one chunk at a time on the device."""
+    cq, target = plan.q_chunk, memory_kinds.sharding(device, out_kind)
+
+    def run(total):
+        if plan.accumulators == "host":
+            return host_accumulators.outputs(total, plan.q_len, out_dtype, device)
+
+        def chunk(_, c):
+            o, lse = finalize(_slot(total, c, cq), cq)
+            return None, memory_kinds.to_memory((o.astype(out_dtype), lse.astype(jnp.float32)), "pinned_host",
+                                                device)
+
+        _, (o, lse) = lax.scan(chunk, None, jnp.arange(plan.num_chunks))
+        return host_accumulators.sequence_major(o, lse, plan.q_len, target)
+
+    return jax.jit(run, out_shardings=(target, target))
+
+
+class _Stop(Exception):
+    pass
+
+
+def forward(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, out_kind: str | None = None):
+    """(o [B, T, N, H] in q's dtype, lse [B, N, T] float32), both in memory `out_kind` (default:
+    the query's), from host-resident q [B, T, N, H] and k, v [B, S, K, H]."""
+    device = memory_kinds.device_of(q)
+    out_kind = out_kind or memory_kinds.memory_kind(q)
+    device_memory = memory_kinds.sharding(device, "device")
+    cfg = executor.kernel_config(plan, scale)
+    sources = tuple(
+        ChunkSource(x, size, plan.num_chunks, device, INPUT_TRANSFER)
+        for x, size in ((q, plan.q_chunk), (k, plan.kv_chunk), (v, plan.kv_chunk))
+    )
+    m = plan.cover.size
+    masks = executor.MaskArrays(*(None if x is None else jax.device_put(x, device_memory) for x in masks))
+    feed: queue.Queue = queue.Queue()
+    tokens = threading.Semaphore(memory_model.OFFLOAD_IN_FLIGHT)
+    stop = threading.Event()
+
+    def produce():
+        zeros = None
+        previous: dict = {}
+        try:
+            for i in range(plan.num_chunks):
+                tables = plan.quorum_tables(i)
+                if tables.num_pairs == 0:
+                    continue
+                while not tokens.acquire(timeout=0.1):
+                    if stop.is_set():
+                        raise _Stop
+                q_ids = tuple(int(c) for c in tables.q_slots[: tables.num_q])
+                kv_ids = tuple(int(c) for c in tables.kv_slots[: tables.num_kv])
+                held, wanted = {}, []
+                for name, ids, source in (("q", q_ids, sources[0]), ("k", kv_ids, sources[1]), ("v", kv_ids, sources[2])):
+                    for c in ids:
+                        again = previous.get((name, c))
+                        if again is None:
+                            wanted.append(((name, c), source.host_chunk(c)))
+                        else:
+                            held[name, c] = again
+                if wanted:  # one call moves every new chunk
+                    keys, arrays = zip(*wanted)
+                    held.update(zip(keys, jax.device_put(list(arrays), device_memory)))
+                if zeros is None:
+                    zeros = tuple(jnp.zeros_like(held[name, ids[0]], device=device_memory)
+                                  for name, ids in (("q", q_ids), ("k", kv_ids)))
+                chunks = tuple(
+                    tuple(held[name, c] for c in ids) + (pad,) * (m - len(ids))
+                    for name, ids, pad in (("q", q_ids, zeros[0]), ("k", kv_ids, zeros[1]), ("v", kv_ids, zeros[1]))
+                )
+                device_tables = jax.device_put(tables.kernel_tables(), device_memory)
+                feed.put((len(q_ids), chunks, device_tables))
+                previous = held
+            feed.put(None)
+        except _Stop:
+            return
+        except BaseException as e:  # handed to the main thread, which raises it
+            feed.put(e)
+
+    producer = threading.Thread(target=produce, daemon=True, name="offload-producer")
+    total = _initial_state(plan, device)()
+    step = _step(plan, cfg, device)
+    running = None  # done marker of the subproblem in flight
+    producer.start()
+    try:
+        for num_q, chunks, device_tables in host_threads.drain(feed):
+            total, done = step(total, *chunks, device_tables, np.int32(num_q), masks)
+            del chunks
+            if running is not None:
+                jax.block_until_ready(running)  # the previous subproblem is done: its inputs may go
+                tokens.release()
+            running = done
+        if running is not None:
+            jax.block_until_ready(running)
+            tokens.release()
+    finally:
+        stop.set()
+        producer.join()
+    return _final_outputs(plan, q.dtype, device, out_kind)(total)
