@@ -8,8 +8,10 @@ The query, key and value are NumPy arrays in host memory. Under the budget,
 device-resident attention (`dot_product_attention`, whose float32 accumulators
 live on the device) is refused before any work, with the smallest budget it
 would need; `stream_attention` keeps the accumulators on the host and sends
-the device a few chunks at a time. A few output rows are checked against
-float64 attention.
+the device a few chunks at a time. Then the same inputs as JAX arrays in
+pinned host memory go through `dot_product_attention` itself, which plans
+where everything lives from the budget, and through `jax.grad` of a loss of
+its output. A few output rows are checked against float64 attention.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -88,7 +92,28 @@ def main(argv=None) -> float:
     want = causal_rows_float64(q, k, v, rows)
     error = float(np.linalg.norm(np.asarray(out[0, rows], np.float64) - want) / np.linalg.norm(want))
     print(f"stream_attention: {seconds:.1f} s; relative error of {len(rows)} rows against float64: {error:.2e}")
-    return error
+
+    # The same inputs as JAX arrays in host memory: dot_product_attention plans their residency.
+    device = jax.devices()[0]
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    hq, hk, hv = (jax.device_put(x, host) for x in (q, k, v))
+    print(sc.plan(executor="offload", **shape).summary())
+    attend = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, memory_budget=args.budget)
+    start = time.perf_counter()
+    out = attend(hq, hk, hv)
+    seconds = time.perf_counter() - start
+    host_error = float(np.linalg.norm(np.asarray(out)[0, rows].astype(np.float64) - want) / np.linalg.norm(want))
+    print(f"dot_product_attention on host arrays: {seconds:.1f} s, output in {out.sharding.memory_kind} memory; "
+          f"relative error of {len(rows)} rows against float64: {host_error:.2e}")
+    on_device = jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+    loss = lambda q, k, v: jnp.mean(jax.device_put(attend(q, k, v), on_device).astype(jnp.float32) ** 2)
+    start = time.perf_counter()
+    grads = jax.grad(loss, argnums=(0, 1, 2))(hq, hk, hv)
+    seconds = time.perf_counter() - start
+    finite = all(bool(np.isfinite(np.asarray(g, np.float32)).all()) for g in grads)
+    print(f"jax.grad through it: {seconds:.1f} s, gradients in {grads[0].sharding.memory_kind} memory, "
+          f"all finite: {finite}")
+    return max(error, host_error)
 
 
 if __name__ == "__main__":

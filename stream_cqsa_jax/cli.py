@@ -49,6 +49,11 @@ def _add_shape_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-chunks", type=int, default=None, help="force this many chunks per level")
     g.add_argument("--depth", type=int, default=None, help="levels of the product cover (with --num-chunks)")
     g.add_argument("--implementation", default=None, help="kernel name (default xla)")
+    g.add_argument(
+        "--executor", default="scan", choices=["scan", "offload", "stream"],
+        help="scan: inputs on the device; offload: query, key and value as JAX arrays in host memory; "
+        "stream: stream_attention over NumPy arrays or files (default scan)",
+    )
 
 
 def _make_plan(args: argparse.Namespace):
@@ -68,6 +73,7 @@ def _make_plan(args: argparse.Namespace):
         num_chunks=args.num_chunks,
         depth=args.depth,
         implementation=args.implementation,
+        executor=args.executor,
     )
 
 

@@ -37,6 +37,18 @@ def test_plan_prints_the_plan(capsys):
     assert all(line.split()[-1] == "4" for line in rows)  # 28 causal pairs over 7 subproblems
 
 
+def test_plan_for_host_resident_inputs_says_where_each_array_lives(capsys):
+    args = ["--q-len", "1048576", "--heads", "8", "--head-dim", "64", "--dtype", "bfloat16", "--causal",
+            "--budget", "1GiB", "--implementation", "xla"]
+    code, out, _ = run(capsys, "plan", *args, "--executor", "offload")
+    assert code == 0
+    p = sc.plan(q_len=1048576, num_q_heads=8, head_dim=64, dtype="bfloat16", is_causal=True, memory_budget="1GiB",
+                implementation="xla", executor="offload")
+    assert p.summary() in out and "float32 accumulators in host memory" in out
+    code, _, err = run(capsys, "plan", *args)  # with inputs on the device the accumulators alone need 2 GiB
+    assert code == 2 and "executor='offload'" in err
+
+
 def test_plan_error_names_the_argument(capsys):
     code, _, err = run(capsys, "plan", "--q-len", "100", "--heads", "3", "--kv-heads", "2", "--head-dim", "8")
     assert code == 2 and "num_q_heads=3" in err and "num_kv_heads=2" in err

@@ -78,9 +78,11 @@ def test_quickstart_runs_and_is_accurate(monkeypatch, capsys):
     assert error < 1e-5
 
 
-def test_out_of_core_streams_what_the_device_budget_refuses(capsys):
+def test_out_of_core_streams_what_the_device_budget_refuses_and_runs_on_host_arrays(capsys):
     error = load("out_of_core").main(["--tokens", "3001", "--heads", "4", "--kv-heads", "2", "--head-dim", "16",
                                       "--budget", "700KiB", "--rows", "6"])
     out = capsys.readouterr().out
     assert "device-resident attention refused" in out and "streaming executor" in out
+    assert "out-of-core executor" in out and "output in pinned_host memory" in out
+    assert "gradients in pinned_host memory, all finite: True" in out
     assert error < 1e-5

@@ -8,13 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import as64, attention, random_inputs, rel_error
+from reference import as64, attention, attention_grads, random_inputs, rel_error
 
 import stream_cqsa_jax as sc
 from stream_cqsa_jax._src import memory_model, offload
 
 DEVICE = jax.devices()[0]
 HOST = jax.sharding.SingleDeviceSharding(DEVICE, memory_kind="pinned_host")
+ON_DEVICE = jax.sharding.SingleDeviceSharding(DEVICE, memory_kind="device")
 SHAPE = dict(q_len=1000, num_q_heads=4, num_kv_heads=2, head_dim=32)
 
 
@@ -115,11 +116,46 @@ def test_query_lengths_leave_padded_rows_zero_and_large_logits_stay_finite():
     assert rel_error(out, ref) < 2e-5
 
 
-def test_gradients_of_host_inputs_are_refused_clearly():
-    q, k, v = _host(*random_inputs(6, 1, 64, 64, 2, 2, 16, jnp.float32))
-    loss = lambda q: jax.device_put(sc.dot_product_attention(q, k, v, implementation="xla"), DEVICE).sum()
-    with pytest.raises(NotImplementedError, match="host memory are not supported yet; move them to the device"):
-        jax.grad(loss)(q)
+def _loss(weights):
+    """A loss of the output that keeps the output's cotangent random (never all ones)."""
+    return lambda out: jnp.sum(jax.device_put(out, ON_DEVICE).astype(jnp.float32) * weights)
+
+
+@pytest.mark.parametrize("budget", ["64MiB", "2MiB", "600KiB"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_gradients_of_host_inputs_match_float64_and_stay_in_host_memory(budget, jit):
+    q, k, v = random_inputs(8, 1, 300, 300, 4, 2, 32, jnp.float32)
+    w = jnp.asarray(np.random.default_rng(9).standard_normal(q.shape), jnp.float32)
+    attend = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, memory_budget=budget,
+                                                       implementation="xla")
+    grad = jax.grad(lambda q, k, v: _loss(w)(attend(q, k, v)), argnums=(0, 1, 2))
+    grads = (jax.jit(grad) if jit else grad)(*_host(q, k, v))
+    assert [g.sharding.memory_kind for g in grads] == ["pinned_host"] * 3
+    ref = attention_grads(q, k, v, np.asarray(w), is_causal=True)
+    for g, r in zip(grads, ref):
+        assert rel_error(np.asarray(g), r) < 1e-5
+
+
+def test_backward_residency_follows_the_budget():
+    fwd = _plan("64MiB", q_len=300, is_causal=True)
+    assert fwd.backward().accumulators == "device"
+    small = _plan("600KiB", q_len=300, is_causal=True).backward()
+    assert (small.inputs, small.accumulators, small.pass_kind) == ("host", "host", "backward")
+    assert small.estimated_peak_bytes <= small.budget_bytes
+    assert "accumulators in host memory" in small.summary()
+
+
+def test_gradients_with_bfloat16_windows_and_lengths():
+    q, k, v = random_inputs(10, 2, 257, 257, 2, 1, 64, jnp.bfloat16)
+    lengths = jnp.array([257, 131], jnp.int32)
+    w = jnp.asarray(np.random.default_rng(11).standard_normal(q.shape), jnp.float32)
+    kw = dict(local_window_size=(40, 0), query_seq_lengths=lengths, key_value_seq_lengths=lengths)
+    attend = lambda q, k, v: sc.dot_product_attention(q, k, v, memory_budget="700KiB", implementation="xla", **kw)
+    grads = jax.grad(lambda q, k, v: _loss(w)(attend(q, k, v)), argnums=(0, 1, 2))(*_host(q, k, v))
+    ref = attention_grads(q, k, v, np.asarray(w), window=(40, 0), q_lengths=np.asarray(lengths),
+                          kv_lengths=np.asarray(lengths))
+    for g, r in zip(grads, ref):
+        assert rel_error(as64(np.asarray(g)), r) < 2e-2
 
 
 def test_a_plan_for_device_inputs_is_refused_for_host_inputs():
@@ -138,3 +174,30 @@ def test_summary_says_where_each_array_lives():
     assert "float32 accumulators on the device" in device_state
     copied = _plan(RESIDENCY_BUDGETS["device", "device"], is_causal=True).summary()
     assert "copied from host memory once" in copied
+
+
+def test_gradients_of_unbatched_host_inputs_inside_jit():
+    q, k, v = random_inputs(12, 1, 200, 200, 2, 2, 32, jnp.float32)
+    q, k, v = q[0], k[0], v[0]
+    w = jnp.asarray(np.random.default_rng(13).standard_normal(q.shape), jnp.float32)
+    attend = lambda q, k, v: sc.dot_product_attention(q, k, v, memory_budget="300KiB", implementation="xla")
+    assert sc.plan(q_len=200, num_q_heads=2, head_dim=32, memory_budget="300KiB", executor="offload",
+                   implementation="xla").inputs == "host"
+    grads = jax.jit(jax.grad(lambda q, k, v: _loss(w)(attend(q, k, v)), argnums=(0, 1, 2)))(*_host(q, k, v))
+    ref = attention_grads(q[None], k[None], v[None], np.asarray(w)[None])
+    for g, r in zip(grads, ref):
+        assert g.shape == r.shape[1:]
+        assert rel_error(np.asarray(g), r[0]) < 1e-5
+
+
+def test_segment_ids_with_host_inputs_both_executors():
+    q, k, v = random_inputs(14, 1, 500, 500, 2, 2, 32, jnp.float32)
+    ids = jnp.asarray(np.repeat(np.arange(5), 100)[None], jnp.int32)
+    budget = "900KiB"
+    assert _plan(budget, q_len=500, num_q_heads=2, num_kv_heads=2).num_chunks > 1
+    call = lambda q, k, v: sc.dot_product_attention(q, k, v, segment_ids=ids, memory_budget=budget,
+                                                     implementation="xla")
+    hq, hk, hv = _host(q, k, v)
+    ref, _ = attention(q, k, v, segment_ids=(np.asarray(ids), np.asarray(ids)))
+    for out in (call(hq, hk, hv), jax.jit(call)(hq, hk, hv)):
+        assert rel_error(np.asarray(out), ref) < 2e-6

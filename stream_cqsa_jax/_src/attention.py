@@ -55,43 +55,78 @@ def _attend_bwd(static: _Static, residuals, cotangents):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 _attend_jit = jax.jit(_attend, static_argnums=0)
 
-_NO_HOST_GRADIENTS = (
-    "gradients of attention over query, key and value in host memory are not supported yet; move them to "
-    "the device (jax.device_put(x, jax.devices()[0])) to differentiate"
-)
-
 
 def _add_batch(arrays, unbatched: bool):
     return tuple(x[None] for x in arrays) if unbatched else tuple(arrays)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
-def _attend_host(static: _Static, q, k, v, masks, unbatched: bool):
+def _host_forward(static: _Static, q, k, v, masks, unbatched: bool, with_f32: bool):
     """Query, key and value in host memory: the plan's residency picks the executor.
 
-    Returns (out [B, T, N, H], lse [B, N, T]) in the query's memory.
+    Returns (out [B, T, N, H], lse [B, N, T]) in the query's memory, and with
+    `with_f32` the output once more in float32 (the backward's residual).
     """
     plan, kind = static.plan, memory_kinds.memory_kind(q)
+    where = memory_kinds.sharding(memory_kinds.device_of(q), kind)
     traced = any(isinstance(x, jax.core.Tracer) for x in (q, k, v))
     if plan.inputs == "device":  # they fit: one copy over, the device-resident executor, one copy home
         q, k, v = _add_batch(memory_kinds.to_memory((q, k, v), "device"), unbatched)
-        out = (_attend if traced else _attend_jit)(static, q, k, v, masks)
-        return memory_kinds.to_memory(out, kind)
-    if traced:  # inside the caller's jit: the scan executor reads chunks from host memory
+        if not with_f32:
+            return memory_kinds.to_memory((_attend if traced else _attend_jit)(static, q, k, v, masks), kind)
+    elif not traced:  # outside jit: the pipeline
+        return offload.forward(plan, static.scale, q, k, v, masks, with_f32=with_f32)
+    else:  # inside the caller's jit: the scan executor reads chunks from host memory
         q, k, v = _add_batch((q, k, v), unbatched)
-        if plan.accumulators == "host":
-            state = executor.forward(plan, static.scale, q, k, v, masks)
-            return host_accumulators.outputs(state, q.shape[1], q.dtype)
-        return memory_kinds.to_memory(_attend(static, q, k, v, masks), kind)
-    return offload.forward(plan, static.scale, q, k, v, masks)
+    run = _scan_outputs if traced else _scan_outputs_jit
+    return run(static, q, k, v, masks, where, with_f32)
 
 
-def _attend_host_fwd(static, q, k, v, masks, unbatched):
-    raise NotImplementedError(_NO_HOST_GRADIENTS)
+def _scan_outputs(static: _Static, q, k, v, masks, where, with_f32: bool):
+    state = executor.forward(static.plan, static.scale, q, k, v, masks)
+    return host_accumulators.outputs(static.plan, state, q.dtype, where=where, with_f32=with_f32)
 
 
-def _attend_host_bwd(static, unbatched, residuals, cotangents):  # pragma: no cover - the forward rule raises
-    raise NotImplementedError(_NO_HOST_GRADIENTS)
+_scan_outputs_jit = jax.jit(_scan_outputs, static_argnums=(0, 5, 6))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 5))
+def _attend_host(static: _Static, q, k, v, masks, unbatched: bool):
+    return _host_forward(static, q, k, v, masks, unbatched, with_f32=False)
+
+
+def _attend_host_fwd(static: _Static, q, k, v, masks, unbatched: bool):
+    out, lse, out_f32 = _host_forward(static, q, k, v, masks, unbatched, with_f32=True)
+    return (out, lse), (q, k, v, masks, out_f32, lse)
+
+
+def _host_backward(static: _Static, unbatched: bool, q, k, v, masks, out_f32, lse, do, dlse):
+    """(dq, dk, dv) in the inputs' dtype and memory, with the out-of-core backward plan: every
+    array read from host memory a chunk at a time, gradients accumulated on the device or,
+    when they do not fit, in host memory."""
+    plan = static.plan.backward()
+    where = memory_kinds.sharding(memory_kinds.device_of(q), memory_kinds.memory_kind(q))
+    dtypes = q.dtype, k.dtype, v.dtype
+    q, k, v = _add_batch((q, k, v), unbatched)
+    t, s = q.shape[1], k.shape[1]
+    delta = host_accumulators.row_dots(do, out_f32, dlse, plan.q_chunk)
+    grads = executor.backward(plan, static.scale, q, k, v, do, lse, None, delta, masks)
+    if plan.accumulators == "host":
+        grads = tuple(host_accumulators.joined(g, n, dtype, where=where) for g, n, dtype in zip(grads, (t, s, s), dtypes))
+    else:
+        grads = jax.device_put(tuple(g.astype(dtype) for g, dtype in zip(grads, dtypes)), where)
+    return tuple(g[0] for g in grads) if unbatched else grads
+
+
+_host_backward_jit = jax.jit(_host_backward, static_argnums=(0, 1))
+
+
+def _attend_host_bwd(static: _Static, unbatched: bool, residuals, cotangents):
+    q, k, v, masks, out_f32, lse = residuals
+    do, dlse = cotangents
+    traced = any(isinstance(x, jax.core.Tracer) for x in (q, do))
+    run = _host_backward if traced else _host_backward_jit
+    dq, dk, dv = run(static, unbatched, q, k, v, masks, out_f32, lse, do, dlse)
+    return dq, dk, dv, executor.MaskArrays(*(None for _ in masks))
 
 
 _attend_host.defvjp(_attend_host_fwd, _attend_host_bwd)

@@ -149,7 +149,8 @@ def forward(plan: Plan, scale: float, q, k, v, masks: MaskArrays, tables=None) -
     cq = plan.q_chunk
     tables = schedule_tables(plan) if tables is None else tables
 
-    if tables[0].shape[0] == 1 and plan.num_chunks == 1:  # the single subproblem's state is the result
+    single = tables[0].shape[0] == 1 and plan.num_chunks == 1 and plan.accumulators == "device"
+    if single:  # the single subproblem's state is the result
         return kernel.forward(_kernel_inputs(plan, tuple(x[0] for x in tables), q, k, v, masks), cfg)
 
     def step(carry, row):
@@ -186,9 +187,12 @@ def backward(
 
     Only the pairs of the subproblems in `tables` (default: all) contribute.
 
-    `m`, `l` [B, N, T] are the global softmax statistics of each query row and
-    `delta` [B, N, T] is ``rowsum(dO * O) - dlse`` (accumulator dtype);
-    `do` [B, T, N, H].
+    `m`, `l` [B, N, T] are the global softmax statistics of each query row
+    (``l=None``: all ones, `m` being the log-sum-exp) and `delta` [B, N, T] is
+    ``rowsum(dO * O) - dlse`` (accumulator dtype); `do` [B, T, N, H]. Any of
+    the arrays may be in host memory (read a chunk at a time). A plan with
+    host accumulators returns the gradients chunk-major in host memory instead
+    (dq [C, B, cq, N, H], dk, dv [C, B, ck, K, H]; `host_accumulators.joined`).
     """
     kernel = _KERNELS[plan.implementation]
     cfg = kernel_config(plan, scale)
@@ -200,13 +204,17 @@ def backward(
 
     def subproblem_grads(row):
         inputs = _kernel_inputs(plan, row, q, k, v, masks)
-        if plan.reads_in_place:
-            return kernel.backward(inputs, do, m, l, delta, cfg)
-        q_slots = row[0]
-        gather = lambda x, axis: _gather(x, q_slots, cq, axis)
-        return kernel.backward(inputs, gather(do, 1), gather(m, 2), gather(l, 2), gather(delta, 2), cfg)
+        if plan.reads_in_place and not memory_kinds.is_host(q):
+            rows = (do, m, jnp.ones_like(m) if l is None else l, delta)
+        else:
+            q_slots = row[0]
+            gather = lambda x, axis: _gather(x, q_slots, cq, axis)
+            gm = gather(m, 2)
+            rows = (gather(do, 1), gm, jnp.ones_like(gm) if l is None else gather(l, 2), gather(delta, 2))
+        return kernel.backward(inputs, *rows, cfg)
 
-    if tables[0].shape[0] == 1 and plan.num_chunks == 1:  # the single subproblem's gradients are the result
+    single = tables[0].shape[0] == 1 and plan.num_chunks == 1 and plan.accumulators == "device"
+    if single:  # the single subproblem's gradients are the result
         dq, dk, dv = subproblem_grads(tuple(x[0] for x in tables))
         return dq[:, :t], dk[:, :s], dv[:, :s]
 
@@ -226,10 +234,23 @@ def backward(
             return dk, dv
 
         dq_acc, dk_acc, dv_acc = carry
+        if plan.accumulators == "host":
+            add = host_accumulators.add
+            return (
+                add(dq_acc, dq_part, q_slots, q_slots.shape[0], cq),
+                add(dk_acc, dk_part, kv_slots, kv_slots.shape[0], ck),
+                add(dv_acc, dv_part, kv_slots, kv_slots.shape[0], ck),
+            ), None
         dq_acc = lax.fori_loop(0, q_slots.shape[0], add_q, dq_acc)
         dk_acc, dv_acc = lax.fori_loop(0, kv_slots.shape[0], add_kv, (dk_acc, dv_acc))
         return (dq_acc, dk_acc, dv_acc), None
 
+    if plan.accumulators == "host":
+        c = plan.num_chunks
+        zeros = host_accumulators.zeros
+        init = (zeros(c, (b, cq, n, h), acc), zeros(c, (b, ck, kh, h), acc), zeros(c, (b, ck, kh, h), acc))
+        grads, _ = lax.scan(step, init, tables)
+        return grads
     init = (
         jnp.zeros((b, plan.padded_q_len, n, h), acc),
         jnp.zeros((b, plan.padded_kv_len, kh, h), acc),

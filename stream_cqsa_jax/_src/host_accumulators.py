@@ -60,24 +60,96 @@ def merge(total: SoftmaxState, part: SoftmaxState, q_slots, num_q, chunk: int, d
     return lax.fori_loop(0, num_q, slot, total)
 
 
-def outputs(total: SoftmaxState, length: int, out_dtype, device=None) -> tuple[jax.Array, jax.Array]:
-    """(o [B, length, N, H] in `out_dtype`, lse [B, N, length] float32), both in host memory,
-    finalised one chunk at a time on the device."""
+def outputs(plan: Plan, total: SoftmaxState, out_dtype, device=None, where=None, with_f32: bool = False):
+    """(o [B, T, N, H] in `out_dtype`, lse [B, N, T] float32) and, `with_f32`, o once more in
+    float32 (for the backward), placed by sharding `where` (default: pinned host memory).
+
+    `total` is the plan's state: full length on the device, or chunk-major in host memory.
+    Each query chunk is finalised on the device on its own, so the device never holds
+    more than one chunk of output.
+    """
+    on_device, host = _memories(device)
+    cq = plan.q_chunk
+
+    def chunk_outputs(state):
+        o, lse = finalize(state, cq)
+        return (o.astype(out_dtype), lse.astype(jnp.float32)) + ((o.astype(jnp.float32),) if with_f32 else ())
+
+    if plan.accumulators == "host":
+        def step(_, chunk_state):
+            state = SoftmaxState(*(jax.device_put(x, on_device) for x in chunk_state))
+            return None, jax.device_put(chunk_outputs(state), host)
+
+        _, parts = lax.scan(step, None, tuple(total))
+    else:
+        def step(_, c):
+            state = SoftmaxState(*(lax.dynamic_slice_in_dim(x, c * cq, cq, axis) for x, axis in zip(total, (1, 2, 2))))
+            return None, jax.device_put(chunk_outputs(state), host)
+
+        _, parts = lax.scan(step, None, jnp.arange(plan.num_chunks))
+    seq_axes = (2, 3) + ((2,) if with_f32 else ())
+    out = tuple(sequence_major(x, plan.q_len, axis) for x, axis in zip(parts, seq_axes))
+    return jax.device_put(out, where or host)
+
+
+def sequence_major(x: jax.Array, length: int, seq_axis: int) -> jax.Array:
+    """Chunk-major x [C, ..., cq (at `seq_axis`), ...] -> [..., length, ...]: the chunks joined in
+    order along the sequence axis and cut to `length`. A reshape when every axis between
+    the chunk axis and the sequence axis has size 1 (one example), else a transpose too."""
+    c, cq = x.shape[0], x.shape[seq_axis]
+    lead, rest = x.shape[1:seq_axis], x.shape[seq_axis + 1 :]
+    if any(d != 1 for d in lead):
+        x = jnp.moveaxis(x, 0, seq_axis - 1)
+    joined = x.reshape(lead + (c * cq,) + rest)
+    return lax.slice_in_dim(joined, 0, length, axis=seq_axis - 1)
+
+
+# -- gradients -------------------------------------------------------------------------
+
+
+def zeros(num_chunks: int, chunk_shape: tuple[int, ...], dtype, device=None) -> jax.Array:
+    """Chunk-major zeros [num_chunks, *chunk_shape] in host memory, built a chunk at a time."""
+    _, host = _memories(device)
+    _, out = lax.scan(lambda _, __: (None, jax.device_put(jnp.zeros(chunk_shape, dtype), host)), None, None,
+                      length=num_chunks)
+    return out
+
+
+def add(total: jax.Array, part: jax.Array, slots, count, chunk: int, device=None) -> jax.Array:
+    """Adds slot ``j < count`` of `part` ([B, M * chunk, ...] on the device) to host chunk
+    ``slots[j]`` of `total` ([C, B, chunk, ...]), in place, one slot at a time."""
     on_device, host = _memories(device)
 
-    def step(_, chunk_state):
-        state = SoftmaxState(*(jax.device_put(x, on_device) for x in chunk_state))
-        o, lse = finalize(state, state.acc.shape[1])
-        return None, jax.device_put((o.astype(out_dtype), lse.astype(jnp.float32)), host)
+    def slot(j, total):
+        c = slots[j]
+        old = jax.device_put(lax.dynamic_index_in_dim(total, c, 0, keepdims=False), on_device)
+        new = old + lax.dynamic_slice_in_dim(part, j * chunk, chunk, 1)
+        return lax.dynamic_update_index_in_dim(total, jax.device_put(new, host), c, 0)
 
-    _, (o, lse) = lax.scan(step, None, tuple(total))
-    return sequence_major(o, lse, length, host)
+    return lax.fori_loop(0, count, slot, total)
 
 
-def sequence_major(o, lse, length: int, where) -> tuple[jax.Array, jax.Array]:
-    """Chunk-major o [C, B, cq, N, H] and lse [C, B, N, cq] -> o [B, length, N, H], lse [B, N, length],
-    placed by sharding `where`. With one example the output is a reshape (no transpose)."""
-    c, b, cq, n, h = o.shape
-    o = o.reshape(1, c * cq, n, h) if b == 1 else jnp.moveaxis(o, 0, 1).reshape(b, c * cq, n, h)
-    lse = jnp.moveaxis(lse, 0, 2).reshape(b, n, c * cq)
-    return jax.device_put((o[:, :length], lse[:, :, :length]), where)
+def joined(x: jax.Array, length: int, dtype, device=None, where=None) -> jax.Array:
+    """Chunk-major host x [C, B, chunk, ...] -> [B, length, ...] in `dtype`, cast a chunk at a time
+    on the device, placed by `where` (default: pinned host memory)."""
+    on_device, host = _memories(device)
+    _, cast = lax.scan(lambda _, c: (None, jax.device_put(jax.device_put(c, on_device).astype(dtype), host)), None, x)
+    return jax.device_put(sequence_major(cast, length, 2), where or host)
+
+
+def row_dots(do: jax.Array, o: jax.Array, dlse: jax.Array, chunk: int, device=None) -> jax.Array:
+    """delta [B, N, T] = rowsum(do * o) - dlse in float32, in host memory, from host-resident
+    do, o [B, T, N, H] and dlse [B, N, T], a chunk of rows at a time on the device."""
+    on_device, host = _memories(device)
+    t = do.shape[1]
+    count = -(-t // chunk)
+    from .executor import _gather  # reads host rows a chunk at a time, zeros past the end
+
+    def step(_, c):
+        ids = c[None]
+        rows = lambda x, axis: _gather(x, ids, chunk, axis).astype(jnp.float32)
+        delta = jnp.einsum("btnh,btnh->bnt", rows(do, 1), rows(o, 1), precision=lax.Precision.HIGHEST)
+        return None, jax.device_put(delta - rows(dlse, 2), host)
+
+    _, parts = lax.scan(step, None, jnp.arange(count, dtype=jnp.int32))
+    return sequence_major(parts, t, 3)

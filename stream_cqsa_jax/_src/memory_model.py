@@ -273,3 +273,28 @@ def offload_footprint(p: Problem, lay: Layout, accumulators: str) -> Footprint:
     output = p.batch * lay.num_chunks * lay.q_chunk * p.num_q_heads * (p.head_dim * p.itemsize + 4)
     traced = max(inputs + chunk_in + partial + merge + tiles, output)
     return Footprint(resident=resident, working=max(pipeline, traced), tables=0)
+
+
+def offload_backward_footprint(p: Problem, lay: Layout, accumulators: str) -> Footprint:
+    """Backward with q, k, v, dO, the float32 output and the row statistics in host memory
+    (the scan executor, jitted): one subproblem's gathered q, dO, k, v chunks and row
+    statistics, one chunk in transit, its partial gradients, the accumulate buffers and
+    kernel tiles; the float32 gradient accumulators dq, dk, dv on the device for the whole
+    pass (``accumulators="device"``, plus the gradients cast for the caller) or in host
+    memory, visiting a chunk at a time."""
+    f, it = p.acc_itemsize, p.itemsize
+    q_row, kv_row = p.num_q_heads * p.head_dim, p.num_kv_heads * p.head_dim
+    q_tokens, kv_tokens = lay.q_slots * lay.q_chunk, lay.kv_slots * lay.kv_chunk
+    gathered = p.batch * (2 * q_tokens * q_row + 2 * kv_tokens * kv_row) * it
+    in_transit = p.batch * max(lay.q_chunk * q_row, lay.kv_chunk * kv_row) * f
+    stats = 3 * p.batch * p.num_q_heads * q_tokens * f
+    partial = p.batch * (q_tokens * q_row + 2 * kv_tokens * kv_row) * f
+    accumulate = 2 * p.batch * max(lay.q_chunk * q_row, lay.kv_chunk * kv_row) * f
+    working = gathered + in_transit + stats + partial + accumulate + _tile_bytes(p, lay, score_buffers=5, row_buffers=4)
+    if accumulators == "host":
+        return Footprint(resident=0, working=working, tables=_table_bytes(lay))
+    padded_q, padded_kv = lay.num_chunks * lay.q_chunk, lay.num_chunks * lay.kv_chunk
+    resident = p.batch * (padded_q * q_row + 2 * padded_kv * kv_row) * f
+    cast = p.batch * (p.q_len * q_row + 2 * p.kv_len * kv_row) * it
+    return Footprint(resident=resident, working=working + cast, tables=_table_bytes(lay))
+

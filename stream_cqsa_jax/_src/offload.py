@@ -34,7 +34,7 @@ from jax import lax
 
 from . import executor, host_accumulators, host_threads, memory_kinds, memory_model
 from .kernels.base import KernelInputs, accumulator_dtype
-from .merge import SoftmaxState, empty_state, finalize, merge_states
+from .merge import SoftmaxState, empty_state, merge_states
 from .plan import Plan
 
 
@@ -87,10 +87,6 @@ def _splitter(shape, dtype, chunk: int, num_chunks: int, sharding):
     return jax.jit(run, out_shardings=sharding)
 
 
-def _gather_mask(x, slots, chunk):
-    return executor._gather(x, slots, chunk, 1) if x is not None else None
-
-
 def _kernel_state(plan: Plan, cfg, q_chunks, k_chunks, v_chunks, tables, masks: executor.MaskArrays):
     """The partial softmax state of one subproblem over its chunks side by side."""
     kernel = executor._KERNELS[plan.implementation]
@@ -100,8 +96,8 @@ def _kernel_state(plan: Plan, cfg, q_chunks, k_chunks, v_chunks, tables, masks: 
     q_slots, kv_slots = tables[0], tables[1]
     inputs = KernelInputs(
         q, k, v, *tables,
-        q_segment_ids=_gather_mask(masks.q_segment_ids, q_slots, plan.q_chunk),
-        kv_segment_ids=_gather_mask(masks.kv_segment_ids, kv_slots, plan.kv_chunk),
+        q_segment_ids=executor._gather(masks.q_segment_ids, q_slots, plan.q_chunk, 1),
+        kv_segment_ids=executor._gather(masks.kv_segment_ids, kv_slots, plan.kv_chunk, 1),
         q_lengths=masks.q_lengths,
         kv_lengths=masks.kv_lengths,
     )
@@ -154,33 +150,22 @@ def _initial_state(plan: Plan, device):
 
 
 @functools.lru_cache(maxsize=16)
-def _final_outputs(plan: Plan, out_dtype, device, out_kind: str):
-    """state -> (o [B, T, N, H] in `out_dtype`, lse [B, N, T] float32) in memory `out_kind`,
-    finalised one chunk at a time on the device."""
-    cq, target = plan.q_chunk, memory_kinds.sharding(device, out_kind)
-
-    def run(total):
-        if plan.accumulators == "host":
-            return host_accumulators.outputs(total, plan.q_len, out_dtype, device)
-
-        def chunk(_, c):
-            o, lse = finalize(_slot(total, c, cq), cq)
-            return None, memory_kinds.to_memory((o.astype(out_dtype), lse.astype(jnp.float32)), "pinned_host",
-                                                device)
-
-        _, (o, lse) = lax.scan(chunk, None, jnp.arange(plan.num_chunks))
-        return host_accumulators.sequence_major(o, lse, plan.q_len, target)
-
-    return jax.jit(run, out_shardings=(target, target))
+def _final_outputs(plan: Plan, out_dtype, device, out_kind: str, with_f32: bool):
+    """state -> `host_accumulators.outputs` in memory `out_kind`."""
+    target = memory_kinds.sharding(device, out_kind)
+    run = lambda total: host_accumulators.outputs(plan, total, out_dtype, device, target, with_f32)
+    return jax.jit(run, out_shardings=(target,) * (3 if with_f32 else 2))
 
 
 class _Stop(Exception):
     pass
 
 
-def forward(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, out_kind: str | None = None):
+def forward(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, out_kind: str | None = None,
+            with_f32: bool = False):
     """(o [B, T, N, H] in q's dtype, lse [B, N, T] float32), both in memory `out_kind` (default:
-    the query's), from host-resident q [B, T, N, H] and k, v [B, S, K, H]."""
+    the query's), from host-resident q [B, T, N, H] and k, v [B, S, K, H]; `with_f32` adds o
+    in float32 (for the backward)."""
     device = memory_kinds.device_of(q)
     out_kind = out_kind or memory_kinds.memory_kind(q)
     device_memory = memory_kinds.sharding(device, "device")
@@ -254,4 +239,4 @@ def forward(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, out_k
     finally:
         stop.set()
         producer.join()
-    return _final_outputs(plan, q.dtype, device, out_kind)(total)
+    return _final_outputs(plan, q.dtype, device, out_kind, with_f32)(total)

@@ -21,7 +21,7 @@ import functools
 
 from . import budget as budget_lib
 from . import memory_model, tiling
-from .plan import STREAM_MAX_CHUNKS, _plan_cached, search
+from .plan import MAX_CHUNKS, STREAM_MAX_CHUNKS, Plan, _plan_cached, search
 from .stream_plan import _stream_candidates
 
 
@@ -34,12 +34,21 @@ def _moved_bytes(problem: memory_model.Problem) -> int:
     return inputs + output
 
 
-def _offload_footprint(problem, cand, rule, max_bq, max_bk, accumulators):
+def _layout(problem, cand, rule, max_bq, max_bk) -> memory_model.Layout:
+    """Chunks and tiles of candidate cover `cand`; every quorum padded to the cover size."""
     q_chunk, block_q = tiling.chunk_and_block(problem.q_len, cand.num_chunks, rule, max_bq)
     kv_chunk, block_kv = tiling.chunk_and_block(problem.kv_len, cand.num_chunks, rule, max_bk)
     m = cand.cover_size
-    layout = memory_model.Layout(cand.num_chunks, m, m, q_chunk, kv_chunk, block_q, block_kv)
-    return layout, memory_model.offload_footprint(problem, layout, accumulators)
+    return memory_model.Layout(cand.num_chunks, m, m, q_chunk, kv_chunk, block_q, block_kv)
+
+
+def _device_else_host(search_with) -> Plan:
+    """`search_with(accumulators)` with the accumulators on the device if any plan fits so,
+    else in host memory (whose error, stating the smallest budget, is the one raised)."""
+    try:
+        return dataclasses.replace(search_with("device"), inputs="host", accumulators="device")
+    except ValueError:
+        return dataclasses.replace(search_with("host"), inputs="host", accumulators="host")
 
 
 @functools.lru_cache(maxsize=64)
@@ -62,17 +71,38 @@ def offload_plan_cached(problem, is_causal, window, budget, forced, implementati
                     budget_bytes=budget_bytes, budget_source="memory_budget" if budget is not None else
                     "free device memory", estimated_peak_bytes=inner.estimated_peak_bytes + _moved_bytes(problem),
                 )
-    failure = None
-    for accumulators in ("device", "host"):
-        try:
-            found = search(
-                problem, is_causal, window, budget, forced, implementation, block_q, block_kv, "forward",
-                executor="offload", max_chunks=STREAM_MAX_CHUNKS, candidates=_stream_candidates,
-                footprint=lambda cand, rule, bq, bk: _offload_footprint(problem, cand, rule, bq, bk, accumulators),
-                what="out-of-core attention", hint="",
-            )
-        except ValueError as e:
-            failure = e
-            continue
-        return dataclasses.replace(found, inputs="host", accumulators=accumulators)
-    raise failure
+
+    def search_with(accumulators):
+        def footprint(cand, rule, bq, bk):
+            layout = _layout(problem, cand, rule, bq, bk)
+            return layout, memory_model.offload_footprint(problem, layout, accumulators)
+
+        return search(
+            problem, is_causal, window, budget, forced, implementation, block_q, block_kv, "forward",
+            executor="offload", max_chunks=STREAM_MAX_CHUNKS, candidates=_stream_candidates,
+            footprint=footprint, what="out-of-core attention", hint="",
+        )
+
+    return _device_else_host(search_with)
+
+
+@functools.lru_cache(maxsize=64)
+def offload_backward_of(fwd: Plan) -> Plan:
+    """The backward plan of an out-of-core call: inputs, output and statistics in host memory,
+    gradient accumulators on the device when they fit, else in host memory. Its schedule
+    is built whole (the scan executor), so it has at most `plan.MAX_CHUNKS` chunks."""
+    forced = (fwd.cover.moduli[0], fwd.cover.depth) if fwd.forced_chunking else (None, None)
+    p = fwd.problem
+
+    def search_with(accumulators):
+        def footprint(cand, rule, bq, bk):
+            layout = _layout(p, cand, rule, bq, bk)
+            return layout, memory_model.offload_backward_footprint(p, layout, accumulators)
+
+        return search(
+            p, fwd.is_causal, fwd.window, fwd.memory_budget, forced, fwd.implementation, None, None, "backward",
+            executor="offload", max_chunks=MAX_CHUNKS, candidates=_stream_candidates, footprint=footprint,
+            what="the backward pass of out-of-core attention", hint="",
+        )
+
+    return _device_else_host(search_with)

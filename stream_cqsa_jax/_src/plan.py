@@ -185,6 +185,10 @@ class Plan:
             return self
         if self.executor == "stream":
             raise ValueError("streaming plans (executor='stream') run the forward pass only; they have no backward plan")
+        if self.executor == "offload":
+            from .offload_plan import offload_backward_of
+
+            return offload_backward_of(self)
         return _backward_of(self)
 
     def summary(self) -> str:
@@ -429,7 +433,8 @@ def _plan_cached(problem, is_causal, window, budget, forced, implementation, blo
         problem, is_causal, window, budget, forced, implementation, block_q, block_kv, pass_kind,
         executor="scan", max_chunks=MAX_CHUNKS, candidates=_candidates, footprint=footprint,
         what=f"the {pass_kind} pass of attention",
-        hint="; executor='stream' (stream_attention) keeps the accumulators in host memory instead"
+        hint="; executor='offload' (query, key and value as JAX arrays in host memory, for dot_product_attention) "
+        "or executor='stream' (NumPy arrays or files, for stream_attention) keeps the accumulators in host memory"
         if pass_kind == "forward" else "",
     )
 

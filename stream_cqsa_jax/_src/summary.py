@@ -36,7 +36,7 @@ def _kernel_text(plan) -> str:
 
 
 def describe(plan) -> str:
-    if plan.executor == "stream" or (plan.executor == "offload" and plan.inputs == "host"):
+    if plan.executor == "stream" or (plan.executor == "offload" and plan.inputs == "host" and plan.pass_kind == "forward"):
         # O(C) description, no schedule tables (stream_summary.py)
         from .stream_summary import describe_stream
 
@@ -74,15 +74,24 @@ def describe(plan) -> str:
         f"chunks each",
         f"  pairs      : {pairs} of {c * c} chunk pairs computed ({c * c - pairs} skipped by masking); {work_line}",
         f"  kernel     : {_kernel_text(plan)}, tiles {plan.block_q} x {plan.block_kv}",
-        f"  executor   : {executor}, all arrays device-resident"
-        + (" (query, key and value are copied from host memory once, the output goes back)"
-           if plan.executor == "offload" else ""),
+        f"  executor   : {executor}, {_residency_text(plan)}",
         f"  memory     : estimated peak {format_bytes(plan.estimated_peak_bytes)} of {budget}; "
         f"accumulators {format_bytes(plan.estimated_resident_bytes)}, "
         f"per step {format_bytes(plan.estimated_peak_bytes - plan.estimated_resident_bytes)}",
     ]
     lines.append(_devices_line(plan))
     return "\n".join(lines)
+
+
+def _residency_text(plan) -> str:
+    if plan.executor != "offload":
+        return "all arrays device-resident"
+    if plan.inputs == "device":
+        return "all arrays device-resident (query, key and value are copied from host memory once, the output goes back)"
+    return (
+        "query, key, value, dO and the row statistics read from host memory a chunk at a time; float32 gradient "
+        + ("accumulators on the device" if plan.accumulators == "device" else "accumulators in host memory")
+    )
 
 
 def _devices_line(plan) -> str:
