@@ -17,7 +17,7 @@ from jax import lax
 
 from . import memory_kinds
 from .kernels.base import accumulator_dtype
-from .merge import SoftmaxState, empty_state, finalize, merge_states
+from .merge import SoftmaxState, empty_state, finalize, merge_states, rows_of
 from .plan import Plan
 
 
@@ -47,12 +47,7 @@ def merge(total: SoftmaxState, part: SoftmaxState, q_slots, num_q, chunk: int, d
         c = q_slots[j]
         old = SoftmaxState(*(jax.device_put(lax.dynamic_index_in_dim(x, c, 0, keepdims=False), on_device)
                              for x in total))
-        new = SoftmaxState(
-            lax.dynamic_slice_in_dim(part.acc, j * chunk, chunk, 1),
-            lax.dynamic_slice_in_dim(part.m, j * chunk, chunk, 2),
-            lax.dynamic_slice_in_dim(part.l, j * chunk, chunk, 2),
-        )
-        merged = merge_states(old, new)
+        merged = merge_states(old, rows_of(part, j * chunk, chunk))
         return SoftmaxState(*(
             lax.dynamic_update_index_in_dim(x, jax.device_put(y, host), c, 0) for x, y in zip(total, merged)
         ))
@@ -83,8 +78,7 @@ def outputs(plan: Plan, total: SoftmaxState, out_dtype, device=None, where=None,
         _, parts = lax.scan(step, None, tuple(total))
     else:
         def step(_, c):
-            state = SoftmaxState(*(lax.dynamic_slice_in_dim(x, c * cq, cq, axis) for x, axis in zip(total, (1, 2, 2))))
-            return None, jax.device_put(chunk_outputs(state), host)
+            return None, jax.device_put(chunk_outputs(rows_of(total, c * cq, cq)), host)
 
         _, parts = lax.scan(step, None, jnp.arange(plan.num_chunks))
     seq_axes = (2, 3) + ((2,) if with_f32 else ())

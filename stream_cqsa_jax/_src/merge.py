@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 
 class SoftmaxState(NamedTuple):
@@ -41,6 +42,15 @@ def empty_state(batch: int, length: int, heads: int, head_dim: int, dtype) -> So
 def _rows(x: jax.Array) -> jax.Array:
     """[B, N, L] -> [B, L, N, 1], to scale [B, L, N, H] rows."""
     return jnp.transpose(x, (0, 2, 1))[..., None]
+
+
+def rows_of(state: SoftmaxState, start, size: int) -> SoftmaxState:
+    """Rows ``start .. start + size`` of a state ([B, L, N, H] / [B, N, L]); `start` may be traced."""
+    return SoftmaxState(
+        lax.dynamic_slice_in_dim(state.acc, start, size, 1),
+        lax.dynamic_slice_in_dim(state.m, start, size, 2),
+        lax.dynamic_slice_in_dim(state.l, start, size, 2),
+    )
 
 
 def merge_states(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:

@@ -34,7 +34,7 @@ from jax import lax
 
 from . import executor, host_accumulators, host_threads, memory_kinds, memory_model
 from .kernels.base import KernelInputs, accumulator_dtype
-from .merge import SoftmaxState, empty_state, merge_states
+from .merge import SoftmaxState, empty_state, merge_states, rows_of
 from .plan import Plan
 
 
@@ -104,14 +104,6 @@ def _kernel_state(plan: Plan, cfg, q_chunks, k_chunks, v_chunks, tables, masks: 
     return kernel.forward(inputs, cfg)
 
 
-def _slot(state: SoftmaxState, j: int, chunk: int) -> SoftmaxState:
-    return SoftmaxState(
-        lax.dynamic_slice_in_dim(state.acc, j * chunk, chunk, 1),
-        lax.dynamic_slice_in_dim(state.m, j * chunk, chunk, 2),
-        lax.dynamic_slice_in_dim(state.l, j * chunk, chunk, 2),
-    )
-
-
 @functools.lru_cache(maxsize=16)
 def _step(plan: Plan, cfg, device):
     """(state donated, chunks, tables, num_q, masks) -> (state, done marker): one subproblem's
@@ -127,7 +119,7 @@ def _step(plan: Plan, cfg, device):
 
         def merge_slot(j, total):
             c = q_slots[j]
-            merged = merge_states(_slot(total, c, cq), _slot(part, j, cq))
+            merged = merge_states(rows_of(total, c * cq, cq), rows_of(part, j * cq, cq))
             return SoftmaxState(*(
                 lax.dynamic_update_slice_in_dim(t, x, c * cq, axis)
                 for t, x, axis in zip(total, merged, (1, 2, 2))
