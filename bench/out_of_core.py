@@ -34,13 +34,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from stream_longest import _tokens  # noqa: E402  (one reading of "1M": 2**20 tokens)
+
 _BLOCK_BYTES = 64 << 20
-
-
-def _tokens(text: str) -> int:
-    scale = {"k": 2**10, "m": 2**20, "g": 2**30}
-    text = text.strip().lower()
-    return int(float(text[:-1]) * scale[text[-1]]) if text[-1] in scale else int(text)
 
 
 def _inputs(n: int, heads: int, head_dim: int, memory: str):

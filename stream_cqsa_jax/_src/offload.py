@@ -153,6 +153,30 @@ class _Stop(Exception):
     pass
 
 
+def _move_chunks(tables, sources, previous: dict, zeros, device_memory) -> tuple[dict, tuple]:
+    """One subproblem's q, k and v chunks on the device: ``(held, chunks)``.
+
+    `held` maps ("q" | "k" | "v", chunk id) to a device chunk; those `previous`
+    (the last subproblem's `held`) already has are reused, the others are sent
+    in one `jax.device_put`. `chunks` is (q, k, v), each a tuple of the cover
+    size's slots, padded with `zeros` (q's, then k's and v's).
+    """
+    slots = len(tables.q_slots)
+    q_ids = [int(c) for c in tables.q_slots[: tables.num_q]]
+    kv_ids = [int(c) for c in tables.kv_slots[: tables.num_kv]]
+    wanted = (("q", q_ids, sources[0]), ("k", kv_ids, sources[1]), ("v", kv_ids, sources[2]))
+    held = {(name, c): previous[name, c] for name, ids, _ in wanted for c in ids if (name, c) in previous}
+    new = [((name, c), source.host_chunk(c)) for name, ids, source in wanted for c in ids if (name, c) not in held]
+    if new:
+        keys, arrays = zip(*new)
+        held.update(zip(keys, jax.device_put(list(arrays), device_memory)))
+    chunks = tuple(
+        tuple(held[name, c] for c in ids) + (pad,) * (slots - len(ids))
+        for (name, ids, _), pad in zip(wanted, (zeros[0], zeros[1], zeros[1]))
+    )
+    return held, chunks
+
+
 def forward(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, out_kind: str | None = None,
             with_f32: bool = False):
     """(o [B, T, N, H] in q's dtype, lse [B, N, T] float32), both in memory `out_kind` (default:
@@ -166,14 +190,17 @@ def forward(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, out_k
         ChunkSource(x, size, plan.num_chunks, device, INPUT_TRANSFER)
         for x, size in ((q, plan.q_chunk), (k, plan.kv_chunk), (v, plan.kv_chunk))
     )
-    m = plan.cover.size
     masks = executor.MaskArrays(*(None if x is None else jax.device_put(x, device_memory) for x in masks))
     feed: queue.Queue = queue.Queue()
     tokens = threading.Semaphore(memory_model.OFFLOAD_IN_FLIGHT)
     stop = threading.Event()
+    b = plan.batch
+    zeros = (
+        jnp.zeros((b, plan.q_chunk, plan.num_q_heads, plan.head_dim), q.dtype, device=device_memory),
+        jnp.zeros((b, plan.kv_chunk, plan.num_kv_heads, plan.head_dim), k.dtype, device=device_memory),
+    )
 
     def produce():
-        zeros = None
         previous: dict = {}
         try:
             for i in range(plan.num_chunks):
@@ -183,29 +210,8 @@ def forward(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, out_k
                 while not tokens.acquire(timeout=0.1):
                     if stop.is_set():
                         raise _Stop
-                q_ids = tuple(int(c) for c in tables.q_slots[: tables.num_q])
-                kv_ids = tuple(int(c) for c in tables.kv_slots[: tables.num_kv])
-                held, wanted = {}, []
-                for name, ids, source in (("q", q_ids, sources[0]), ("k", kv_ids, sources[1]), ("v", kv_ids, sources[2])):
-                    for c in ids:
-                        again = previous.get((name, c))
-                        if again is None:
-                            wanted.append(((name, c), source.host_chunk(c)))
-                        else:
-                            held[name, c] = again
-                if wanted:  # one call moves every new chunk
-                    keys, arrays = zip(*wanted)
-                    held.update(zip(keys, jax.device_put(list(arrays), device_memory)))
-                if zeros is None:
-                    zeros = tuple(jnp.zeros_like(held[name, ids[0]], device=device_memory)
-                                  for name, ids in (("q", q_ids), ("k", kv_ids)))
-                chunks = tuple(
-                    tuple(held[name, c] for c in ids) + (pad,) * (m - len(ids))
-                    for name, ids, pad in (("q", q_ids, zeros[0]), ("k", kv_ids, zeros[1]), ("v", kv_ids, zeros[1]))
-                )
-                device_tables = jax.device_put(tables.kernel_tables(), device_memory)
-                feed.put((len(q_ids), chunks, device_tables))
-                previous = held
+                previous, chunks = _move_chunks(tables, sources, previous, zeros, device_memory)
+                feed.put((tables.num_q, chunks, jax.device_put(tables.kernel_tables(), device_memory)))
             feed.put(None)
         except _Stop:
             return
