@@ -26,9 +26,25 @@ def _memories(device=None):
     return memory_kinds.sharding(device, "device"), memory_kinds.sharding(device, "pinned_host")
 
 
+def _update_chunks(total, slots, count, update, device):
+    """For ``j < count``: chunk ``slots[j]`` of every array of pytree `total` (chunk-major, host
+    memory) is read to the device, replaced by ``update(j, chunk)`` and written back in place,
+    one slot at a time."""
+    on_device, host = _memories(device)
+
+    def slot(j, total):
+        c = slots[j]
+        old = jax.tree.map(lambda x: jax.device_put(lax.dynamic_index_in_dim(x, c, 0, keepdims=False), on_device),
+                           total)
+        new = update(j, old)
+        return jax.tree.map(lambda x, y: lax.dynamic_update_index_in_dim(x, jax.device_put(y, host), c, 0), total, new)
+
+    return lax.fori_loop(0, count, slot, total)
+
+
 def empty(plan: Plan, device=None) -> SoftmaxState:
     """The empty state of every query chunk, built chunk by chunk into host memory (traceable)."""
-    on_device, host = _memories(device)
+    _, host = _memories(device)
     one = lambda: empty_state(plan.batch, plan.q_chunk, plan.num_q_heads, plan.head_dim, accumulator_dtype(plan.dtype))
 
     def step(_, __):
@@ -41,18 +57,8 @@ def empty(plan: Plan, device=None) -> SoftmaxState:
 def merge(total: SoftmaxState, part: SoftmaxState, q_slots, num_q, chunk: int, device=None) -> SoftmaxState:
     """Merges slot ``j < num_q`` of `part` ([B, M * chunk, ...] on the device) into host chunk
     ``q_slots[j]`` of `total`, in place, one slot at a time."""
-    on_device, host = _memories(device)
-
-    def slot(j, total):
-        c = q_slots[j]
-        old = SoftmaxState(*(jax.device_put(lax.dynamic_index_in_dim(x, c, 0, keepdims=False), on_device)
-                             for x in total))
-        merged = merge_states(old, rows_of(part, j * chunk, chunk))
-        return SoftmaxState(*(
-            lax.dynamic_update_index_in_dim(x, jax.device_put(y, host), c, 0) for x, y in zip(total, merged)
-        ))
-
-    return lax.fori_loop(0, num_q, slot, total)
+    return _update_chunks(total, q_slots, num_q, lambda j, old: merge_states(old, rows_of(part, j * chunk, chunk)),
+                          device)
 
 
 def outputs(plan: Plan, total: SoftmaxState, out_dtype, device=None, where=None, with_f32: bool = False):
@@ -112,15 +118,8 @@ def zeros(num_chunks: int, chunk_shape: tuple[int, ...], dtype, device=None) -> 
 def add(total: jax.Array, part: jax.Array, slots, count, chunk: int, device=None) -> jax.Array:
     """Adds slot ``j < count`` of `part` ([B, M * chunk, ...] on the device) to host chunk
     ``slots[j]`` of `total` ([C, B, chunk, ...]), in place, one slot at a time."""
-    on_device, host = _memories(device)
-
-    def slot(j, total):
-        c = slots[j]
-        old = jax.device_put(lax.dynamic_index_in_dim(total, c, 0, keepdims=False), on_device)
-        new = old + lax.dynamic_slice_in_dim(part, j * chunk, chunk, 1)
-        return lax.dynamic_update_index_in_dim(total, jax.device_put(new, host), c, 0)
-
-    return lax.fori_loop(0, count, slot, total)
+    return _update_chunks(total, slots, count, lambda j, old: old + lax.dynamic_slice_in_dim(part, j * chunk, chunk, 1),
+                          device)
 
 
 def joined(x: jax.Array, length: int, dtype, device=None, where=None) -> jax.Array:
