@@ -73,6 +73,32 @@ def _residency(query, key, value) -> bool:
     return all(host)
 
 
+def check_shapes_and_scale(q_shape, k_shape, scale, is_causal) -> float:
+    """Checks 4-D query [B, T, N, H] and key/value [B, S, K, H] shapes against each other, the
+    logit `scale` and `is_causal`; returns the scale (default ``1 / sqrt(H)``)."""
+    b, t, n, h = q_shape
+    kb, s, kh, kd = k_shape
+    if kb != b:
+        raise ValueError(f"key/value batch size {kb} must equal query's batch size {b}")
+    if kd != h:
+        raise ValueError(f"key/value head_dim {kd} must equal query's head_dim {h}")
+    if min(b, t, s, n, kh, h) < 1:
+        raise ValueError(f"query and key/value must be non-empty, got shapes {list(q_shape)} and {list(k_shape)}")
+    if n % kh:
+        raise ValueError(
+            f"the number of query heads ({n}) must be a multiple of the number of key/value heads ({kh})"
+        )
+    if scale is None:
+        scale = 1.0 / math.sqrt(h)
+    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
+        raise TypeError(f"scale must be a Python or NumPy real number, got {type(scale).__name__}")
+    elif not math.isfinite(float(scale)):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    return float(scale)
+
+
 def validate(
     query,
     key,
@@ -118,25 +144,8 @@ def validate(
     if unbatched:
         q_shape, k_shape = (1,) + q_shape, (1,) + k_shape
     b, t, n, h = q_shape
-    kb, s, kh, kd = k_shape
-    if kb != b:
-        raise ValueError(f"key/value batch size {kb} must equal query's batch size {b}")
-    if kd != h:
-        raise ValueError(f"key/value head_dim {kd} must equal query's head_dim {h}")
-    if min(t, s, n, kh, h) < 1:
-        raise ValueError(f"query and key/value must be non-empty, got shapes {list(q_shape)} and {list(k_shape)}")
-    if n % kh:
-        raise ValueError(
-            f"the number of query heads ({n}) must be a multiple of the number of key/value heads ({kh})"
-        )
-    if scale is None:
-        scale = 1.0 / math.sqrt(h)
-    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise TypeError(f"scale must be a Python or NumPy real number, got {type(scale).__name__}")
-    elif not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if not isinstance(is_causal, (bool, np.bool_)):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    s, kh = k_shape[1], k_shape[2]
+    scale = check_shapes_and_scale(q_shape, k_shape, scale, is_causal)
     window = normalize_window(local_window_size)
 
     lead = () if unbatched else (b,)

@@ -7,14 +7,13 @@ expected, and all of them run before any work starts.
 
 from __future__ import annotations
 
-import math
 import mmap
 import os
 
 import numpy as np
 
 from . import host_threads
-from .arguments import CallSpec
+from .arguments import CallSpec, check_shapes_and_scale
 from .plan import normalize_window
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -139,23 +138,8 @@ def validate(query, key, value, out, *, scale, is_causal, local_window_size, che
         q, k, v = q[None], k[None], v[None]
         out = None if out is None else out[None]
     b, t, n, h = q.shape
-    kb, s, kh, kd = k.shape
-    if kb != b:
-        raise ValueError(f"key/value batch size {kb} must equal query's batch size {b}")
-    if kd != h:
-        raise ValueError(f"key/value head_dim {kd} must equal query's head_dim {h}")
-    if min(b, t, s, n, kh, h) < 1:
-        raise ValueError(f"query and key/value must be non-empty, got shapes {list(q.shape)} and {list(k.shape)}")
-    if n % kh:
-        raise ValueError(f"the number of query heads ({n}) must be a multiple of the number of key/value heads ({kh})")
-    if scale is None:
-        scale = 1.0 / math.sqrt(h)
-    elif isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
-        raise TypeError(f"scale must be a Python or NumPy real number, got {type(scale).__name__}")
-    elif not math.isfinite(float(scale)):
-        raise ValueError(f"scale must be finite, got {scale}")
-    if not isinstance(is_causal, (bool, np.bool_)):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    s, kh = k.shape[1], k.shape[2]
+    scale = check_shapes_and_scale(q.shape, k.shape, scale, is_causal)
     if not isinstance(progress, (bool, np.bool_)):
         raise TypeError(f"progress must be a bool, got {progress!r}")
     window = normalize_window(local_window_size)
