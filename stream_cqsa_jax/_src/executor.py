@@ -16,9 +16,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import host_accumulators, memory_kinds
+from .gather import gather_chunks
 from .kernels import pallas_triton, xla as xla_kernel
 from .kernels.base import KernelConfig, KernelInputs, accumulator_dtype
-from .merge import SoftmaxState, empty_state, merge_states
+from .merge import SoftmaxState, empty_state, merge_states, rows_of
 from .plan import Plan
 
 _KERNELS = {"xla": xla_kernel, "pallas_triton": pallas_triton}
@@ -39,47 +40,6 @@ class MaskArrays(NamedTuple):
 
 def kernel_config(plan: Plan, scale: float) -> KernelConfig:
     return KernelConfig(plan.band, plan.q_chunk, plan.kv_chunk, plan.block_q, plan.block_kv, float(scale))
-
-
-def _gather(x: jax.Array | None, chunk_ids: jax.Array, chunk: int, axis: int) -> jax.Array | None:
-    """Concatenates chunks `chunk_ids` of `x` along `axis`; positions past the end read as 0.
-
-    An `x` in host memory is read one chunk at a time (`_gather_from_host`).
-    """
-    if x is None:
-        return None
-    if memory_kinds.is_host(x):
-        return _gather_from_host(x, chunk_ids, chunk, axis)
-    rows = (chunk_ids[:, None] * chunk + jnp.arange(chunk, dtype=chunk_ids.dtype)).reshape(-1)
-    return jnp.take(x, rows, axis=axis, mode="fill", fill_value=0)
-
-
-def _gather_from_host(x: jax.Array, chunk_ids: jax.Array, chunk: int, axis: int) -> jax.Array:
-    """`_gather` for a host-resident `x` inside `jit`: each chunk is sliced in host memory and
-    moved to the device on its own, so the device never holds more than the gathered chunks.
-
-    A chunk that runs past the end is read as the last `chunk` rows and shifted into place.
-    """
-    length = x.shape[axis]
-    on_device = memory_kinds.sharding(jax.devices()[0], "device")
-    if chunk > length:  # shorter than one chunk: the whole array is smaller than the gathered result
-        whole = jax.device_put(x, on_device)
-        return _gather(whole, chunk_ids, chunk, axis)
-
-    def one(c):
-        start = jnp.minimum(c * chunk, length - chunk)
-        block = jax.device_put(lax.dynamic_slice_in_dim(x, start, chunk, axis), on_device)
-        if length % chunk:
-            block = jnp.roll(block, start - c * chunk, axis)
-            shape = [1] * block.ndim
-            shape[axis] = chunk
-            inside = (c * chunk + jnp.arange(chunk)).reshape(shape) < length
-            block = jnp.where(inside, block, jnp.zeros((), block.dtype))
-        return block
-
-    blocks = lax.map(one, chunk_ids)  # [M, ..., chunk (at axis + 1), ...]
-    blocks = jnp.moveaxis(blocks, 0, axis)
-    return blocks.reshape(blocks.shape[:axis] + (-1,) + blocks.shape[axis + 2 :])
 
 
 def schedule_tables(plan: Plan, rows=None) -> tuple[jax.Array, ...]:
@@ -106,8 +66,8 @@ def _kernel_inputs(plan: Plan, row, q, k, v, masks: MaskArrays) -> KernelInputs:
     if plan.reads_in_place and not memory_kinds.is_host(q):
         gq, gkv = (lambda x, axis=1: x), (lambda x, axis=1: x)
     else:
-        gq = lambda x, axis=1: _gather(x, q_slots, plan.q_chunk, axis)
-        gkv = lambda x, axis=1: _gather(x, kv_slots, plan.kv_chunk, axis)
+        gq = lambda x, axis=1: gather_chunks(x, q_slots, plan.q_chunk, axis)
+        gkv = lambda x, axis=1: gather_chunks(x, kv_slots, plan.kv_chunk, axis)
     return KernelInputs(
         q=gq(q),
         k=gkv(k),
@@ -145,8 +105,6 @@ def forward(plan: Plan, scale: float, q, k, v, masks: MaskArrays, tables=None) -
     """
     kernel = _KERNELS[plan.implementation]
     cfg = kernel_config(plan, scale)
-    b, _, n, h = q.shape
-    cq = plan.q_chunk
     tables = schedule_tables(plan) if tables is None else tables
 
     single = tables[0].shape[0] == 1 and plan.num_chunks == 1 and plan.accumulators == "device"
@@ -156,28 +114,36 @@ def forward(plan: Plan, scale: float, q, k, v, masks: MaskArrays, tables=None) -
     def step(carry, row):
         part = kernel.forward(_kernel_inputs(plan, row, q, k, v, masks), cfg)
         q_slots = row[0]
-        if plan.accumulators == "host":
-            return host_accumulators.merge(carry, part, q_slots, q_slots.shape[0], cq), None
+        return merge_partial(plan, carry, part, q_slots, q_slots.shape[0]), None
 
-        def merge_slot(j, total: SoftmaxState):
-            c = q_slots[j]
-            old = SoftmaxState(_chunk(total.acc, c, cq, 1), _chunk(total.m, c, cq, 2), _chunk(total.l, c, cq, 2))
-            new = SoftmaxState(_chunk(part.acc, j, cq, 1), _chunk(part.m, j, cq, 2), _chunk(part.l, j, cq, 2))
-            merged = merge_states(old, new)
-            return SoftmaxState(
-                _put_chunk(total.acc, merged.acc, c, cq, 1),
-                _put_chunk(total.m, merged.m, c, cq, 2),
-                _put_chunk(total.l, merged.l, c, cq, 2),
-            )
-
-        return lax.fori_loop(0, q_slots.shape[0], merge_slot, carry), None
-
-    if plan.accumulators == "host":
-        init = host_accumulators.empty(plan)
-    else:
-        init = empty_state(b, plan.padded_q_len, n, h, accumulator_dtype(q.dtype))
-    total, _ = lax.scan(step, init, tables)
+    total, _ = lax.scan(step, empty_accumulators(plan, q.shape[0], q.shape[2]), tables)
     return total
+
+
+def empty_accumulators(plan: Plan, batch: int, heads: int, device=None) -> SoftmaxState:
+    """Empty softmax accumulators for `batch` examples and `heads` query heads (a sharded call
+    holds a slice of the plan's): full length [B, Tp, N, H] on the device, or chunk-major in
+    host memory (`host_accumulators`) when the plan keeps them there."""
+    if plan.accumulators == "host":
+        return host_accumulators.empty(plan, batch, heads, device)
+    return empty_state(batch, plan.padded_q_len, heads, plan.head_dim, accumulator_dtype(plan.dtype))
+
+
+def merge_partial(plan: Plan, total: SoftmaxState, part: SoftmaxState, q_slots, count, device=None) -> SoftmaxState:
+    """Merges query slot ``j < count`` of a subproblem's state `part` into chunk ``q_slots[j]``
+    of the accumulators `total` (laid out as `empty_accumulators` makes them), in order."""
+    cq = plan.q_chunk
+    if plan.accumulators == "host":
+        return host_accumulators.merge(total, part, q_slots, count, cq, device)
+
+    def merge_slot(j, total: SoftmaxState):
+        c = q_slots[j]
+        merged = merge_states(rows_of(total, c * cq, cq), rows_of(part, j * cq, cq))
+        return SoftmaxState(*(
+            lax.dynamic_update_slice_in_dim(t, x, c * cq, axis) for t, x, axis in zip(total, merged, (1, 2, 2))
+        ))
+
+    return lax.fori_loop(0, count, merge_slot, total)
 
 
 def backward(
@@ -208,7 +174,7 @@ def backward(
             rows = (do, m, jnp.ones_like(m) if l is None else l, delta)
         else:
             q_slots = row[0]
-            gather = lambda x, axis: _gather(x, q_slots, cq, axis)
+            gather = lambda x, axis: gather_chunks(x, q_slots, cq, axis)
             gm = gather(m, 2)
             rows = (gather(do, 1), gm, jnp.ones_like(gm) if l is None else gather(l, 2), gather(delta, 2))
         return kernel.backward(inputs, *rows, cfg)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import memory_kinds
+from .gather import gather_chunks
 from .kernels.base import accumulator_dtype
 from .merge import SoftmaxState, empty_state, finalize, merge_states, rows_of
 from .plan import Plan
@@ -42,10 +43,11 @@ def _update_chunks(total, slots, count, update, device):
     return lax.fori_loop(0, count, slot, total)
 
 
-def empty(plan: Plan, device=None) -> SoftmaxState:
-    """The empty state of every query chunk, built chunk by chunk into host memory (traceable)."""
+def empty(plan: Plan, batch: int, heads: int, device=None) -> SoftmaxState:
+    """The empty state of every query chunk ([C, batch, cq, heads, H] and [C, batch, heads, cq]),
+    built chunk by chunk into host memory (traceable)."""
     _, host = _memories(device)
-    one = lambda: empty_state(plan.batch, plan.q_chunk, plan.num_q_heads, plan.head_dim, accumulator_dtype(plan.dtype))
+    one = lambda: empty_state(batch, plan.q_chunk, heads, plan.head_dim, accumulator_dtype(plan.dtype))
 
     def step(_, __):
         return None, jax.device_put(one(), host)
@@ -136,11 +138,10 @@ def row_dots(do: jax.Array, o: jax.Array, dlse: jax.Array, chunk: int, device=No
     on_device, host = _memories(device)
     t = do.shape[1]
     count = -(-t // chunk)
-    from .executor import _gather  # reads host rows a chunk at a time, zeros past the end
 
     def step(_, c):
         ids = c[None]
-        rows = lambda x, axis: _gather(x, ids, chunk, axis).astype(jnp.float32)
+        rows = lambda x, axis: gather_chunks(x, ids, chunk, axis).astype(jnp.float32)
         delta = jnp.einsum("btnh,btnh->bnt", rows(do, 1), rows(o, 1), precision=lax.Precision.HIGHEST)
         return None, jax.device_put(delta - rows(dlse, 2), host)
 

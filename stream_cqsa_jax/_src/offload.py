@@ -30,11 +30,10 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from . import executor, host_accumulators, host_threads, memory_kinds, memory_model
-from .kernels.base import KernelInputs, accumulator_dtype
-from .merge import SoftmaxState, empty_state, merge_states, rows_of
+from .gather import gather_chunks
+from .kernels.base import KernelInputs
 from .plan import Plan
 
 
@@ -96,8 +95,8 @@ def _kernel_state(plan: Plan, cfg, q_chunks, k_chunks, v_chunks, tables, masks: 
     q_slots, kv_slots = tables[0], tables[1]
     inputs = KernelInputs(
         q, k, v, *tables,
-        q_segment_ids=executor._gather(masks.q_segment_ids, q_slots, plan.q_chunk, 1),
-        kv_segment_ids=executor._gather(masks.kv_segment_ids, kv_slots, plan.kv_chunk, 1),
+        q_segment_ids=gather_chunks(masks.q_segment_ids, q_slots, plan.q_chunk, 1),
+        kv_segment_ids=gather_chunks(masks.kv_segment_ids, kv_slots, plan.kv_chunk, 1),
         q_lengths=masks.q_lengths,
         kv_lengths=masks.kv_lengths,
     )
@@ -109,36 +108,21 @@ def _step(plan: Plan, cfg, device):
     """(state donated, chunks, tables, num_q, masks) -> (state, done marker): one subproblem's
     kernel and merge. The state is [B, Tp, ...] on the device or chunk-major in host memory
     (`host_accumulators`), as the plan says."""
-    cq = plan.q_chunk
 
     def step(total, q_chunks, k_chunks, v_chunks, tables, num_q, masks):
         part = _kernel_state(plan, cfg, q_chunks, k_chunks, v_chunks, tables, masks)
-        q_slots = tables[0]
-        if plan.accumulators == "host":
-            return host_accumulators.merge(total, part, q_slots, num_q, cq, device), part.l[0, 0, 0]
-
-        def merge_slot(j, total):
-            c = q_slots[j]
-            merged = merge_states(rows_of(total, c * cq, cq), rows_of(part, j * cq, cq))
-            return SoftmaxState(*(
-                lax.dynamic_update_slice_in_dim(t, x, c * cq, axis)
-                for t, x, axis in zip(total, merged, (1, 2, 2))
-            ))
-
-        return lax.fori_loop(0, num_q, merge_slot, total), part.l[0, 0, 0]
+        return executor.merge_partial(plan, total, part, tables[0], num_q, device), part.l[0, 0, 0]
 
     return jax.jit(step, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=16)
 def _initial_state(plan: Plan, device):
-    """The empty state: full length on the device, or chunk-major in host memory."""
-    if plan.accumulators == "host":
-        return jax.jit(lambda: host_accumulators.empty(plan, device))
-    on_device = memory_kinds.sharding(device, "device")
-    make = lambda: empty_state(plan.batch, plan.padded_q_len, plan.num_q_heads, plan.head_dim,
-                               accumulator_dtype(plan.dtype))
-    return jax.jit(make, out_shardings=on_device)
+    """The empty accumulators (`executor.empty_accumulators`), made by one program."""
+    make = lambda: executor.empty_accumulators(plan, plan.batch, plan.num_q_heads, device)
+    if plan.accumulators == "host":  # placed in host memory by the program itself
+        return jax.jit(make)
+    return jax.jit(make, out_shardings=memory_kinds.sharding(device, "device"))
 
 
 @functools.lru_cache(maxsize=16)
