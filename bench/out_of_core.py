@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from stream_longest import _tokens  # noqa: E402  (one reading of "1M": 2**20 tokens)
+from stream_longest import _reference_rows, _tokens  # noqa: E402  ("1M" is 2**20 tokens there too)
 
 _BLOCK_BYTES = 64 << 20
 
@@ -115,8 +115,6 @@ def _child(args) -> dict:
     result["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
     result["peak_bytes_after_inputs"] = peak_inputs  # what making the inputs alone reached
     if args.rows and mode == "pipelined":
-        from stream_longest import _reference_rows
-
         rows = np.unique(np.linspace(0, n - 1, args.rows).astype(np.int64))
         as64 = lambda x: np.asarray(x).astype(np.float32)
         ref = _reference_rows(np.asarray(q), np.asarray(k), np.asarray(v), rows, 1.0 / np.sqrt(args.head_dim))

@@ -66,13 +66,13 @@ def _host_forward(static: _Static, q, k, v, masks, unbatched: bool, with_f32: bo
     Returns (out [B, T, N, H], lse [B, N, T]) in the query's memory, and with
     `with_f32` the output once more in float32 (the backward's residual).
     """
-    plan, kind = static.plan, memory_kinds.memory_kind(q)
-    where = memory_kinds.sharding(memory_kinds.device_of(q), kind)
+    plan, device = static.plan, memory_kinds.device_of(q)
+    where = memory_kinds.sharding(device, memory_kinds.memory_kind(q))
     traced = any(isinstance(x, jax.core.Tracer) for x in (q, k, v))
     if plan.inputs == "device":  # they fit: one copy over, the device-resident executor, one copy home
-        q, k, v = _add_batch(memory_kinds.to_memory((q, k, v), "device"), unbatched)
+        q, k, v = _add_batch(memory_kinds.to_memory((q, k, v), "device", device), unbatched)
         if not with_f32:
-            return memory_kinds.to_memory((_attend if traced else _attend_jit)(static, q, k, v, masks), kind)
+            return jax.device_put((_attend if traced else _attend_jit)(static, q, k, v, masks), where)
     elif not traced:  # outside jit: the pipeline
         return offload.forward(plan, static.scale, q, k, v, masks, with_f32=with_f32)
     else:  # inside the caller's jit: the scan executor reads chunks from host memory
