@@ -31,6 +31,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from ..masks import Band
 from ..merge import SoftmaxState
+from . import block_map
 from .base import KernelConfig, KernelInputs
 
 
@@ -77,108 +78,10 @@ def _interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-# -- schedule rows packed into one int32 vector ---------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-    """Offsets of the packed schedule rows and the static sizes a kernel needs."""
-
-    mq: int
-    mk: int
-    pairs: int
-    kv_pairs: int
-
-    @property
-    def q_chunks(self) -> int:
-        return 0
-
-    @property
-    def kv_chunks(self) -> int:
-        return self.mq
-
-    @property
-    def pair_count(self) -> int:
-        return self.mq + self.mk
-
-    @property
-    def pair_kv(self) -> int:
-        return 2 * self.mq + self.mk
-
-    @property
-    def kv_pair_count(self) -> int:
-        return self.pair_kv + self.mq * self.pairs
-
-    @property
-    def kv_pair_q(self) -> int:
-        return self.kv_pair_count + self.mk
-
-    @property
-    def size(self) -> int:
-        return self.kv_pair_q + self.mk * self.kv_pairs
-
-
-def _pack(inp: KernelInputs) -> tuple[jax.Array, _Layout]:
-    lay = _Layout(inp.q_chunks.shape[0], inp.kv_chunks.shape[0], inp.pair_kv.shape[1], inp.kv_pair_q.shape[1])
-    parts = [inp.q_chunks, inp.kv_chunks, inp.pair_count, inp.pair_kv.reshape(-1), inp.kv_pair_count]
-    parts.append(inp.kv_pair_q.reshape(-1))
-    packed = jnp.concatenate([p.astype(jnp.int32) for p in parts])
-    return jnp.pad(packed, (0, _pow2(lay.size) - lay.size)), lay
-
-
-def _lengths(inp: KernelInputs) -> jax.Array | None:
-    """int32 [2, pow2(B)]: query and key/value lengths per example (or None)."""
-    if inp.q_lengths is None and inp.kv_lengths is None:
-        return None
-    b = inp.q.shape[0]
-    q_len = inp.q_lengths if inp.q_lengths is not None else jnp.full((b,), 2**30, jnp.int32)
-    kv_len = inp.kv_lengths if inp.kv_lengths is not None else jnp.full((b,), 2**30, jnp.int32)
-    both = jnp.stack([q_len, kv_len]).astype(jnp.int32)
-    return jnp.pad(both, ((0, 0), (0, _pow2(b) - b)))
-
-
 def _full_spec(x: jax.Array | None):
     if x is None:
         return None
     return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
-
-
-# -- scalar geometry shared by the kernels ----------------------------------------
-
-
-def _div(a, b: int):
-    """Floor division for non-negative int32 scalars."""
-    return lax.div(a, jnp.int32(b))
-
-
-def _limits(band: Band, lens_ref, bi):
-    """Positions at or past these are padding for example `bi`: (queries, keys)."""
-    q_limit, kv_limit = jnp.int32(band.q_len), jnp.int32(band.kv_len)
-    if lens_ref is not None:
-        q_limit = jnp.minimum(q_limit, lens_ref[0, bi])
-        kv_limit = jnp.minimum(kv_limit, lens_ref[1, bi])
-    return q_limit, kv_limit
-
-
-def _tile_ranges(lo, hi, full_lo, full_hi, empty, chunk_start, block: int, tiles: int, all_masked: bool):
-    """Tiles of a chunk starting at `chunk_start` holding positions in [lo, hi]: (first, full_first, full_last, last).
-
-    Tiles in [full_first, full_last) lie inside [full_lo, full_hi] and need no mask.
-    """
-    first = jnp.minimum(_div(jnp.maximum(lo - chunk_start, 0), block), tiles)
-    last = jnp.where(hi >= chunk_start, jnp.minimum(_div(hi - chunk_start, block) + 1, tiles), 0)
-    last = jnp.where(empty, first, jnp.maximum(first, last))
-    if all_masked:
-        return first, last, last, last
-    ff = _div(jnp.maximum(full_lo - chunk_start, 0) + block - 1, block)
-    ff = jnp.clip(ff, first, last)
-    fl = jnp.where(full_hi + 1 >= chunk_start, _div(full_hi + 1 - chunk_start, block), 0)
-    fl = jnp.clip(fl, ff, last)
-    return first, ff, fl, last
 
 
 def _mask(band: Band, q_pos, kv_pos, q_limit, kv_limit, q_ids, kv_ids):
@@ -236,28 +139,17 @@ def _pad_heads(x: jax.Array | None, hp: int) -> jax.Array | None:
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, hp - x.shape[-1])])
 
 
-# -- forward ------------------------------------------------------------------------
-
-
 # -- one query tile's walk over its key tiles (forward and dq kernels) ------------------
 
 
 class _QueryTile(NamedTuple):
-    """A query tile of this program: its slot, positions, limits and the key ranges it sees.
-
-    Keys in [lo, hi] are visible to some row, keys in [full_lo, full_hi] to every row;
-    `empty` when no row sees any key.
-    """
+    """A query tile of this program: its slot, positions, limits and the key ranges it sees."""
 
     slot: jax.Array
     pos: jax.Array
     q_limit: jax.Array
     kv_limit: jax.Array
-    lo: jax.Array
-    hi: jax.Array
-    empty: jax.Array
-    full_lo: jax.Array
-    full_hi: jax.Array
+    span: block_map.Span
 
 
 def _query_tile(cfg: KernelConfig, lay, tab_ref, lens_ref) -> _QueryTile:
@@ -265,18 +157,12 @@ def _query_tile(cfg: KernelConfig, lay, tab_ref, lens_ref) -> _QueryTile:
     bq, cq, band = cfg.block_q, cfg.q_chunk, cfg.band
     t, bi = pl.program_id(0), pl.program_id(1)
     per_chunk = cq // bq
-    slot = _div(t, per_chunk)
+    slot = block_map.div(t, per_chunk)
     q_start = tab_ref[lay.q_chunks + slot] * cq + (t - slot * per_chunk) * bq
-    q_limit, kv_limit = _limits(band, lens_ref, bi)
-    q_last = jnp.minimum(q_start + bq, q_limit) - 1
-    lo, hi = band.key_span(q_start, q_last, jnp)
-    hi = jnp.minimum(hi, kv_limit - 1)
-    empty = (q_last < q_start) | (hi < lo)
-    full_lo = jnp.maximum(q_last - band.left_bound, 0)
-    full_hi = jnp.minimum(q_start + band.right_bound, kv_limit - 1)
-    full_hi = jnp.where(q_start + bq <= q_limit, full_hi, -1)  # padding rows must stay empty
+    q_limit, kv_limit = block_map.limits(band, lens_ref, bi)
+    span = block_map.query_span(band, q_start, bq, q_limit, kv_limit)
     pos = q_start + jnp.arange(bq, dtype=jnp.int32)
-    return _QueryTile(slot, pos, q_limit, kv_limit, lo, hi, empty, full_lo, full_hi)
+    return _QueryTile(slot, pos, q_limit, kv_limit, span)
 
 
 def _masked(s, cfg: KernelConfig, qt: _QueryTile, q_ids, kv_ids_ref, rows, kv_start):
@@ -295,9 +181,7 @@ def _walk_key_tiles(cfg: KernelConfig, lay, tab_ref, qt: _QueryTile, all_masked:
     def pair(p, carry):
         kv_slot = tab_ref[lay.pair_kv + qt.slot * lay.pairs + p]
         chunk_start = tab_ref[lay.kv_chunks + kv_slot] * ck
-        first, ff, fl, last = _tile_ranges(
-            qt.lo, qt.hi, qt.full_lo, qt.full_hi, qt.empty, chunk_start, bk, ck // bk, all_masked
-        )
+        first, ff, fl, last = block_map.tile_ranges(qt.span, chunk_start, bk, ck // bk, all_masked)
         masked = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=True)
         plain = functools.partial(tile, kv_slot=kv_slot, chunk_start=chunk_start, masked=False)
         carry = lax.fori_loop(first, ff, masked, carry)
@@ -347,9 +231,9 @@ def forward(inp: KernelInputs, cfg: KernelConfig, tuning: Tuning | None = None) 
     g = n // kh
     launch = (tuning or default_tuning(h)).forward
     cfg = launch.tiles(cfg)
-    bq, hp = cfg.block_q, _pow2(h)
-    tab, lay = _pack(inp)
-    lens = _lengths(inp)
+    bq, hp = cfg.block_q, block_map.pow2(h)
+    tab, lay = block_map.pack(inp)
+    lens = block_map.lengths(inp)
     q_spec = pl.BlockSpec((None, bq, None, hp), lambda t, bi, ni: (bi, t, ni, 0))
     kv_spec = pl.BlockSpec((None, lk, None, hp), lambda t, bi, ni: (bi, 0, ni // g, 0))
     q_ids_spec = kv_ids_spec = None
@@ -423,9 +307,9 @@ def _dkv_kernel(
     band = cfg.band
     t, bi = pl.program_id(0), pl.program_id(1)
     per_chunk = ck // bk
-    kv_slot = _div(t, per_chunk)
+    kv_slot = block_map.div(t, per_chunk)
     kv_start = tab_ref[lay.kv_chunks + kv_slot] * ck + (t - kv_slot * per_chunk) * bk
-    q_limit, kv_limit = _limits(band, lens_ref, bi)
+    q_limit, kv_limit = block_map.limits(band, lens_ref, bi)
     hp = k_ref.shape[-1]
     sliced = _sliced(k_ref)
     base, exp = _exponent(sliced)
@@ -440,6 +324,7 @@ def _dkv_kernel(
     full_lo = jnp.maximum(kv_last - band.right_bound, 0)
     full_hi = jnp.minimum(kv_start + band.left_bound, q_limit - 1)
     full_hi = jnp.where(kv_start + bk <= kv_limit, full_hi, -1)  # padding keys must get no gradient
+    span = block_map.Span(lo, hi, empty, full_lo, full_hi)
 
     def tile(qt, grads, q_slot, chunk_start, masked):
         dk, dv = grads
@@ -462,9 +347,7 @@ def _dkv_kernel(
     def visitor(i, grads):
         q_slot = tab_ref[lay.kv_pair_q + kv_slot * lay.kv_pairs + i]
         chunk_start = tab_ref[lay.q_chunks + q_slot] * cq
-        first, ff, fl, last = _tile_ranges(
-            lo, hi, full_lo, full_hi, empty, chunk_start, bq, cq // bq, q_ids_ref is not None
-        )
+        first, ff, fl, last = block_map.tile_ranges(span, chunk_start, bq, cq // bq, q_ids_ref is not None)
         masked = functools.partial(tile, q_slot=q_slot, chunk_start=chunk_start, masked=True)
         plain = functools.partial(tile, q_slot=q_slot, chunk_start=chunk_start, masked=False)
         grads = lax.fori_loop(first, ff, masked, grads)
@@ -483,10 +366,10 @@ def backward(
     b, lq, n, h = inp.q.shape
     lk, kh = inp.k.shape[1], inp.k.shape[2]
     g = n // kh
-    hp = _pow2(h)
+    hp = block_map.pow2(h)
     tuning = tuning or default_tuning(h)
-    tab, lay = _pack(inp)
-    lens = _lengths(inp)
+    tab, lay = block_map.pack(inp)
+    lens = block_map.lengths(inp)
     m, l, delta = (x.astype(jnp.float32) for x in (m, l, delta))
     q, k, v, do = (_pad_heads(x, hp) for x in (inp.q, inp.k, inp.v, do))
 
@@ -515,7 +398,10 @@ def backward(
     )(tab, lens, inp.q_segment_ids, inp.kv_segment_ids, q, k, v, do, m, l, delta)
 
     # dk, dv: one program per (key tile, batch, key/value head), over the group's query heads.
-    dkv_cfg = tuning.dkv.tiles(cfg)
+    dkv_launch = tuning.dkv
+    if g > 1 and hp > 64:  # the group's query heads share the program: halve its query tile to fit
+        dkv_launch = dataclasses.replace(dkv_launch, block_q=min(64, dkv_launch.block_q or cfg.block_q))
+    dkv_cfg = dkv_launch.tiles(cfg)
     bk = dkv_cfg.block_kv
     group_spec = pl.BlockSpec((None, lq, g, hp), lambda t, bi, ki: (bi, 0, ki, 0))
     tile_spec = pl.BlockSpec((None, bk, None, hp), lambda t, bi, ki: (bi, t, ki, 0))
@@ -532,7 +418,7 @@ def backward(
         + [stats_spec] * 3,
         out_specs=[tile_spec, tile_spec],
         out_shape=[jax.ShapeDtypeStruct((b, lk, kh, hp), jnp.float32)] * 2,
-        compiler_params=tuning.dkv.params(),
+        compiler_params=dkv_launch.params(),
         interpret=_interpret(),
         name="stream_cqsa_backward_dkv",
     )(tab, lens, inp.q_segment_ids, inp.kv_segment_ids, q, k, v, do, m, l, delta)
