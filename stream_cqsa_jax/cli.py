@@ -48,7 +48,10 @@ def _add_shape_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", default=None, help="device memory one call may add, e.g. 3GiB (default: 80%% of free)")
     g.add_argument("--num-chunks", type=int, default=None, help="force this many chunks per level")
     g.add_argument("--depth", type=int, default=None, help="levels of the product cover (with --num-chunks)")
-    g.add_argument("--implementation", default=None, help="kernel name (default xla)")
+    g.add_argument(
+        "--implementation", default=None,
+        help="kernel name: xla, pallas_triton or mosaic_gpu (default: the fastest for the backend)",
+    )
     g.add_argument(
         "--executor", default="scan", choices=["scan", "offload", "stream"],
         help="scan: inputs on the device; offload: query, key and value as JAX arrays in host memory; "

@@ -17,12 +17,12 @@ from jax import lax
 
 from . import host_accumulators, memory_kinds
 from .gather import gather_chunks
-from .kernels import pallas_triton, xla as xla_kernel
+from .kernels import mosaic_gpu, pallas_triton, xla as xla_kernel
 from .kernels.base import KernelConfig, KernelInputs, accumulator_dtype
 from .merge import SoftmaxState, empty_state, merge_states, rows_of
 from .plan import Plan
 
-_KERNELS = {"xla": xla_kernel, "pallas_triton": pallas_triton}
+_KERNELS = {"xla": xla_kernel, "pallas_triton": pallas_triton, "mosaic_gpu": mosaic_gpu}
 
 
 class MaskArrays(NamedTuple):

@@ -232,8 +232,9 @@ def plan(
         ``Z_num_chunks``); default: the planner chooses.
       depth: levels of the product cover (``num_chunks ** depth`` chunks in
         all); default 1 when `num_chunks` is given, else the planner chooses.
-      implementation: kernel name: "xla" (any backend) or "pallas_triton"
-        (GPU; interpret mode elsewhere); default: `default_implementation()`.
+      implementation: kernel name: "xla" (any backend), "pallas_triton"
+        (GPU; interpret mode elsewhere) or "mosaic_gpu" (its forward on compute
+        capability 9.x, else "pallas_triton"); default: `default_implementation()`.
       block_q, block_kv: largest kernel tiles; default from the kernel's rules.
       pass_kind: "forward" or "backward" (the backward holds more per token).
       executor: "scan" (default; the arrays and float32 accumulators live on
@@ -355,14 +356,17 @@ def call_shape(call) -> dict:
 
 
 def default_implementation() -> str:
-    """The fastest kernel for JAX's default backend: Triton-lowered Pallas on NVIDIA GPUs
-    of compute capability 8.0 or newer, else the XLA kernel."""
+    """The fastest kernel for JAX's default backend: the Mosaic GPU kernel on NVIDIA GPUs of
+    compute capability 9.x (Hopper), Triton-lowered Pallas on other NVIDIA GPUs of compute
+    capability 8.0 or newer, else the XLA kernel."""
     import jax
 
     device = jax.devices()[0]
     if device.platform == "gpu":
-        capability = getattr(device, "compute_capability", "0.0")
-        if float(capability) >= 8.0:
+        capability = float(getattr(device, "compute_capability", "0.0"))
+        if 9.0 <= capability < 10.0:
+            return "mosaic_gpu"
+        if capability >= 8.0:
             return "pallas_triton"
     return "xla"
 

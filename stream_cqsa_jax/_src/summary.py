@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import tiling
 from .budget import format_bytes
 
 
@@ -28,11 +29,19 @@ def _mask_text(plan) -> str:
 
 
 def _kernel_text(plan) -> str:
-    if plan.implementation != "pallas_triton":
-        return plan.implementation
     import jax
 
-    return "pallas_triton" + ("" if jax.default_backend() == "gpu" else " (Pallas interpret mode on this backend)")
+    interpret = "" if jax.default_backend() == "gpu" else " (Pallas interpret mode on this backend)"
+    if plan.implementation == "pallas_triton":
+        return "pallas_triton" + interpret
+    if plan.implementation == "mosaic_gpu":
+        device = jax.devices()[0]
+        if not (device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")):
+            return f"pallas_triton{interpret} (mosaic_gpu needs compute capability 9.x)"
+        if plan.dtype in tiling.MOSAIC_GPU_DTYPES and plan.head_dim in tiling.MOSAIC_GPU_HEAD_DIMS:
+            return "mosaic_gpu (forward; backward and calls with segment ids: pallas_triton)"
+        return "pallas_triton (mosaic_gpu takes 16-bit inputs with head dim 64 or 128)"
+    return plan.implementation
 
 
 def describe(plan) -> str:

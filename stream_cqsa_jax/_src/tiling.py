@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-IMPLEMENTATIONS = ("xla", "pallas_triton")
+IMPLEMENTATIONS = ("xla", "pallas_triton", "mosaic_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +35,21 @@ class TileRule:
 TILE_RULES: dict[str, TileRule] = {
     "xla": TileRule(max_block_q=64, max_block_kv=64, align=8),
     "pallas_triton": TileRule(max_block_q=128, max_block_kv=128, align=16, power_of_two=True),
+    # A thread block holds 128 query rows (two warpgroups of 64).
+    "mosaic_gpu": TileRule(max_block_q=128, max_block_kv=128, align=128),
 }
 # 32/64-bit inputs in the Triton kernel: 16-token tiles, so that every dot
 # product sums at most 16 terms (see kernels/pallas_triton.py).
 _WIDE_RULES: dict[str, TileRule] = {
     "pallas_triton": TileRule(max_block_q=16, max_block_kv=16, align=16, power_of_two=True),
+    # The Mosaic GPU kernel takes 16-bit inputs only; wider ones run the Triton kernel.
+    "mosaic_gpu": TileRule(max_block_q=16, max_block_kv=16, align=16, power_of_two=True),
 }
+
+
+# Inputs the Mosaic GPU kernel takes (others run the Triton kernel).
+MOSAIC_GPU_DTYPES = ("bfloat16", "float16")
+MOSAIC_GPU_HEAD_DIMS = (64, 128)
 
 
 def rule_for(implementation: str, dtype: str) -> TileRule:

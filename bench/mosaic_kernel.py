@@ -1,0 +1,85 @@
+"""The Mosaic GPU forward kernel next to cuDNN and the portable kernel, all data on the device.
+
+    PYTHONPATH=. python bench/mosaic_kernel.py --seq-lens 65536 262144 1048576 --head-dims 64 128 \\
+        --out bench/results/mosaic_fwd.json
+    PYTHONPATH=. python bench/mosaic_kernel.py --seq-lens 65536 --launches 128,4 128,2 64,4 ...
+    PYTHONPATH=. python bench/mosaic_kernel.py --seq-lens 262144 --decomposed 31 ...
+
+Each launch is written ``block_kv,stages``; every launch given is timed on the
+single-subproblem plan (kernel speed alone) and, with ``--decomposed C``, on a
+plan forced to ``C`` chunks (C subproblems, all on the device), which measures
+what the decomposition itself costs. ``--portable`` adds the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import jax
+
+from stream_cqsa_jax import benchmark
+from stream_cqsa_jax._src.kernels import mosaic_gpu
+
+
+def _launch(text: str) -> mosaic_gpu.Launch:
+    block_kv, stages = (int(x) for x in text.split(","))
+    return mosaic_gpu.Launch(block_kv=block_kv, stages=stages)
+
+
+def _report(row: dict, base: dict, label: str) -> None:
+    if "seconds" in row and "seconds" in base:
+        row["ratio_vs_cudnn"] = base["seconds"] / row["seconds"]
+        text = f"{row['seconds']:.4f} s, {row['tflops']:.0f} TFLOP/s, {row['ratio_vs_cudnn']:.3f}x cuDNN"
+    else:
+        text = row.get("error", "?")
+    print(f"{label}: {text}", flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[65536])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--causal", choices=["yes", "no", "both"], default="both")
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
+    parser.add_argument("--launches", nargs="+", default=None, help="block_kv,stages (default: the kernel's own)")
+    parser.add_argument("--decomposed", type=int, default=None, help="also time a plan forced to this many chunks")
+    parser.add_argument("--portable", action="store_true", help="also time the Triton kernel")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
+    default_launch = mosaic_gpu.default_launch
+    rows = []
+    for n, d, c, dtype in itertools.product(args.seq_lens, args.head_dims, causal, args.dtypes):
+        case = benchmark.Case(n, d, c, "fwd", dtype=dtype)
+        label = f"N={n} D={d} causal={c} {dtype}"
+        base = benchmark.run_case("cudnn", case, args.iters)
+        rows.append(base)
+        _report(base, base, f"{label} cudnn")
+        if args.portable:
+            rows.append(benchmark.run_case("pallas_triton", case, args.iters))
+            _report(rows[-1], base, f"{label} pallas_triton")
+        launches = [_launch(x) for x in args.launches] if args.launches else [default_launch(d)]
+        for launch in launches:
+            mosaic_gpu.default_launch = lambda head_dim, launch=launch: launch
+            jax.clear_caches()  # compiled programs are cached per plan, not per launch
+            for chunks in (None, args.decomposed) if args.decomposed else (None,):
+                row = benchmark.run_case("mosaic_gpu", case, args.iters, num_chunks=chunks)
+                row.update(block_kv=launch.block_kv, stages=launch.stages)
+                rows.append(row)
+                what = f"{launch.block_kv},{launch.stages}" + (f" chunks={chunks}" if chunks else "")
+                _report(row, base, f"{label} mosaic_gpu {what}")
+    mosaic_gpu.default_launch = default_launch
+    if args.out:
+        meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d")}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

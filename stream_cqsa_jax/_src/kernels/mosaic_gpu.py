@@ -1,0 +1,297 @@
+"""The Hopper kernel: block-map flash attention forward in Pallas Mosaic GPU.
+
+One thread block per (128 query rows, query head, example) runs three
+warpgroups. Two compute warpgroups own 64 query rows each; the third issues
+bulk tensor copies of key/value tiles into a ring of shared-memory stages.
+All three walk one sequence of key tiles: the tiles of the block's chunk
+pairs, trimmed to the band of its 128 rows. A compute warpgroup runs each
+tile through the tensor cores (``wgmma``: ``q k^T`` from shared memory, then
+``p v`` with ``p`` in registers), masking only the tiles that cut its own
+band; tiles its 64 rows do not see it skips, keeping only the barriers in
+step. The two compute warpgroups take turns on the tensor cores (one
+multiplies while the other does its softmax).
+
+The output is the subproblem's softmax state (`base`): float32 ``acc``, row
+max ``m`` and ``l``. bfloat16 and float16 inputs, head dims 64 and 128,
+no segment ids; anything else runs the portable kernel (`pallas_triton`),
+which also serves the backward. Only NVIDIA GPUs of compute capability 9.x
+run it; the module imports anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ..merge import SoftmaxState
+from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
+from . import block_map, pallas_triton
+from .base import KernelConfig, KernelInputs
+
+try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+ROWS = 64  # query rows per compute warpgroup
+BLOCK_ROWS = 2 * ROWS  # query rows per thread block
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Launch parameters: key tile and shared-memory stages of the key/value ring."""
+
+    block_kv: int = 128
+    stages: int = 2
+
+
+def default_launch(head_dim: int) -> Launch:
+    """128-key tiles, 2 stages for head dims 64 and 128 (measured at 64K tokens, docs/hopper_kernel.md)."""
+    return Launch(block_kv=128, stages=2)
+
+
+@functools.cache
+def on_hopper() -> bool:
+    """Whether JAX's default device is an NVIDIA GPU of compute capability 9.x."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
+def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
+    """Whether this kernel runs `inp` (else the portable kernel does)."""
+    return (
+        plgpu is not None
+        and on_hopper()
+        and jnp.dtype(inp.q.dtype).name in MOSAIC_GPU_DTYPES
+        and inp.q.shape[-1] in MOSAIC_GPU_HEAD_DIMS
+        and inp.q_segment_ids is None
+        and cfg.q_chunk % BLOCK_ROWS == 0
+        and cfg.kv_chunk % launch.block_kv == 0
+    )
+
+
+def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
+    """refs: the packed table, lengths (if any), q, k, v; acc, m, l; then the scratch of `forward`."""
+    if has_lengths:
+        tab_ref, lens_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scratch = refs[:8] + (refs[8:],)
+    else:
+        tab_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scratch = refs[:7] + (refs[7:],)
+        lens_ref = None
+    (q_smem, ring, m_smem, l_smem), q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
+    (k_smem, v_smem), o_smem = ring
+    band, cq, ck, bk, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.block_kv, launch.stages
+    tiles = ck // bk
+    bi, head, t, wg = (lax.axis_index(a) for a in ("batch", "heads", "tiles", "wg"))
+    per_chunk = cq // BLOCK_ROWS
+    slot = block_map.div(t, per_chunk)
+    block_start = tab_ref[lay.q_chunks + slot] * cq + (t - slot * per_chunk) * BLOCK_ROWS
+    q_limit, kv_limit = block_map.limits(band, lens_ref, bi)
+    shared = block_map.query_span(band, block_start, BLOCK_ROWS, q_limit, kv_limit)
+    pair_count = tab_ref[lay.pair_count + slot]
+
+    def pair_chunk(p):
+        kv_slot = tab_ref[lay.pair_kv + slot * lay.pairs + p]
+        return kv_slot, tab_ref[lay.kv_chunks + kv_slot] * ck
+
+    def shared_tiles(chunk_start):
+        first, _, _, last = block_map.tile_ranges(shared, chunk_start, bk, tiles, all_masked=True)
+        return first, last
+
+    def take_turn():
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        q_tile, o_tile, m_tile, l_tile = q_smem.at[wg], o_smem.at[wg], m_smem.at[wg], l_smem.at[wg]
+        q_start = block_start + wg * ROWS
+        row0 = t * BLOCK_ROWS + wg * ROWS
+        own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_tile, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        qk_factor = cfg.scale * _LOG2E
+
+        def skip(kt, carry):
+            step = carry[0]
+            ring = lax.rem(step, stages)
+            plgpu.barrier_wait(k_ready.at[ring])
+            take_turn()
+            plgpu.barrier_arrive(k_free.at[ring])
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(v_ready.at[ring])
+            plgpu.barrier_wait(turn)
+            plgpu.barrier_arrive(v_free.at[ring])
+            return (step + 1,) + carry[1:]
+
+        def visit(kt, carry, kv_start, masked: bool):
+            step, acc, m_i, l_i = carry
+            ring = lax.rem(step, stages)
+            plgpu.barrier_wait(k_ready.at[ring])
+
+            def scores(ref):
+                plgpu.wgmma(ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
+                take_turn()
+                return ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[ring])
+            if masked:
+                q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
+                kv_pos = kv_start + kt * bk + plgpu.broadcasted_iota(
+                    jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA
+                )
+                visible = (
+                    (kv_pos < kv_limit)
+                    & (q_pos < q_limit)
+                    & (kv_pos >= q_pos - band.left_bound)
+                    & (kv_pos <= q_pos + band.right_bound)
+                )
+                s = jnp.where(visible, s, -jnp.inf)
+            # Base-2 softmax: m is kept in units of log2, so p = exp2(s * factor - m) is one FMA.
+            m_new = jnp.maximum(m_i, s.max(axis=1) * qk_factor)
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp2(m_i - m_use)
+            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(m_use, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(q_ref.dtype)
+            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(v_ready.at[ring])
+            plgpu.barrier_wait(turn)
+
+            def values(ref):
+                plgpu.wgmma(ref, p16, v_smem.at[ring])
+
+            acc = pl.run_state(values)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[ring])
+            return step + 1, acc, m_new, l_i
+
+        def pair(p, carry):
+            _, chunk_start = pair_chunk(p)
+            first, last = shared_tiles(chunk_start)
+            mine = block_map.tile_ranges(own, chunk_start, bk, tiles, all_masked=False)
+            own_first, full_first, full_last, own_last = (jnp.clip(x, first, last) for x in mine)
+            masked = functools.partial(visit, kv_start=chunk_start, masked=True)
+            plain = functools.partial(visit, kv_start=chunk_start, masked=False)
+            carry = lax.fori_loop(first, own_first, skip, carry)
+            carry = lax.fori_loop(own_first, full_first, masked, carry)
+            carry = lax.fori_loop(full_first, full_last, plain, carry)
+            carry = lax.fori_loop(full_last, own_last, masked, carry)
+            return lax.fori_loop(own_last, last, skip, carry)
+
+        hd = q_ref.shape[-1]
+        init = (
+            jnp.int32(0),
+            plgpu.layout_cast(jnp.zeros((ROWS, hd), jnp.float32), plgpu.Layout.WGMMA),
+            plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+            plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
+        )
+        pl.when(wg == 1)(take_turn)
+        _, acc, m_i, l_i = lax.fori_loop(0, pair_count, pair, init)
+        pl.when(wg == 0)(take_turn)
+        # Once both compute warpgroups pass this, neither reads the key/value ring again,
+        # and the output tiles may reuse its memory.
+        take_turn()
+
+        o_tile[...] = acc
+        m_tile[...] = m_i * _LN2
+        l_tile[...] = l_i
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_tile, acc_ref.at[bi, pl.ds(row0, ROWS), head])
+        plgpu.copy_smem_to_gmem(m_tile, m_ref.at[bi, head, pl.ds(row0, ROWS)])
+        plgpu.copy_smem_to_gmem(l_tile, l_ref.at[bi, head, pl.ds(row0, ROWS)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = block_map.div(head, groups)
+
+        def pair(p, step):
+            kv_slot, chunk_start = pair_chunk(p)
+            first, last = shared_tiles(chunk_start)
+
+            def tile(kt, step):
+                ring = lax.rem(step, stages)
+                rows = (bi, pl.ds(kv_slot * ck + kt * bk, bk), kv_head)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[ring])
+
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[ring], k_ready.at[ring])
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[ring])
+
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[ring], v_ready.at[ring])
+                return step + 1
+
+            return lax.fori_loop(first, last, tile, step)
+
+        lax.fori_loop(0, pair_count, pair, jnp.int32(0))
+
+
+def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) -> SoftmaxState:
+    """The softmax state of one subproblem; see `base`. Falls back to `pallas_triton` where
+    `supports` says no."""
+    b, lq, n, h = inp.q.shape
+    kh = inp.k.shape[2]
+    launch = launch or default_launch(h)
+    launch = dataclasses.replace(launch, block_kv=min(launch.block_kv, cfg.block_kv))
+    if not supports(inp, cfg, launch):
+        return pallas_triton.forward(inp, cfg)
+    tab, lay = block_map.pack(inp)
+    lens = block_map.lengths(inp)
+    dtype = inp.q.dtype
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    ring = (
+        plgpu.SMEM((launch.stages, launch.block_kv, h), dtype, transforms=swizzled),
+        plgpu.SMEM((launch.stages, launch.block_kv, h), dtype, transforms=swizzled),
+    )
+    smem = (
+        plgpu.SMEM((2, ROWS, h), dtype, transforms=swizzled),
+        plgpu.RefUnion(ring, plgpu.SMEM((2, ROWS, h), jnp.float32)),  # the output reuses the ring
+        plgpu.SMEM((2, ROWS), jnp.float32),
+        plgpu.SMEM((2, ROWS), jnp.float32),
+    )
+    scratch = (
+        smem,
+        plgpu.Barrier(num_barriers=2),  # query tiles landed
+        plgpu.Barrier(num_barriers=launch.stages),  # key tile landed
+        plgpu.Barrier(num_barriers=launch.stages),  # value tile landed
+        plgpu.Barrier(num_arrivals=2, num_barriers=launch.stages),  # key stage free
+        plgpu.Barrier(num_arrivals=2, num_barriers=launch.stages),  # value stage free
+        plgpu.Barrier(num_arrivals=2),  # tensor-core turn
+    )
+    rows = jax.ShapeDtypeStruct((b, n, lq), jnp.float32)
+    body = functools.partial(
+        _kernel, cfg=cfg, lay=lay, launch=launch, groups=n // kh, has_lengths=lens is not None
+    )
+    acc, m, l = plgpu.kernel(
+        body,
+        out_type=(jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32), rows, rows),
+        scratch_types=scratch,
+        grid=(n, lq // BLOCK_ROWS, b),
+        grid_names=("heads", "tiles", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(tab, *(() if lens is None else (lens,)), inp.q, inp.k, inp.v)
+    return SoftmaxState(acc, m, l)
+
+
+def backward(inp: KernelInputs, do, m, l, delta, cfg: KernelConfig):
+    """The backward of `pallas_triton` (same contract)."""
+    return pallas_triton.backward(inp, do, m, l, delta, cfg)
