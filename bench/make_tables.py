@@ -1,10 +1,11 @@
-"""Writes the tables and the chart of docs/benchmarks.md from the JSON files in bench/results/.
+"""Writes the tables and the charts of docs/benchmarks.md from the JSON files in bench/results/.
 
-    python bench/make_tables.py            # prints the generated section
-    python bench/make_tables.py --write    # replaces it in docs/benchmarks.md, writes the chart
+    python bench/make_tables.py            # prints the generated sections
+    python bench/make_tables.py --write    # replaces them in docs/benchmarks.md, writes the charts
 
-Only the part between the markers in docs/benchmarks.md is generated; the
-chart is docs/benchmarks_kernel.png.
+Only the parts between the markers in docs/benchmarks.md are generated (one
+pair of markers per section, see `SECTIONS`); the charts are the PNG files
+named in `CHARTS`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- generated tables: begin -->", "<!-- generated tables: end -->"
 CHART = ROOT / "docs" / "benchmarks_kernel.png"
+MOSAIC_BEGIN, MOSAIC_END = "<!-- generated Hopper tables: begin -->", "<!-- generated Hopper tables: end -->"
+MOSAIC_CHART = ROOT / "docs" / "benchmarks_hopper.png"
+MOSAIC_FILES = ["mosaic_fwd_bf16.json", "mosaic_fwd_f16.json"]
+SCALING_BEGIN, SCALING_END = "<!-- generated scaling tables: begin -->", "<!-- generated scaling tables: end -->"
+SCALING_CHART = ROOT / "docs" / "benchmarks_scaling.png"
+SCALING_FILES = ["scaling_4m_fwd.json", "scaling_1m_fwd_bwd.json"]
 KERNEL_FILES = [
     "pallas_triton_16k_256k.json",
     "pallas_triton_1m_fwd.json",
@@ -75,9 +82,9 @@ def kernel_table(files: list[str]) -> str:
     return "\n".join(lines)
 
 
-def accuracy_table(files: list[str]) -> str:
+def accuracy_table(files: list[str], ours: str = "pallas_triton") -> str:
     lines = [
-        "| N | D | causal | rows checked | ours (pallas_triton) | cuDNN | XLA kernel |",
+        f"| N | D | causal | rows checked | ours ({ours}) | cuDNN | XLA kernel |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in files:
@@ -86,7 +93,7 @@ def accuracy_table(files: list[str]) -> str:
             fmt = lambda x: "" if x is None else (f"{x:.3e}" if isinstance(x, float) else str(x)[:40])
             lines.append(
                 f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
-                f"| {r['rows_checked']} | {fmt(e.get('pallas_triton'))} | {fmt(e.get('cudnn'))} | {fmt(e.get('xla'))} |"
+                f"| {r['rows_checked']} | {fmt(e.get(ours))} | {fmt(e.get('cudnn'))} | {fmt(e.get('xla'))} |"
             )
     return "\n".join(lines)
 
@@ -112,18 +119,149 @@ def generated() -> str:
     )
 
 
+def _mosaic_rows(files: list[str]):
+    """(Mosaic rows, cuDNN rows by (seq_len, head_dim, causal, dtype))."""
+    rows = []
+    for name in files:
+        rows += json.loads((RESULTS / name).read_text())["rows"]
+    ours = [r for r in rows if r["implementation"] == "mosaic_gpu" and "seconds" in r]
+    base = {(r["seq_len"], r["head_dim"], r["causal"], r["dtype"]): r for r in rows if r["implementation"] == "cudnn"}
+    return ours, base
+
+
+def mosaic_table(files: list[str]) -> str:
+    ours, base = _mosaic_rows(files)
+    lines = [
+        "| N | D | causal | dtype | cuDNN s | ours s | ours TFLOP/s | ours / cuDNN throughput |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(ours, key=lambda r: (r["dtype"], r["seq_len"], r["head_dim"], not r["causal"])):
+        c = base[(r["seq_len"], r["head_dim"], r["causal"], r["dtype"])]
+        lines.append(
+            f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} "
+            f"| {c['seconds']:.4f} | {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def decomposition_table(name: str) -> str:
+    ours, base = _mosaic_rows([name])
+    single = {(r["seq_len"], r["head_dim"], r["causal"]): r for r in ours if not r["num_chunks"]}
+    lines = [
+        "| N | D | causal | cuDNN s | one subproblem s | 31 subproblems s | 31 / one (time) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted((r for r in ours if r["num_chunks"]), key=lambda r: (r["head_dim"], not r["causal"])):
+        one = single[(r["seq_len"], r["head_dim"], r["causal"])]
+        c = base[(r["seq_len"], r["head_dim"], r["causal"], r["dtype"])]
+        lines.append(
+            f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {c['seconds']:.4f} "
+            f"| {one['seconds']:.4f} | {r['seconds']:.4f} | {r['seconds'] / one['seconds']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def mosaic_chart(files: list[str], path) -> None:
+    """Bars of Mosaic / cuDNN forward throughput, one group per (dtype, head dim, causal), one bar per N."""
+    from plot import bar_chart
+
+    ours, base = _mosaic_rows(files)
+    groups = {}
+    for r in sorted(ours, key=lambda r: (r["dtype"], r["head_dim"], not r["causal"], r["seq_len"])):
+        c = base[(r["seq_len"], r["head_dim"], r["causal"], r["dtype"])]
+        label = f"{'BF16' if r['dtype'] == 'bfloat16' else 'F16'} D{r['head_dim']} {'C' if r['causal'] else 'NC'}"
+        groups.setdefault(label, []).append((_tokens(r["seq_len"]), c["seconds"] / r["seconds"]))
+    bar_chart(str(path), list(groups.items()), lines=[0.95, 1.0], top=1.1)
+
+
+def _scaling_rows(files: list[str]) -> list[dict]:
+    rows = []
+    for name in files:
+        rows += json.loads((RESULTS / name).read_text())["rows"]
+    return rows
+
+
+def scaling_table(files: list[str]) -> str:
+    lines = [
+        "| N | pass | GPUs | subproblems | seconds | speedup | rel. difference vs 1 GPU |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in _scaling_rows(files):
+        lines.append(
+            f"| {_tokens(r['tokens'])} | {'fwd+bwd' if r['grad'] else 'fwd'} | {r['devices']} | {r['subproblems']} "
+            f"| {r['seconds']:.2f} | {r['speedup']:.2f}x | {r['rel_diff_vs_first_count']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def scaling_chart(files: list[str], path) -> None:
+    """Bars of speedup over one GPU, one group per (N, pass), one bar per GPU count."""
+    from plot import bar_chart
+
+    groups = {}
+    for r in _scaling_rows(files):
+        label = f"{_tokens(r['tokens'])} {'F+B' if r['grad'] else 'FWD'}"
+        groups.setdefault(label, []).append((f"{r['devices']}G", r["speedup"]))
+    bar_chart(str(path), list(groups.items()), lines=[1.0, 1.8, 2.0], top=2.2)
+
+
+def generated_mosaic() -> str:
+    return "\n\n".join(
+        [
+            MOSAIC_BEGIN,
+            "### Forward speed: one subproblem, all data on the device (B=1, 8 heads)",
+            "Files: `mosaic_fwd_bf16.json`, `mosaic_fwd_f16.json` (2 timed runs after a warm-up, median).",
+            mosaic_table(MOSAIC_FILES),
+            f"![Mosaic / cuDNN forward throughput]({MOSAIC_CHART.name})",
+            "The chart: Mosaic / cuDNN forward throughput per group of dtype (BF16, F16), head dim (D64, D128) "
+            "and causal (C) or not (NC); one bar per length; grey lines at 0.95x (the target) and 1.0x.",
+            "### What the decomposition costs: the same call cut into 31 subproblems, all on the device",
+            "File: `mosaic_decomposed.json` (bfloat16, 2 timed runs after a warm-up, median).",
+            decomposition_table("mosaic_decomposed.json"),
+            "### Accuracy on the device: relative error vs float64 (bfloat16 inputs, 8 heads)",
+            "Files: `accuracy_8k_mosaic.json` (every row), `accuracy_1m_mosaic.json` (256 rows, causal only).",
+            accuracy_table(["accuracy_8k_mosaic.json", "accuracy_1m_mosaic.json"], ours="mosaic_gpu"),
+            MOSAIC_END,
+        ]
+    )
+
+
+def generated_scaling() -> str:
+    return "\n\n".join(
+        [
+            SCALING_BEGIN,
+            "Files: `scaling_4m_fwd.json`, `scaling_1m_fwd_bwd.json` (B=1, 8 heads, head dim 64, bfloat16, causal, "
+            "31 chunks; 1 timed run after the first call).",
+            scaling_table(SCALING_FILES),
+            f"![speedup over one GPU]({SCALING_CHART.name})",
+            "The chart: speedup over one GPU per length and pass (FWD, F+B); grey lines at 1.0x, 1.8x (0.9x the "
+            "GPU count, the target) and 2.0x.",
+            SCALING_END,
+        ]
+    )
+
+
+# (begin marker, end marker, text) of each generated section, and (writer, files, path) of each chart.
+SECTIONS = [(BEGIN, END, generated), (MOSAIC_BEGIN, MOSAIC_END, generated_mosaic),
+            (SCALING_BEGIN, SCALING_END, generated_scaling)]
+CHARTS = [(kernel_chart, KERNEL_FILES, CHART), (mosaic_chart, MOSAIC_FILES, MOSAIC_CHART),
+          (scaling_chart, SCALING_FILES, SCALING_CHART)]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
-    text = generated()
     if not args.write:
-        print(text)
+        print("\n\n".join(make() for _, _, make in SECTIONS))
         return 0
     doc = DOC.read_text()
-    start, end = doc.index(BEGIN), doc.index(END) + len(END)
-    DOC.write_text(doc[:start] + text + doc[end:])
-    kernel_chart(KERNEL_FILES, CHART)
+    for begin, end, make in SECTIONS:
+        start, stop = doc.index(begin), doc.index(end) + len(end)
+        doc = doc[:start] + make() + doc[stop:]
+    DOC.write_text(doc)
+    for chart, files, path in CHARTS:
+        chart(files, path)
     return 0
 
 

@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python bench/out_of_core.py --tokens 1M --budget 1GiB \
         --modes cudnn incore pipelined jit --out bench/results/out_of_core_1m.json
+    PYTHONPATH=. python bench/out_of_core.py --tokens 1M --budget 2GiB --grad \
+        --modes cudnn incore pipelined jit --out bench/results/out_of_core_1m_grad.json
 
 Each measurement runs in a fresh process (so its device peak, from
 ``memory_stats()["peak_bytes_in_use"]``, is its own): inputs are drawn on the
@@ -19,6 +21,15 @@ Times are the median of ``--iters`` runs after one warm-up run (with
 ``--iters 0``, the first call's time, compilation included). With
 ``--rows R`` the pipelined output is checked on R query rows against float64.
 B=1, causal, bfloat16.
+
+With ``--grad`` every mode times the forward and backward together:
+``jax.vjp`` of the attention, applied to a fixed random bfloat16 cotangent
+``do`` of the output's shape (drawn like the inputs, in the inputs' memory),
+blocking until dq, dk and dv are ready; for the host modes they come back in
+pinned host memory. The host modes also report the backward plan
+(``backward_*``, from ``plan.backward()``), and ``--rows R`` checks the
+pipelined dq on R query rows against float64 (dk and dv would need every
+query row; the CPU tests check them).
 """
 
 from __future__ import annotations
@@ -34,13 +45,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from stream_longest import _reference_rows, _tokens  # noqa: E402  ("1M" is 2**20 tokens there too)
+from stream_longest import _reference_dq_rows, _reference_rows, _tokens  # noqa: E402  ("1M" is 2**20 tokens)
 
 _BLOCK_BYTES = 64 << 20
 
 
-def _inputs(n: int, heads: int, head_dim: int, memory: str):
-    """q, k, v [1, n, heads, head_dim] bfloat16, standard normal, in `memory` ("device" or "pinned_host").
+def _inputs(n: int, heads: int, head_dim: int, memory: str, count: int = 3):
+    """`count` arrays (q, k, v, then do) [1, n, heads, head_dim] bfloat16, standard normal, in `memory`
+    ("device" or "pinned_host"); array i is drawn with seed i.
 
     Drawn on the device one block at a time; for host memory each block comes
     home through pinned memory into one NumPy array, which is then moved to
@@ -55,7 +67,7 @@ def _inputs(n: int, heads: int, head_dim: int, memory: str):
     block = max(1, min(n, _BLOCK_BYTES // (heads * head_dim * 2)))
     draw = jax.jit(lambda key: jax.random.normal(key, (1, block, heads, head_dim), jnp.float32).astype(jnp.bfloat16))
     out = []
-    for seed in range(3):
+    for seed in range(count):
         key = jax.random.key(seed)
         whole = np.empty((1, n, heads, head_dim), jnp.bfloat16)
         for lo in range(0, n, block):
@@ -67,6 +79,13 @@ def _inputs(n: int, heads: int, head_dim: int, memory: str):
     return out
 
 
+def _plan_fields(plan, prefix: str = "") -> dict:
+    return {prefix + key: value for key, value in dict(
+        num_chunks=plan.num_chunks, cover_size=plan.cover.size, chunk=plan.q_chunk, inputs=plan.inputs,
+        accumulators=plan.accumulators, estimated_peak_bytes=plan.estimated_peak_bytes,
+    ).items()}
+
+
 def _child(args) -> dict:
     import jax
 
@@ -74,55 +93,69 @@ def _child(args) -> dict:
 
     n = _tokens(args.tokens[0])
     mode = args.child
+    if mode == "cudnn" and jax.default_backend() != "gpu":
+        return {"mode": mode, "tokens": n, "error": f"cuDNN needs a GPU; the backend is {jax.default_backend()}"}
     host = mode in ("pipelined", "jit")
     if host and args.transfer:
         from stream_cqsa_jax._src import offload
 
         offload.INPUT_TRANSFER = args.transfer
-    q, k, v = _inputs(n, args.heads, args.head_dim, "pinned_host" if host else "device")
+    arrays = _inputs(n, args.heads, args.head_dim, "pinned_host" if host else "device", 4 if args.grad else 3)
+    q, k, v = arrays[:3]
     peak_inputs = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
     if mode == "cudnn":
-        f = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+        attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     elif mode == "incore":
-        f = jax.jit(lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True))
-    elif mode == "pipelined":
-        f = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, memory_budget=args.budget)
+        attend = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True)
     else:
-        f = jax.jit(lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, memory_budget=args.budget))
+        attend = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, memory_budget=args.budget)
+    if args.grad:  # forward and backward: (dq, dk, dv) for the cotangent do
+        call = lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do)
+    else:
+        call = attend
+    f = call if mode == "pipelined" else jax.jit(call)
     result = {"mode": mode, "tokens": n, "heads": args.heads, "head_dim": args.head_dim, "budget": args.budget}
+    if args.grad:
+        result["grad"] = True
     if host:
         plan = sc.plan(q_len=n, num_q_heads=args.heads, head_dim=args.head_dim, dtype="bfloat16", is_causal=True,
                        memory_budget=args.budget, executor="offload")
-        result.update(
-            num_chunks=plan.num_chunks, cover_size=plan.cover.size, chunk=plan.q_chunk, inputs=plan.inputs,
-            accumulators=plan.accumulators, estimated_peak_bytes=plan.estimated_peak_bytes,
-            transfer=args.transfer or "view",
-        )
+        result.update(_plan_fields(plan), transfer=args.transfer or "view")
+        if args.grad:
+            result.update(_plan_fields(plan.backward(), "backward_"))
     t0 = time.perf_counter()
-    out = jax.block_until_ready(f(q, k, v))
+    out = jax.block_until_ready(f(*arrays))
     result["first_call_s"] = time.perf_counter() - t0
     times = []
     for _ in range(args.iters):
         del out
         t0 = time.perf_counter()
-        out = jax.block_until_ready(f(q, k, v))
+        out = jax.block_until_ready(f(*arrays))
         times.append(time.perf_counter() - t0)
     result["times_s"] = times
     # With --iters 0 the one call is the measurement (compilation included).
     result["seconds"] = float(np.median(times)) if times else result["first_call_s"]
-    result["output_memory"] = out.sharding.memory_kind
+    if args.grad:
+        result["gradient_memory"] = out[0].sharding.memory_kind
+    else:
+        result["output_memory"] = out.sharding.memory_kind
     stats = jax.devices()[0].memory_stats() or {}
     result["peak_bytes_in_use"] = stats.get("peak_bytes_in_use")
     result["peak_bytes_after_inputs"] = peak_inputs  # what making the inputs alone reached
     if args.rows and mode == "pipelined":
         rows = np.unique(np.linspace(0, n - 1, args.rows).astype(np.int64))
-        as64 = lambda x: np.asarray(x).astype(np.float32)
-        ref = _reference_rows(np.asarray(q), np.asarray(k), np.asarray(v), rows, 1.0 / np.sqrt(args.head_dim))
-        got = as64(np.asarray(out)[0, rows])
+        scale = 1.0 / np.sqrt(args.head_dim)
+        if args.grad:
+            ref = _reference_dq_rows(*(np.asarray(x) for x in arrays), rows, scale)
+            got = np.asarray(out[0])[0, rows].astype(np.float64)
+        else:
+            ref = _reference_rows(np.asarray(q), np.asarray(k), np.asarray(v), rows, scale)
+            got = np.asarray(out)[0, rows].astype(np.float32)
+        prefix = "dq_" if args.grad else ""
         result["rows_checked"] = int(len(rows))
-        result["rel_error"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+        result[prefix + "rel_error"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
         rounded = ref.astype(np.float32).astype(q.dtype).astype(np.float64)
-        result["bf16_rounding_error"] = float(np.linalg.norm(rounded - ref) / np.linalg.norm(ref))
+        result[prefix + "bf16_rounding_error"] = float(np.linalg.norm(rounded - ref) / np.linalg.norm(ref))
     return result
 
 
@@ -136,6 +169,7 @@ def main() -> None:
     ap.add_argument("--transfer", default=None, help="offload.INPUT_TRANSFER for the host modes")
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--rows", type=int, default=0)
+    ap.add_argument("--grad", action="store_true", help="time forward and backward (jax.vjp) together")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -151,6 +185,8 @@ def main() -> None:
                    "--iters", str(args.iters), "--rows", str(args.rows)]
             if args.transfer:
                 cmd += ["--transfer", args.transfer]
+            if args.grad:
+                cmd.append("--grad")
             t0 = time.perf_counter()
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)

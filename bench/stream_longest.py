@@ -58,23 +58,30 @@ def _random_tokens(length: int, heads: int, head_dim: int, seed: int, block: int
     return out
 
 
-def _reference_rows(q, k, v, rows: np.ndarray, scale: float, block: int = 1 << 18) -> np.ndarray:
-    """float64 causal attention of query rows `rows` (ascending), streamed over the keys: [R, N, H].
+def _row_sums(q, k, v, rows: np.ndarray, scale: float, do=None, block: int = 1 << 18) -> dict:
+    """Running-max sums of causal attention for query rows `rows` (ascending), streamed over the keys.
 
-    Each key block is converted once; groups of rows use it on threads (NumPy's
-    matmul and exp release the GIL).
+    With s the scaled logits of a row, m its running max and e = exp(s - m):
+    ``l = sum e`` and ``ev = sum e v`` (arrays [K, R*G] and [K, R*G, H], rows of
+    each key/value head's query group side by side); with a cotangent `do`
+    also ``edp = sum e dp``, ``ek = sum e k`` and ``edpk = sum e dp k`` for
+    dp = do . v. Each key block is converted once; groups of rows use it on
+    threads (NumPy's matmul and exp release the GIL).
     """
     import concurrent.futures
 
     heads, kv_heads, h = q.shape[2], k.shape[2], q.shape[3]
     group = heads // kv_heads
     r = len(rows)
-    qr = (np.asarray(q[0, rows], np.float64) * scale).reshape(r, kv_heads, group, h).transpose(1, 0, 2, 3)
-    qr = qr.reshape(kv_heads, r * group, h)
+    by_kv_head = lambda x: x.reshape(r, kv_heads, group, h).transpose(1, 0, 2, 3).reshape(kv_heads, r * group, h)
+    qr = by_kv_head(np.asarray(q[0, rows], np.float64) * scale)
+    dor = None if do is None else by_kv_head(np.asarray(do[0, rows], np.float64))
     row_of = np.repeat(rows, group)
     m = np.full((kv_heads, r * group), -np.inf)
-    l = np.zeros((kv_heads, r * group))
-    acc = np.zeros((kv_heads, r * group, h))
+    sums = {"l": np.zeros((kv_heads, r * group)), "ev": np.zeros((kv_heads, r * group, h))}
+    if do is not None:
+        sums.update(edp=np.zeros((kv_heads, r * group)), ek=np.zeros((kv_heads, r * group, h)),
+                    edpk=np.zeros((kv_heads, r * group, h)))
     parts = [p for p in np.array_split(np.arange(r * group), min(r * group, os.cpu_count() or 1)) if len(p)]
 
     def update(part: np.ndarray, j: int, lo: int, kk: np.ndarray, vv: np.ndarray) -> None:
@@ -85,9 +92,14 @@ def _reference_rows(q, k, v, rows: np.ndarray, scale: float, block: int = 1 << 1
         s[np.arange(lo, lo + len(kk))[None, :] > row_of[part][:, None]] = -np.inf
         m_new = np.maximum(m[j, part], s.max(axis=1))
         e = np.exp(s - m_new[:, None])
+        terms = {"l": e.sum(axis=1), "ev": e @ vv}
+        if dor is not None:
+            e_dp = e * (dor[j, part] @ vv.T)
+            terms.update(edp=e_dp.sum(axis=1), ek=e @ kk, edpk=e_dp @ kk)
         correction = np.exp(m[j, part] - m_new)
-        l[j, part] = l[j, part] * correction + e.sum(axis=1)
-        acc[j, part] = acc[j, part] * correction[:, None] + e @ vv
+        for name, term in terms.items():
+            scaled = correction if term.ndim == 1 else correction[:, None]
+            sums[name][j, part] = sums[name][j, part] * scaled + term
         m[j, part] = m_new
 
     with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:
@@ -98,8 +110,31 @@ def _reference_rows(q, k, v, rows: np.ndarray, scale: float, block: int = 1 << 1
                 vv = np.asarray(v[0, lo:hi, j], np.float64)
                 for future in [pool.submit(update, part, j, lo, kk, vv) for part in parts]:
                     future.result()
-    out = acc / l[..., None]  # [K, R*G, H]
-    return out.reshape(kv_heads, r, group, h).transpose(1, 0, 2, 3).reshape(r, heads, h)
+    return sums
+
+
+def _by_query_head(x: np.ndarray, rows: int) -> np.ndarray:
+    """[K, R*G, H] -> [R, K*G, H]."""
+    kv_heads, _, h = x.shape
+    return x.reshape(kv_heads, rows, -1, h).transpose(1, 0, 2, 3).reshape(rows, -1, h)
+
+
+def _reference_rows(q, k, v, rows: np.ndarray, scale: float, block: int = 1 << 18) -> np.ndarray:
+    """float64 causal attention of query rows `rows` (ascending): [R, N, H]."""
+    sums = _row_sums(q, k, v, rows, scale, block=block)
+    return _by_query_head(sums["ev"] / sums["l"][..., None], len(rows))
+
+
+def _reference_dq_rows(q, k, v, do, rows: np.ndarray, scale: float, block: int = 1 << 18) -> np.ndarray:
+    """float64 dq of causal attention for query rows `rows` (ascending) under cotangent `do`: [R, N, H].
+
+    With delta_i = sum e dp / l_i: dq_i = scale * (sum e dp k - delta_i sum e k) / l_i.
+    """
+    sums = _row_sums(q, k, v, rows, scale, do=do, block=block)
+    l = sums["l"]
+    delta = sums["edp"] / l
+    dq = scale * (sums["edpk"] - delta[..., None] * sums["ek"]) / l[..., None]
+    return _by_query_head(dq, len(rows))
 
 
 def main(argv=None) -> None:
