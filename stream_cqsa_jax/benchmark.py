@@ -24,6 +24,7 @@ from typing import Callable
 import jax
 
 import stream_cqsa_jax as sc
+from stream_cqsa_jax._src.plan import default_implementation
 
 BASELINES = ("cudnn", "xla_dense")
 
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seq_lens, args.head_dims, args.heads, args.iters = [512], [32], 2, 1
         args.dtype = "float32" if not on_gpu else args.dtype
-    impls = args.implementations or (["cudnn", "pallas_triton"] if on_gpu else ["xla_dense", "xla"])
+    ours = default_implementation()
+    impls = args.implementations or (["cudnn", ours] if on_gpu else ["xla_dense", ours])
     causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
     rows = []
     for n in args.seq_lens:
