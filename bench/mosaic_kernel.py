@@ -5,7 +5,8 @@
     PYTHONPATH=. python bench/mosaic_kernel.py --seq-lens 65536 --launches 128,4 128,2 64,4 ...
     PYTHONPATH=. python bench/mosaic_kernel.py --seq-lens 262144 --decomposed 31 ...
 
-Each launch is written ``block_kv,stages``; every launch given is timed on the
+Each launch is written ``block_kv,stages`` (``block_kv,stages,heavy`` takes the
+query tiles in reverse order, heaviest first when causal); every launch given is timed on the
 single-subproblem plan (kernel speed alone) and, with ``--decomposed C``, on a
 plan forced to ``C`` chunks (C subproblems, all on the device), which measures
 what the decomposition itself costs. ``--portable`` adds the Triton kernel.
@@ -26,8 +27,9 @@ from stream_cqsa_jax._src.kernels import mosaic_gpu
 
 
 def _launch(text: str) -> mosaic_gpu.Launch:
-    block_kv, stages = (int(x) for x in text.split(","))
-    return mosaic_gpu.Launch(block_kv=block_kv, stages=stages)
+    """``block_kv,stages`` or ``block_kv,stages,heavy`` (query tiles in reverse order)."""
+    parts = text.split(",")
+    return mosaic_gpu.Launch(block_kv=int(parts[0]), stages=int(parts[1]), heavy_first=parts[2:] == ["heavy"])
 
 
 def _report(row: dict, base: dict, label: str) -> None:
@@ -69,9 +71,10 @@ def main(argv=None) -> int:
             jax.clear_caches()  # compiled programs are cached per plan, not per launch
             for chunks in (None, args.decomposed) if args.decomposed else (None,):
                 row = benchmark.run_case("mosaic_gpu", case, args.iters, num_chunks=chunks)
-                row.update(block_kv=launch.block_kv, stages=launch.stages)
+                row.update(block_kv=launch.block_kv, stages=launch.stages, heavy_first=launch.heavy_first)
                 rows.append(row)
-                what = f"{launch.block_kv},{launch.stages}" + (f" chunks={chunks}" if chunks else "")
+                what = f"{launch.block_kv},{launch.stages}" + (",heavy" if launch.heavy_first else "")
+                what += f" chunks={chunks}" if chunks else ""
                 _report(row, base, f"{label} mosaic_gpu {what}")
     mosaic_gpu.default_launch = default_launch
     if args.out:

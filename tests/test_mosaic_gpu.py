@@ -9,6 +9,7 @@ kernel's program lowers for CUDA (shared-memory sizes included) and that plans
 fall back as documented.
 """
 
+import dataclasses
 import zlib
 
 import jax
@@ -100,6 +101,19 @@ def test_mosaic_repeated_runs_are_bitwise_identical():
         np.testing.assert_array_equal(np.asarray(f(q, k, v)), first)
 
 
+@hopper
+def test_mosaic_heavy_first_order_gives_the_same_bits(monkeypatch):
+    q, k, v = random_inputs(9, 1, 2048, 2048, 2, 2, 64, jnp.bfloat16)
+    plan = sc.plan(q_len=2048, num_q_heads=2, head_dim=64, dtype=jnp.bfloat16, num_chunks=1,
+                   implementation="mosaic_gpu", is_causal=True)
+    f = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan)
+    plain = np.asarray(jax.jit(f)(q, k, v))
+    launch = dataclasses.replace(mosaic_gpu.default_launch(64), heavy_first=True)
+    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda head_dim: launch)
+    jax.clear_caches()
+    np.testing.assert_array_equal(np.asarray(jax.jit(f)(q, k, v)), plain)
+
+
 def test_mosaic_plans_fall_back_where_the_kernel_does_not_apply():
     """Plans name the Mosaic kernel anywhere; its `supports` rule sends other inputs to the
     portable kernel, and float32 plans use the portable kernel's narrow tiles."""
@@ -117,12 +131,15 @@ LOWERING_CASES = {
 }
 
 
+@pytest.mark.parametrize("heavy_first", [False, True])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, monkeypatch):
+def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, monkeypatch):
     """The kernel's Pallas program lowers to Mosaic GPU (shared-memory sizes included) without a GPU,
     so API or size errors show up in CI; running it needs compute capability 9.x (tests above)."""
     b, t, s, n, kh, h, structured, lengths, chunks = LOWERING_CASES[case]
     monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
+    launch = dataclasses.replace(mosaic_gpu.default_launch(h), heavy_first=heavy_first)
+    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda head_dim: launch)
     plan = sc.plan(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=jnp.bfloat16, batch=b,
                    num_chunks=chunks, implementation="mosaic_gpu", **structured)
     extra = {}

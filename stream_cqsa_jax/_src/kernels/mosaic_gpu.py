@@ -47,10 +47,16 @@ _LN2 = math.log(2.0)
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """Launch parameters: key tile and shared-memory stages of the key/value ring."""
+    """Launch parameters: key tile and shared-memory stages of the key/value ring.
+
+    heavy_first: thread blocks take the query tiles in reverse order, so that under
+    a causal mask the tiles with the most keys start first (a scheduling experiment;
+    the results are the same bits either way).
+    """
 
     block_kv: int = 128
     stages: int = 2
+    heavy_first: bool = False
 
 
 def default_launch(head_dim: int) -> Launch:
@@ -90,6 +96,8 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     band, cq, ck, bk, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.block_kv, launch.stages
     tiles = ck // bk
     bi, head, t, wg = (lax.axis_index(a) for a in ("batch", "heads", "tiles", "wg"))
+    if launch.heavy_first:
+        t = q_ref.shape[1] // BLOCK_ROWS - 1 - t
     per_chunk = cq // BLOCK_ROWS
     slot = block_map.div(t, per_chunk)
     block_start = tab_ref[lay.q_chunks + slot] * cq + (t - slot * per_chunk) * BLOCK_ROWS
