@@ -19,15 +19,11 @@ import pytest
 
 import stream_cqsa_jax as sc
 from reference import as64, attention, attention_grads, random_inputs, rel_error, visibility
+from stream_cqsa_jax._src.devices import on_hopper
 from stream_cqsa_jax._src.kernels import mosaic_gpu, pallas_triton
 
 
-def _hopper() -> bool:
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "0")).startswith("9")
-
-
-hopper = pytest.mark.skipif(not _hopper(), reason="needs an NVIDIA GPU of compute capability 9.x")
+hopper = pytest.mark.skipif(not on_hopper(), reason="needs an NVIDIA GPU of compute capability 9.x")
 
 # name: (b, t, s, n, kh, h, dtype, structured masks, lengths, chunks, logit scale)
 CASES = {

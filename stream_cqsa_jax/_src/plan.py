@@ -359,15 +359,13 @@ def default_implementation() -> str:
     """The fastest kernel for JAX's default backend: the Mosaic GPU kernel on NVIDIA GPUs of
     compute capability 9.x (Hopper), Triton-lowered Pallas on other NVIDIA GPUs of compute
     capability 8.0 or newer, else the XLA kernel."""
-    import jax
+    from .devices import gpu_capability, on_hopper
 
-    device = jax.devices()[0]
-    if device.platform == "gpu":
-        capability = float(getattr(device, "compute_capability", "0.0"))
-        if 9.0 <= capability < 10.0:
-            return "mosaic_gpu"
-        if capability >= 8.0:
-            return "pallas_triton"
+    if on_hopper():
+        return "mosaic_gpu"
+    capability = gpu_capability()
+    if capability is not None and capability >= 8.0:
+        return "pallas_triton"
     return "xla"
 
 

@@ -6,6 +6,7 @@ import numpy as np
 
 from . import tiling
 from .budget import format_bytes
+from .devices import on_hopper
 
 
 def _cover_text(cover) -> str:
@@ -35,8 +36,7 @@ def _kernel_text(plan) -> str:
     if plan.implementation == "pallas_triton":
         return "pallas_triton" + interpret
     if plan.implementation == "mosaic_gpu":
-        device = jax.devices()[0]
-        if not (device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")):
+        if not on_hopper():
             return f"pallas_triton{interpret} (mosaic_gpu needs compute capability 9.x)"
         if plan.dtype in tiling.MOSAIC_GPU_DTYPES and plan.head_dim in tiling.MOSAIC_GPU_HEAD_DIMS:
             return "mosaic_gpu (forward; backward and calls with segment ids: pallas_triton)"

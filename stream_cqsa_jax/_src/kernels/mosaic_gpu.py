@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ..devices import on_hopper
 from ..merge import SoftmaxState
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
 from . import block_map, pallas_triton
@@ -62,13 +63,6 @@ class Launch:
 def default_launch(head_dim: int) -> Launch:
     """128-key tiles, 2 stages for head dims 64 and 128 (measured at 64K tokens, docs/hopper_kernel.md)."""
     return Launch(block_kv=128, stages=2)
-
-
-@functools.cache
-def on_hopper() -> bool:
-    """Whether JAX's default device is an NVIDIA GPU of compute capability 9.x."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
