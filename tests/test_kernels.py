@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stream_cqsa_jax as sc
+from baselines import data_masks, xla_errors
 from reference import as64, attention, attention_grads, random_inputs, rel_error, visibility
 
 KERNELS = ["xla", "pallas_triton"]
@@ -32,36 +33,10 @@ CASES = {
 }
 
 
-def _data_masks(kind, b, t, s, rng):
-    """(keywords for the API, keywords for the reference)."""
-    if kind == "segments":
-        ids = np.sort(rng.integers(0, 4, size=(b, t)), axis=1).astype(np.int32)
-        return dict(segment_ids=ids), dict(segment_ids=ids)
-    if kind == "lengths":
-        q_len = np.array([t, t // 3], np.int32)
-        kv_len = np.array([s, s // 2], np.int32)
-        return (
-            dict(query_seq_lengths=q_len, key_value_seq_lengths=kv_len),
-            dict(q_lengths=q_len, kv_lengths=kv_len),
-        )
-    return {}, {}
-
-
 def _plan(impl, b, t, s, n, kh, h, dtype, structured, chunks):
     return sc.plan(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=dtype, batch=b,
                    num_chunks=chunks, implementation=impl, is_causal=structured.get("is_causal", False),
                    local_window_size=structured.get("local_window_size"))
-
-
-def _xla_errors(q, k, v, do, vis, structured, extra, ref_out, ref_grads):
-    """XLA's forward and gradient errors; rows that see no key are zeroed (XLA averages them)."""
-    kwargs = {key: val for key, val in {**structured, **extra}.items() if key != "segment_ids"}
-    if "segment_ids" in extra:
-        kwargs = dict(mask=jnp.asarray(vis[:, None]))
-    seen = jnp.asarray(vis.any(-1))[:, :, None, None]
-    f = lambda q, k, v: jnp.where(seen, jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs), 0)
-    out, vjp = jax.vjp(f, q, k, v)
-    return rel_error(as64(out), ref_out), [rel_error(as64(g), r) for g, r in zip(vjp(do), ref_grads)]
 
 
 # float16 shares the 16-bit code paths of bfloat16; it runs on a subset of the cases.
@@ -91,12 +66,12 @@ def test_forward_and_gradients_match_float64(case, impl, dtype_name):
     rng = np.random.default_rng(zlib.crc32(case.encode()))
     q, k, v = random_inputs(rng.integers(2**31), b, t, s, n, kh, h, dtype)
     do = jnp.asarray(rng.standard_normal((b, t, n, h)), dtype)
-    extra, ref_extra = _data_masks(data, b, t, s, rng)
+    extra, ref_extra = data_masks(data, b, t, s, rng)
     rk = dict(is_causal=structured.get("is_causal", False), window=structured.get("local_window_size"), **ref_extra)
     vis = visibility(t, s, b, **rk)
     ref_out, _ = attention(as64(q), as64(k), as64(v), **rk)
     ref_grads = attention_grads(as64(q), as64(k), as64(v), as64(do), **rk)
-    base_out, base_grads = _xla_errors(q, k, v, do, vis, structured, extra, ref_out, ref_grads)
+    base_out, base_grads = xla_errors(q, k, v, do, vis, structured, extra, ref_out, ref_grads)
 
     plan = _plan(impl, b, t, s, n, kh, h, dtype, structured, chunks)
     assert plan.implementation == impl and len(plan.subproblems) >= min(chunks, 2)
@@ -119,7 +94,7 @@ def test_large_logits(impl, dtype_name):
     ref_out, _ = attention(as64(q), as64(k), as64(v), is_causal=True)
     ref_grads = attention_grads(as64(q), as64(k), as64(v), as64(do), is_causal=True)
     vis = visibility(190, 190, 1, is_causal=True)
-    base_out, base_grads = _xla_errors(q, k, v, do, vis, dict(is_causal=True), {}, ref_out, ref_grads)
+    base_out, base_grads = xla_errors(q, k, v, do, vis, dict(is_causal=True), {}, ref_out, ref_grads)
     plan = _plan(impl, 1, 190, 190, 2, 2, 32, dtype, dict(is_causal=True), 13)
     out, vjp = jax.vjp(lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan), q, k, v)
     assert rel_error(as64(out), ref_out) <= 1.2 * base_out

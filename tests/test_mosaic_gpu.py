@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import stream_cqsa_jax as sc
+from baselines import data_masks, xla_errors
 from reference import as64, attention, attention_grads, random_inputs, rel_error, visibility
 from stream_cqsa_jax._src.devices import on_hopper
 from stream_cqsa_jax._src.kernels import mosaic_gpu, pallas_triton
@@ -36,13 +37,6 @@ CASES = {
 }
 
 
-def _xla_errors(q, k, v, do, vis, kwargs, ref_out, ref_grads):
-    seen = jnp.asarray(vis.any(-1))[:, :, None, None]
-    f = lambda q, k, v: jnp.where(seen, jax.nn.dot_product_attention(q, k, v, implementation="xla", **kwargs), 0)
-    out, vjp = jax.vjp(f, q, k, v)
-    return rel_error(as64(out), ref_out), [rel_error(as64(g), r) for g, r in zip(vjp(do), ref_grads)]
-
-
 @hopper
 @pytest.mark.parametrize("case", list(CASES))
 def test_mosaic_forward_and_gradients_match_float64(case, monkeypatch):
@@ -51,16 +45,12 @@ def test_mosaic_forward_and_gradients_match_float64(case, monkeypatch):
     rng = np.random.default_rng(zlib.crc32(case.encode()))
     q, k, v = random_inputs(rng.integers(2**31), b, t, s, n, kh, h, dtype, logit_scale=logit_scale)
     do = jnp.asarray(rng.standard_normal((b, t, n, h)), dtype)
-    extra, ref_extra = {}, {}
-    if lengths:
-        q_len, kv_len = np.array([t, t // 3], np.int32), np.array([s, s // 2], np.int32)
-        extra = dict(query_seq_lengths=q_len, key_value_seq_lengths=kv_len)
-        ref_extra = dict(q_lengths=q_len, kv_lengths=kv_len)
+    extra, ref_extra = data_masks("lengths" if lengths else None, b, t, s, rng)
     rk = dict(is_causal=structured.get("is_causal", False), window=structured.get("local_window_size"), **ref_extra)
     vis = visibility(t, s, b, **rk)
     ref_out, ref_lse = attention(as64(q), as64(k), as64(v), **rk)
     ref_grads = attention_grads(as64(q), as64(k), as64(v), as64(do), **rk)
-    base_out, base_grads = _xla_errors(q, k, v, do, vis, {**structured, **extra}, ref_out, ref_grads)
+    base_out, base_grads = xla_errors(q, k, v, do, vis, structured, extra, ref_out, ref_grads)
 
     plan = sc.plan(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=dtype, batch=b,
                    num_chunks=chunks, implementation="mosaic_gpu", **structured)
