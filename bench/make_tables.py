@@ -39,41 +39,59 @@ def _tokens(n: int) -> str:
     return f"{n // 2**20}M" if n % 2**20 == 0 else f"{n // 2**10}K"
 
 
-def _kernel_rows(files: list[str]):
-    """(our rows, cuDNN rows by (seq_len, head_dim, causal, direction))."""
+def _load_rows(files: list[str]) -> list[dict]:
     rows = []
     for name in files:
         rows += json.loads((RESULTS / name).read_text())["rows"]
-    ours = [r for r in rows if r["implementation"] != "cudnn" and "seconds" in r]
-    base = {
-        (r["seq_len"], r["head_dim"], r["causal"], r["direction"]): r
-        for r in rows
-        if r["implementation"] == "cudnn" and "seconds" in r
-    }
-    return ours, base
+    return rows
+
+
+def _ours_and_cudnn(files: list[str], fields: tuple[str, ...], implementation: str | None = None):
+    """(our timed rows, timed cuDNN rows by the values of `fields`); ours are the rows of
+    `implementation`, or of every implementation but cuDNN."""
+    rows = [r for r in _load_rows(files) if "seconds" in r]
+    if implementation is None:
+        ours = [r for r in rows if r["implementation"] != "cudnn"]
+    else:
+        ours = [r for r in rows if r["implementation"] == implementation]
+    return ours, {tuple(r[f] for f in fields): r for r in rows if r["implementation"] == "cudnn"}
+
+
+_KERNEL_FIELDS = ("seq_len", "head_dim", "causal", "direction")
+_MOSAIC_FIELDS = ("seq_len", "head_dim", "causal", "dtype")
+
+
+def _ratio_chart(ours, base, fields, order, label, path, lines) -> None:
+    """Bars of ours / cuDNN throughput: rows sorted by `order`, grouped by `label`, one bar per N."""
+    from plot import bar_chart
+
+    groups = {}
+    for r in sorted(ours, key=order):
+        c = base[tuple(r[f] for f in fields)]
+        groups.setdefault(label(r), []).append((_tokens(r["seq_len"]), c["seconds"] / r["seconds"]))
+    bar_chart(str(path), list(groups.items()), lines=lines, top=1.1)
 
 
 def kernel_chart(files: list[str], path) -> None:
-    """Bars of ours / cuDNN throughput, one group per (head dim, causal, pass), one bar per N."""
-    from plot import bar_chart
-
-    ours, base = _kernel_rows(files)
-    groups = {}
-    for r in sorted(ours, key=lambda r: (r["direction"], r["head_dim"], not r["causal"], r["seq_len"])):
-        c = base[(r["seq_len"], r["head_dim"], r["causal"], r["direction"])]
-        label = f"D{r['head_dim']} {'C' if r['causal'] else 'NC'} {'FWD' if r['direction'] == 'fwd' else 'F+B'}"
-        groups.setdefault(label, []).append((_tokens(r["seq_len"]), c["seconds"] / r["seconds"]))
-    bar_chart(str(path), list(groups.items()), lines=[0.6, 1.0], top=1.1)
+    """One group per (head dim, causal, pass)."""
+    _ratio_chart(
+        *_ours_and_cudnn(files, _KERNEL_FIELDS), _KERNEL_FIELDS,
+        order=lambda r: (r["direction"], r["head_dim"], not r["causal"], r["seq_len"]),
+        label=lambda r: (
+            f"D{r['head_dim']} {'C' if r['causal'] else 'NC'} {'FWD' if r['direction'] == 'fwd' else 'F+B'}"
+        ),
+        path=path, lines=[0.6, 1.0],
+    )
 
 
 def kernel_table(files: list[str]) -> str:
-    ours, base = _kernel_rows(files)
+    ours, base = _ours_and_cudnn(files, _KERNEL_FIELDS)
     lines = [
         "| N | D | causal | pass | cuDNN s | ours s | ours TFLOP/s | ours / cuDNN throughput | ours temp GiB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(ours, key=lambda r: (r["seq_len"], r["head_dim"], not r["causal"], r["direction"])):
-        c = base[(r["seq_len"], r["head_dim"], r["causal"], r["direction"])]
+        c = base[tuple(r[f] for f in _KERNEL_FIELDS)]
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['direction']} "
             f"| {c['seconds']:.4f} | {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.2f}x "
@@ -119,24 +137,14 @@ def generated() -> str:
     )
 
 
-def _mosaic_rows(files: list[str]):
-    """(Mosaic rows, cuDNN rows by (seq_len, head_dim, causal, dtype))."""
-    rows = []
-    for name in files:
-        rows += json.loads((RESULTS / name).read_text())["rows"]
-    ours = [r for r in rows if r["implementation"] == "mosaic_gpu" and "seconds" in r]
-    base = {(r["seq_len"], r["head_dim"], r["causal"], r["dtype"]): r for r in rows if r["implementation"] == "cudnn"}
-    return ours, base
-
-
 def mosaic_table(files: list[str]) -> str:
-    ours, base = _mosaic_rows(files)
+    ours, base = _ours_and_cudnn(files, _MOSAIC_FIELDS, "mosaic_gpu")
     lines = [
         "| N | D | causal | dtype | cuDNN s | ours s | ours TFLOP/s | ours / cuDNN throughput |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in sorted(ours, key=lambda r: (r["dtype"], r["seq_len"], r["head_dim"], not r["causal"])):
-        c = base[(r["seq_len"], r["head_dim"], r["causal"], r["dtype"])]
+        c = base[tuple(r[f] for f in _MOSAIC_FIELDS)]
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} "
             f"| {c['seconds']:.4f} | {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.2f}x |"
@@ -145,7 +153,7 @@ def mosaic_table(files: list[str]) -> str:
 
 
 def decomposition_table(name: str) -> str:
-    ours, base = _mosaic_rows([name])
+    ours, base = _ours_and_cudnn([name], _MOSAIC_FIELDS, "mosaic_gpu")
     single = {(r["seq_len"], r["head_dim"], r["causal"]): r for r in ours if not r["num_chunks"]}
     lines = [
         "| N | D | causal | cuDNN s | one subproblem s | 31 subproblems s | 31 / one (time) |",
@@ -153,7 +161,7 @@ def decomposition_table(name: str) -> str:
     ]
     for r in sorted((r for r in ours if r["num_chunks"]), key=lambda r: (r["head_dim"], not r["causal"])):
         one = single[(r["seq_len"], r["head_dim"], r["causal"])]
-        c = base[(r["seq_len"], r["head_dim"], r["causal"], r["dtype"])]
+        c = base[tuple(r[f] for f in _MOSAIC_FIELDS)]
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {c['seconds']:.4f} "
             f"| {one['seconds']:.4f} | {r['seconds']:.4f} | {r['seconds'] / one['seconds']:.2f}x |"
@@ -162,23 +170,15 @@ def decomposition_table(name: str) -> str:
 
 
 def mosaic_chart(files: list[str], path) -> None:
-    """Bars of Mosaic / cuDNN forward throughput, one group per (dtype, head dim, causal), one bar per N."""
-    from plot import bar_chart
-
-    ours, base = _mosaic_rows(files)
-    groups = {}
-    for r in sorted(ours, key=lambda r: (r["dtype"], r["head_dim"], not r["causal"], r["seq_len"])):
-        c = base[(r["seq_len"], r["head_dim"], r["causal"], r["dtype"])]
-        label = f"{'BF16' if r['dtype'] == 'bfloat16' else 'F16'} D{r['head_dim']} {'C' if r['causal'] else 'NC'}"
-        groups.setdefault(label, []).append((_tokens(r["seq_len"]), c["seconds"] / r["seconds"]))
-    bar_chart(str(path), list(groups.items()), lines=[0.95, 1.0], top=1.1)
-
-
-def _scaling_rows(files: list[str]) -> list[dict]:
-    rows = []
-    for name in files:
-        rows += json.loads((RESULTS / name).read_text())["rows"]
-    return rows
+    """One group per (dtype, head dim, causal)."""
+    _ratio_chart(
+        *_ours_and_cudnn(files, _MOSAIC_FIELDS, "mosaic_gpu"), _MOSAIC_FIELDS,
+        order=lambda r: (r["dtype"], r["head_dim"], not r["causal"], r["seq_len"]),
+        label=lambda r: (
+            f"{'BF16' if r['dtype'] == 'bfloat16' else 'F16'} D{r['head_dim']} {'C' if r['causal'] else 'NC'}"
+        ),
+        path=path, lines=[0.95, 1.0],
+    )
 
 
 def scaling_table(files: list[str]) -> str:
@@ -186,7 +186,7 @@ def scaling_table(files: list[str]) -> str:
         "| N | pass | GPUs | subproblems | seconds | speedup | rel. difference vs 1 GPU |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in _scaling_rows(files):
+    for r in _load_rows(files):
         lines.append(
             f"| {_tokens(r['tokens'])} | {'fwd+bwd' if r['grad'] else 'fwd'} | {r['devices']} | {r['subproblems']} "
             f"| {r['seconds']:.2f} | {r['speedup']:.2f}x | {r['rel_diff_vs_first_count']:.1e} |"
@@ -199,7 +199,7 @@ def scaling_chart(files: list[str], path) -> None:
     from plot import bar_chart
 
     groups = {}
-    for r in _scaling_rows(files):
+    for r in _load_rows(files):
         label = f"{_tokens(r['tokens'])} {'F+B' if r['grad'] else 'FWD'}"
         groups.setdefault(label, []).append((f"{r['devices']}G", r["speedup"]))
     bar_chart(str(path), list(groups.items()), lines=[1.0, 1.8, 2.0], top=2.2)
