@@ -67,6 +67,13 @@ class Tuning:
     dkv: Launch = Launch()
 
 
+# The dk/dv program stages a query tile of every query head of its group: at
+# 128-row tiles, groups * head dim above this asked for more than the H200's
+# 227 KiB of shared memory (2 x 128 and 4 x 64 both wanted about 300 KB), so
+# the query tile shrinks in proportion.
+_DKV_GROUP_WIDTH = 128
+
+
 def default_tuning(head_dim: int) -> Tuning:
     """Settings measured on an H200 at 64K tokens (bench/tune_triton.py, docs/benchmarks.md)."""
     if head_dim <= 64:
@@ -399,8 +406,10 @@ def backward(
 
     # dk, dv: one program per (key tile, batch, key/value head), over the group's query heads.
     dkv_launch = tuning.dkv
-    if g > 1 and hp > 64:  # the group's query heads share the program: halve its query tile to fit
-        dkv_launch = dataclasses.replace(dkv_launch, block_q=min(64, dkv_launch.block_q or cfg.block_q))
+    if g * hp > _DKV_GROUP_WIDTH:  # the group's query heads share the program: shrink its query tile to fit
+        share = 128 * _DKV_GROUP_WIDTH // (g * hp)
+        narrow = max(16, 1 << (max(share, 1).bit_length() - 1))  # a power of two, like every tile
+        dkv_launch = dataclasses.replace(dkv_launch, block_q=min(narrow, dkv_launch.block_q or cfg.block_q))
     dkv_cfg = dkv_launch.tiles(cfg)
     bk = dkv_cfg.block_kv
     group_spec = pl.BlockSpec((None, lq, g, hp), lambda t, bi, ki: (bi, 0, ki, 0))
