@@ -88,14 +88,15 @@ def test_mosaic_repeated_runs_are_bitwise_identical():
 
 
 @hopper
-def test_mosaic_heavy_first_order_gives_the_same_bits(monkeypatch):
+def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
     q, k, v = random_inputs(9, 1, 2048, 2048, 2, 2, 64, jnp.bfloat16)
     plan = sc.plan(q_len=2048, num_q_heads=2, head_dim=64, dtype=jnp.bfloat16, num_chunks=1,
                    implementation="mosaic_gpu", is_causal=True)
     f = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan)
     plain = np.asarray(jax.jit(f)(q, k, v))
-    launch = dataclasses.replace(mosaic_gpu.default_launch(64), heavy_first=True)
-    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda head_dim: launch)
+    launch = mosaic_gpu.default_launch(64)
+    forward_order = dataclasses.replace(launch, heavy_first=not launch.heavy_first)
+    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda head_dim: forward_order)
     jax.clear_caches()
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(q, k, v)), plain)
 
