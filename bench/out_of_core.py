@@ -82,7 +82,7 @@ def _inputs(n: int, heads: int, head_dim: int, memory: str, count: int = 3):
 def _plan_fields(plan, prefix: str = "") -> dict:
     return {prefix + key: value for key, value in dict(
         num_chunks=plan.num_chunks, cover_size=plan.cover.size, chunk=plan.q_chunk, inputs=plan.inputs,
-        accumulators=plan.accumulators, estimated_peak_bytes=plan.estimated_peak_bytes,
+        accumulators=plan.accumulators, order=plan.order, estimated_peak_bytes=plan.estimated_peak_bytes,
     ).items()}
 
 
@@ -108,7 +108,9 @@ def _child(args) -> dict:
     elif mode == "incore":
         attend = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True)
     else:
-        attend = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, memory_budget=args.budget)
+        plan = sc.plan(q_len=n, num_q_heads=args.heads, head_dim=args.head_dim, dtype="bfloat16", is_causal=True,
+                       memory_budget=args.budget, executor="offload", order=args.order)
+        attend = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan)
     if args.grad:  # forward and backward: (dq, dk, dv) for the cotangent do
         call = lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do)
     else:
@@ -118,8 +120,6 @@ def _child(args) -> dict:
     if args.grad:
         result["grad"] = True
     if host:
-        plan = sc.plan(q_len=n, num_q_heads=args.heads, head_dim=args.head_dim, dtype="bfloat16", is_causal=True,
-                       memory_budget=args.budget, executor="offload")
         result.update(_plan_fields(plan), transfer=args.transfer or "view")
         if args.grad:
             result.update(_plan_fields(plan.backward(), "backward_"))
@@ -167,6 +167,8 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--modes", nargs="+", default=["cudnn", "incore", "pipelined", "jit"])
     ap.add_argument("--transfer", default=None, help="offload.INPUT_TRANSFER for the host modes")
+    ap.add_argument("--order", default=None, choices=["quorums", "query_rows"],
+                    help="the host modes' order (default: the planner's choice)")
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--rows", type=int, default=0)
     ap.add_argument("--grad", action="store_true", help="time forward and backward (jax.vjp) together")
@@ -185,6 +187,8 @@ def main() -> None:
                    "--iters", str(args.iters), "--rows", str(args.rows)]
             if args.transfer:
                 cmd += ["--transfer", args.transfer]
+            if args.order:
+                cmd += ["--order", args.order]
             if args.grad:
                 cmd.append("--grad")
             t0 = time.perf_counter()

@@ -8,7 +8,7 @@ exactly into full attention.
 
 from ._src.attention import dot_product_attention
 from ._src.budget import parse_budget
-from ._src.plan import Plan, Subproblem, plan
+from ._src.plan import BudgetTooSmall, Plan, Subproblem, plan
 from ._src.quorum import Cover, difference_cover, is_difference_cover
 from ._src.sharded_plan import ShardedPlan, shard_plan
 from ._src.streaming import stream_attention
@@ -18,6 +18,7 @@ from . import linen, nnx  # Flax modules: sc.nnx.StreamCQSAAttention, sc.linen.S
 __version__ = "0.1.0"
 
 __all__ = [
+    "BudgetTooSmall",
     "Cover",
     "Plan",
     "ShardedPlan",

@@ -44,7 +44,7 @@ def test_plan_for_host_resident_inputs_says_where_each_array_lives(capsys):
     assert code == 0
     p = sc.plan(q_len=1048576, num_q_heads=8, head_dim=64, dtype="bfloat16", is_causal=True, memory_budget="1GiB",
                 implementation="xla", executor="offload")
-    assert p.summary() in out and "float32 accumulators in host memory" in out
+    assert p.summary() in out and "float32 state of one query chunk on the device" in out
     code, _, err = run(capsys, "plan", *args)  # with inputs on the device the accumulators alone need 2 GiB
     assert code == 2 and "executor='offload'" in err
 

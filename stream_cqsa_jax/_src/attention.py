@@ -8,7 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import executor, host_accumulators, memory_kinds, offload, sharded
+from . import executor, host_accumulators, memory_kinds, offload, query_rows, sharded
 from .arguments import check_mesh, check_plan_matches, validate
 from .kernels.base import accumulator_dtype
 from .merge import finalize
@@ -77,6 +77,8 @@ def _host_forward(static: _Static, q, k, v, masks, unbatched: bool, with_f32: bo
         return offload.forward(plan, static.scale, q, k, v, masks, with_f32=with_f32)
     else:  # inside the caller's jit: the scan executor reads chunks from host memory
         q, k, v = _add_batch((q, k, v), unbatched)
+        if plan.order == "query_rows":
+            return query_rows.attend(plan, static.scale, q, k, v, masks, where, with_f32)
     run = _scan_outputs if traced else _scan_outputs_jit
     return run(static, q, k, v, masks, where, with_f32)
 
@@ -109,6 +111,9 @@ def _host_backward(static: _Static, unbatched: bool, q, k, v, masks, out_f32, ls
     q, k, v = _add_batch((q, k, v), unbatched)
     t, s = q.shape[1], k.shape[1]
     delta = host_accumulators.row_dots(do, out_f32, dlse, plan.q_chunk)
+    if plan.order == "query_rows":
+        grads = query_rows.backward(plan, static.scale, q, k, v, do, lse, delta, masks, where)
+        return tuple(g[0] for g in grads) if unbatched else grads
     grads = executor.backward(plan, static.scale, q, k, v, do, lse, None, delta, masks)
     if plan.accumulators == "host":
         grads = tuple(host_accumulators.joined(g, n, dtype, where=where) for g, n, dtype in zip(grads, (t, s, s), dtypes))

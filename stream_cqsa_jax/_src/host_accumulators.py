@@ -63,6 +63,20 @@ def merge(total: SoftmaxState, part: SoftmaxState, q_slots, num_q, chunk: int, d
                           device)
 
 
+def chunk_outputs(state: SoftmaxState, length: int, out_dtype, with_f32: bool) -> tuple[jax.Array, ...]:
+    """(o in `out_dtype`, lse float32) of a state `length` rows long, and with `with_f32` o in float32."""
+    o, lse = finalize(state, length)
+    return (o.astype(out_dtype), lse.astype(jnp.float32)) + ((o.astype(jnp.float32),) if with_f32 else ())
+
+
+def joined_outputs(plan: Plan, parts: tuple[jax.Array, ...], where) -> tuple[jax.Array, ...]:
+    """Chunk-major outputs (`chunk_outputs` of every query chunk, stacked: o [C, B, cq, N, H],
+    lse [C, B, N, cq]) -> o [B, T, N, H], lse [B, N, T], placed by sharding `where`."""
+    seq_axes = (2, 3, 2)[: len(parts)]
+    out = tuple(sequence_major(x, plan.q_len, axis) for x, axis in zip(parts, seq_axes))
+    return jax.device_put(out, where)
+
+
 def outputs(plan: Plan, total: SoftmaxState, out_dtype, device=None, where=None, with_f32: bool = False):
     """(o [B, T, N, H] in `out_dtype`, lse [B, N, T] float32) and, `with_f32`, o once more in
     float32 (for the backward), placed by sharding `where` (default: pinned host memory).
@@ -74,24 +88,18 @@ def outputs(plan: Plan, total: SoftmaxState, out_dtype, device=None, where=None,
     on_device, host = _memories(device)
     cq = plan.q_chunk
 
-    def chunk_outputs(state):
-        o, lse = finalize(state, cq)
-        return (o.astype(out_dtype), lse.astype(jnp.float32)) + ((o.astype(jnp.float32),) if with_f32 else ())
-
     if plan.accumulators == "host":
         def step(_, chunk_state):
             state = SoftmaxState(*(jax.device_put(x, on_device) for x in chunk_state))
-            return None, jax.device_put(chunk_outputs(state), host)
+            return None, jax.device_put(chunk_outputs(state, cq, out_dtype, with_f32), host)
 
         _, parts = lax.scan(step, None, tuple(total))
     else:
         def step(_, c):
-            return None, jax.device_put(chunk_outputs(rows_of(total, c * cq, cq)), host)
+            return None, jax.device_put(chunk_outputs(rows_of(total, c * cq, cq), cq, out_dtype, with_f32), host)
 
         _, parts = lax.scan(step, None, jnp.arange(plan.num_chunks))
-    seq_axes = (2, 3) + ((2,) if with_f32 else ())
-    out = tuple(sequence_major(x, plan.q_len, axis) for x, axis in zip(parts, seq_axes))
-    return jax.device_put(out, where or host)
+    return joined_outputs(plan, parts, where or host)
 
 
 def sequence_major(x: jax.Array, length: int, seq_axis: int) -> jax.Array:

@@ -298,3 +298,65 @@ def offload_backward_footprint(p: Problem, lay: Layout, accumulators: str) -> Fo
     cast = p.batch * (p.q_len * q_row + 2 * p.kv_len * kv_row) * it
     return Footprint(resident=resident, working=working + cast, tables=_table_bytes(lay))
 
+
+# -- the query-row order of the out-of-core executor (query_rows.py) ----------------------------
+
+
+def query_rows_footprint(p: Problem, lay: Layout) -> Footprint:
+    """Out-of-core forward in query-row order (``lay``: one query and one key/value chunk per step).
+
+    The row's float32 state stays on the device for the whole row
+    (``resident``); next to it the program holds the query chunk and either one
+    pair's key/value chunks with the kernel's partial state, or, when the row
+    ends, its output chunk on the way home (output, its float32 copy for the
+    backward, log-sum-exp).
+    """
+    q_chunk = p.batch * lay.q_chunk * p.num_q_heads * p.head_dim * p.itemsize
+    kv_chunks = 2 * p.batch * lay.kv_chunk * p.num_kv_heads * p.head_dim * p.itemsize
+    chunk_state = p.batch * lay.q_chunk * state_row_bytes(p)
+    finalize = p.batch * lay.q_chunk * p.num_q_heads * (p.head_dim * (p.acc_itemsize + p.itemsize) + 4)
+    tiles = _tile_bytes(p, lay, score_buffers=3, row_buffers=3)
+    working = q_chunk + max(kv_chunks + chunk_state, finalize) + tiles
+    return Footprint(resident=chunk_state, working=working, tables=0)
+
+
+def query_rows_moved_bytes(p: Problem, lay: Layout, visible_pairs: int) -> int:
+    """Host <-> device bytes of a query-row pass: every query chunk once, the key/value chunk of
+    every visible chunk pair, and the output with its log-sum-exp home once."""
+    q_bytes = p.batch * lay.num_chunks * lay.q_chunk * p.num_q_heads * p.head_dim * p.itemsize
+    kv_chunks = 2 * p.batch * lay.kv_chunk * p.num_kv_heads * p.head_dim * p.itemsize
+    out = p.batch * lay.num_chunks * lay.q_chunk * p.num_q_heads * (p.head_dim * p.itemsize + 4)
+    return q_bytes + visible_pairs * kv_chunks + out
+
+
+def quorum_moved_bytes(p: Problem, lay: Layout, accumulators: str) -> int:
+    """Host <-> device bytes of a quorum pass, at most: each of the C subproblems sends its
+    query and key/value chunks (``lay.q_slots`` of each), and with host accumulators reads
+    and writes back the state of its query chunks; then the output goes home once."""
+    q_chunk = p.batch * lay.q_chunk * p.num_q_heads * p.head_dim * p.itemsize
+    kv_chunks = 2 * p.batch * lay.kv_chunk * p.num_kv_heads * p.head_dim * p.itemsize
+    per_subproblem = lay.q_slots * q_chunk + lay.kv_slots * kv_chunks
+    if accumulators == "host":
+        per_subproblem += 2 * lay.q_slots * p.batch * lay.q_chunk * state_row_bytes(p)
+    out = p.batch * lay.num_chunks * lay.q_chunk * p.num_q_heads * (p.head_dim * p.itemsize + 4)
+    return lay.num_chunks * per_subproblem + out
+
+
+def query_rows_backward_footprint(p: Problem, lay: Layout) -> Footprint:
+    """Backward in query-row order: two passes, each holding one chunk's float32 gradient
+    accumulators for its whole row (or column) of pairs.
+
+    The dq pass holds a query chunk with its dO, row statistics (log-sum-exp,
+    ones, delta) and float32 dq, and per pair the key/value chunks and the
+    pair's partial dq; the dk/dv pass holds a key/value chunk with float32 dk
+    and dv, and per pair a query chunk with its dO and statistics and the
+    pair's partial dk and dv; each casts its finished chunk for the caller.
+    """
+    f, it = p.acc_itemsize, p.itemsize
+    q_chunk = p.batch * lay.q_chunk * p.num_q_heads * p.head_dim
+    kv_chunk = p.batch * lay.kv_chunk * p.num_kv_heads * p.head_dim
+    stats = 3 * p.batch * p.num_q_heads * lay.q_chunk * f
+    tiles = _tile_bytes(p, lay, score_buffers=5, row_buffers=4)
+    dq_pass = 2 * q_chunk * it + stats + 2 * q_chunk * f + 2 * kv_chunk * it + q_chunk * it
+    dkv_pass = 2 * kv_chunk * it + 4 * kv_chunk * f + 2 * q_chunk * it + stats + 2 * kv_chunk * it
+    return Footprint(resident=0, working=max(dq_pass, dkv_pass) + tiles, tables=0)

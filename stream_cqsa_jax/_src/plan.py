@@ -24,6 +24,11 @@ PASSES = ("forward", "backward")
 # accumulators in host memory (`streaming.py`); "offload": query, key and value
 # in host memory as JAX arrays, residency chosen from the budget (`offload_plan.py`).
 EXECUTORS = ("scan", "stream", "offload")
+# How an out-of-core plan walks its pairs: "quorums" runs the quorum subproblems
+# one after another; "query_rows" runs the full cover (quorum g owns the pairs of
+# query chunk g) with query chunk g and its state kept on the device while the
+# key/value chunks it sees stream past it (`query_rows.py`).
+ORDERS = ("quorums", "query_rows")
 
 # Cyclic covers of every size up to this are candidates; above it only perfect
 # (Singer) sizes are, since they hold the fewest chunks per subproblem.
@@ -94,6 +99,7 @@ class Plan:
     executor: str = "scan"
     inputs: str = "device"
     accumulators: str = "device"
+    order: str = "quorums"
 
     # -- derived views -------------------------------------------------------
     @property
@@ -217,6 +223,7 @@ def plan(
     block_kv: int | None = None,
     pass_kind: str = "forward",
     executor: str = "scan",
+    order: str | None = None,
 ) -> Plan:
     """Plans one attention call: chunking, quorum cover, tiles and memory.
 
@@ -245,6 +252,11 @@ def plan(
         or "offload" (query, key and value are JAX arrays in host memory; the
         plan's ``inputs`` and ``accumulators`` say where each lives: see
         docs/out_of_core.md).
+      order: for executor="offload" with inputs in host memory, how the pairs
+        are walked: "quorums" (quorum subproblems one after another) or
+        "query_rows" (one query chunk and its state stay on the device while
+        the key/value chunks it sees stream past); default: the one that
+        moves fewer bytes between host and device.
 
     Raises:
       ValueError / TypeError: for malformed arguments, naming the argument;
@@ -279,6 +291,10 @@ def plan(
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     if executor == "stream" and pass_kind != "forward":
         raise ValueError("executor='stream' plans the forward pass only; pass pass_kind='forward'")
+    if order is not None and order not in ORDERS:
+        raise ValueError(f"order must be None or one of {ORDERS}, got {order!r}")
+    if order is not None and executor != "offload":
+        raise ValueError(f"order applies to executor='offload' plans only, got executor={executor!r}")
     implementation = resolve_implementation(implementation)
     budget = budget_lib.parse_budget(memory_budget)
     problem = memory_model.Problem(batch, q_len, kv_len, num_q_heads, num_kv_heads, head_dim, dtype_name)
@@ -290,7 +306,7 @@ def plan(
     if executor == "offload":
         from .offload_plan import offload_plan_cached
 
-        fwd = offload_plan_cached(*static)
+        fwd = offload_plan_cached(*static, order)
         return fwd if pass_kind == "forward" else fwd.backward()
     return _plan_cached(*static, pass_kind)
 
@@ -382,15 +398,25 @@ def resolve_implementation(implementation: str | None) -> str:
 # -- the search -----------------------------------------------------------------
 
 
+class BudgetTooSmall(ValueError):
+    """No plan fits the budget; ``smallest`` is the least budget in bytes that works."""
+
+    def __init__(self, smallest: int, message: str):
+        super().__init__(message)
+        self.smallest = smallest
+
+
 @dataclasses.dataclass(frozen=True)
 class _Candidate:
     num_chunks: int
     cover_size: int
-    build: tuple  # ("cyclic", C) or ("product", base, depth)
+    build: tuple  # ("cyclic", C), ("product", base, depth) or ("full", C)
 
     def cover(self) -> quorum.Cover:
         if self.build[0] == "cyclic":
             return quorum.cyclic_cover(self.build[1])
+        if self.build[0] == "full":
+            return quorum.full_cover(self.build[1])
         base = quorum.cyclic_cover(self.build[1])
         return quorum.product_cover(*([base] * self.build[2]))
 
@@ -504,7 +530,8 @@ def search(
         )
     need, chunks = smallest
     source_text = "memory_budget" if budget is not None else "the free device memory"
-    raise ValueError(
+    raise BudgetTooSmall(
+        need,
         f"{source_text} ({budget_lib.format_bytes(budget_bytes)}, {budget_bytes} bytes) is too small for {what} "
         f"with batch={problem.batch}, q_len={problem.q_len}, kv_len={problem.kv_len}, "
         f"heads={problem.num_q_heads}/{problem.num_kv_heads}, head_dim={problem.head_dim}, {problem.dtype}: "

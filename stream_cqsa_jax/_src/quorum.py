@@ -587,6 +587,14 @@ def cyclic_cover(num_chunks: int) -> Cover:
     return Cover((n,), difference_cover(n))
 
 
+@functools.lru_cache(maxsize=None)
+def full_cover(num_chunks: int) -> Cover:
+    """``Cover((num_chunks,), range(num_chunks))``: every quorum holds every chunk, and quorum ``i``
+    owns exactly the pairs ``(i, b)`` (every difference's representative starts at 0)."""
+    n = _check_int(num_chunks, "num_chunks", 1)
+    return Cover((n,), tuple(range(n)))
+
+
 def product_cover(*covers: Cover) -> Cover:
     """Cover of the product group: moduli concatenated, elements all digit-wise combinations."""
     if not covers:

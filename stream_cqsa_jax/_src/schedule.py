@@ -281,3 +281,20 @@ def visible_pair_count(plan) -> int:
     lo, hi = plan.band.key_span(start, last, np)
     seen = (last >= start) & (hi >= lo)
     return int(np.where(seen, hi // ck - lo // ck + 1, 0).sum())
+
+
+# -- the query-row order (full cover, one pair at a time) ----------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def row_pairs(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q_chunk, kv_chunk, full): int32 [P], int32 [P], bool [P] for every visible chunk pair,
+    by query chunk then key chunk (the order `query_rows` runs them), and whether the
+    band leaves the pair unmasked. O(C^2)."""
+    c = np.arange(plan.num_chunks, dtype=np.int64)
+    visible, full = chunk_pair_visibility(plan, c[:, None], c[None, :])
+    rows, cols = np.nonzero(visible)
+    out = (rows.astype(np.int32), cols.astype(np.int32), full[rows, cols])
+    for x in out:
+        x.setflags(write=False)
+    return out

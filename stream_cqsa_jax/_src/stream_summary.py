@@ -24,7 +24,52 @@ def _cover_line(cover) -> str:
     return f"Z_{cover.num_chunks}, {kind} {{{head}, ...}} ({cover.size} elements)"
 
 
+def _describe_query_rows(plan) -> str:
+    """An out-of-core plan in query-row order (`query_rows.py`)."""
+    from .offload_plan import moved_bytes
+
+    c, p = plan.num_chunks, plan.problem
+    pairs = plan.num_pairs
+    kv_pair = 2 * p.batch * plan.kv_chunk * p.num_kv_heads * p.head_dim * p.itemsize
+    row_state = p.batch * plan.q_chunk * memory_model.state_row_bytes(p)
+    forward = plan.pass_kind == "forward"
+    if forward:
+        executor = (
+            "one program (jitted outside jit, traced into the caller's inside): lax.scan over the query chunks, "
+            "each looping over its pairs, key/value chunks read from host memory"
+        )
+        residency = "float32 state of one query chunk on the device"
+    else:
+        executor = (
+            "lax.scan by query chunk (dq, key/value chunks read from host memory), then by key chunk (dk, dv; "
+            "query chunks, dO and row statistics read from host memory)"
+        )
+        residency = "float32 gradients of one chunk on the device"
+    lines = [
+        f"Stream-CQSA plan ({plan.pass_kind} pass, out-of-core executor, query-row order)",
+        f"  problem    : batch {plan.batch}, q_len {plan.q_len}, kv_len {plan.kv_len}, heads {plan.num_q_heads} "
+        f"(kv heads {plan.num_kv_heads}), head_dim {plan.head_dim}, {plan.dtype}",
+        f"  masking    : {_mask_text(plan)}",
+        f"  chunks     : C = {c}: {plan.q_chunk} query / {plan.kv_chunk} key tokens per chunk "
+        f"(padded lengths {plan.padded_q_len} / {plan.padded_kv_len})",
+        f"  cover      : Z_{c}, full cover: quorum g owns the pairs of query chunk g",
+        f"  subproblems: {c} query chunks in order, each against the key chunks it sees, one chunk pair at a time",
+        f"  pairs      : {pairs} of {c * c} chunk pairs computed ({c * c - pairs} skipped by masking)",
+        f"  kernel     : {_kernel_text(plan)}, tiles {plan.block_q} x {plan.block_kv}",
+        f"  executor   : {executor}",
+        f"  memory     : estimated device peak {format_bytes(plan.estimated_peak_bytes)} of "
+        f"{format_bytes(plan.budget_bytes)} ({plan.budget_source}); per pair {format_bytes(kv_pair)} of key/value "
+        f"chunks" + (f", a row's state {format_bytes(row_state)}" if forward else ""),
+        f"  residency  : query, key, value and output in host memory; {residency}",
+    ]
+    if forward:
+        lines.append(f"  transfers  : about {format_bytes(moved_bytes(plan))} between host and device")
+    return "\n".join(lines)
+
+
 def describe_stream(plan) -> str:
+    if plan.order == "query_rows":
+        return _describe_query_rows(plan)
     c, m = plan.num_chunks, plan.cover.size
     pairs = plan.num_pairs
     layout = plan.stream_layout

@@ -45,7 +45,8 @@ def _kernel_text(plan) -> str:
 
 
 def describe(plan) -> str:
-    if plan.executor == "stream" or (plan.executor == "offload" and plan.inputs == "host" and plan.pass_kind == "forward"):
+    host_inputs = plan.executor == "offload" and plan.inputs == "host"
+    if plan.executor == "stream" or (host_inputs and (plan.pass_kind == "forward" or plan.order == "query_rows")):
         # O(C) description, no schedule tables (stream_summary.py)
         from .stream_summary import describe_stream
 
