@@ -37,6 +37,17 @@ from .plan import Plan
 from .schedule import row_pairs
 
 
+def _pair_inputs(plan: Plan, q_chunk, q_segments, g, j, full, k_chunk, v_chunk, masks) -> KernelInputs:
+    """The chunk pair (query chunk ``g[0]``, key chunk ``j[0]``) as a one-slot, one-pair subproblem;
+    `full` says the band leaves it unmasked."""
+    one, zero = jnp.ones((1,), jnp.int32), jnp.zeros((1, 1), jnp.int32)
+    return KernelInputs(
+        q_chunk, k_chunk, v_chunk, g, j, one, zero, full[None, None], one, zero, q_segment_ids=q_segments,
+        kv_segment_ids=gather_chunks(masks.kv_segment_ids, j, plan.kv_chunk, 1), q_lengths=masks.q_lengths,
+        kv_lengths=masks.kv_lengths,
+    )
+
+
 def attend(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, where, with_f32: bool = False):
     """(o [B, T, N, H] in q's dtype, lse [B, N, T] float32), and with `with_f32` o in float32,
     placed by sharding `where`, from q [B, T, N, H] and k, v [B, S, K, H] (or unbatched) in host
@@ -51,7 +62,6 @@ def attend(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, where,
     starts = jnp.asarray(np.searchsorted(q_ids, chunks, "left"), jnp.int32)
     stops = jnp.asarray(np.searchsorted(q_ids, chunks, "right"), jnp.int32)
     kv_ids, full = jnp.asarray(kv_ids), jnp.asarray(full)
-    one, zero = jnp.ones((1,), jnp.int32), jnp.zeros((1, 1), jnp.int32)
     empty = empty_state(plan.batch, cq, plan.num_q_heads, plan.head_dim, accumulator_dtype(plan.dtype))
 
     def row(_, g):
@@ -61,12 +71,8 @@ def attend(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, where,
 
         def pair(i, state):
             j = kv_ids[i][None]
-            inputs = KernelInputs(
-                q_chunk, gather_chunks(k, j, ck, 1), gather_chunks(v, j, ck, 1), slot, j, one, zero,
-                full[i][None, None], one, zero, q_segment_ids=q_ids_chunk,
-                kv_segment_ids=gather_chunks(masks.kv_segment_ids, j, ck, 1), q_lengths=masks.q_lengths,
-                kv_lengths=masks.kv_lengths,
-            )
+            inputs = _pair_inputs(plan, q_chunk, q_ids_chunk, slot, j, full[i], gather_chunks(k, j, ck, 1),
+                                  gather_chunks(v, j, ck, 1), masks)
             return merge_states(state, kernel.forward(inputs, cfg))
 
         state = lax.fori_loop(starts[g], stops[g], pair, empty)
@@ -96,7 +102,6 @@ def backward(plan: Plan, scale: float, q, k, v, do, lse, delta, masks: executor.
     q_ids, kv_ids, full = row_pairs(plan)
     by_column = np.lexsort((q_ids, kv_ids))
     chunks = np.arange(plan.num_chunks)
-    one, zero = jnp.ones((1,), jnp.int32), jnp.zeros((1, 1), jnp.int32)
 
     def bounds(ids):
         return (jnp.asarray(np.searchsorted(ids, chunks, "left"), jnp.int32),
@@ -110,11 +115,7 @@ def backward(plan: Plan, scale: float, q, k, v, do, lse, delta, masks: executor.
 
     def grads(q_side, g, j, full_pair, k_chunk, v_chunk):
         q_chunk, rows, q_segments = q_side
-        inputs = KernelInputs(
-            q_chunk, k_chunk, v_chunk, g, j, one, zero, full_pair[None, None], one, zero, q_segment_ids=q_segments,
-            kv_segment_ids=gather_chunks(masks.kv_segment_ids, j, ck, 1), q_lengths=masks.q_lengths,
-            kv_lengths=masks.kv_lengths,
-        )
+        inputs = _pair_inputs(plan, q_chunk, q_segments, g, j, full_pair, k_chunk, v_chunk, masks)
         return kernel.backward(inputs, *rows, cfg)
 
     q_pair, kv_pair, full_pair = jnp.asarray(q_ids), jnp.asarray(kv_ids), jnp.asarray(full)
