@@ -73,12 +73,14 @@ def _host_forward(static: _Static, q, k, v, masks, unbatched: bool, with_f32: bo
         q, k, v = _add_batch(memory_kinds.to_memory((q, k, v), "device", device), unbatched)
         if not with_f32:
             return jax.device_put((_attend if traced else _attend_jit)(static, q, k, v, masks), where)
+    elif plan.order == "query_rows":  # one program, traced into the caller's jit or jitted here
+        if traced:
+            return query_rows.attend(plan, static.scale, q, k, v, masks, where, with_f32)
+        return query_rows.forward(plan, static.scale, q, k, v, masks, with_f32=with_f32)
     elif not traced:  # outside jit: the pipeline
         return offload.forward(plan, static.scale, q, k, v, masks, with_f32=with_f32)
     else:  # inside the caller's jit: the scan executor reads chunks from host memory
         q, k, v = _add_batch((q, k, v), unbatched)
-        if plan.order == "query_rows":
-            return query_rows.attend(plan, static.scale, q, k, v, masks, where, with_f32)
     run = _scan_outputs if traced else _scan_outputs_jit
     return run(static, q, k, v, masks, where, with_f32)
 

@@ -243,6 +243,17 @@ def state_row_bytes(p: Problem) -> int:
     return (p.num_q_heads * p.head_dim + 2 * p.num_q_heads) * p.acc_itemsize
 
 
+def chunk_bytes(p: Problem, lay: Layout) -> tuple[int, int]:
+    """(one query chunk, one key chunk plus its value chunk) in the inputs' dtype."""
+    q_chunk = p.batch * lay.q_chunk * p.num_q_heads * p.head_dim * p.itemsize
+    return q_chunk, 2 * p.batch * lay.kv_chunk * p.num_kv_heads * p.head_dim * p.itemsize
+
+
+def output_bytes(p: Problem, lay: Layout) -> int:
+    """The output of every padded query token in the inputs' dtype, with its float32 log-sum-exp."""
+    return p.batch * lay.num_chunks * lay.q_chunk * p.num_q_heads * (p.head_dim * p.itemsize + 4)
+
+
 def device_state_bytes(p: Problem, lay: Layout) -> int:
     """Full-length softmax accumulators held on the device: every padded query token."""
     return p.batch * lay.num_chunks * lay.q_chunk * state_row_bytes(p)
@@ -270,8 +281,7 @@ def offload_footprint(p: Problem, lay: Layout, accumulators: str) -> Footprint:
         return Footprint(resident=0, working=pipeline + chunk_state, tables=0)
     resident = device_state_bytes(p, lay)
     chunk_in = p.batch * max(lay.q_chunk * p.num_q_heads, lay.kv_chunk * p.num_kv_heads) * p.head_dim * p.itemsize
-    output = p.batch * lay.num_chunks * lay.q_chunk * p.num_q_heads * (p.head_dim * p.itemsize + 4)
-    traced = max(inputs + chunk_in + partial + merge + tiles, output)
+    traced = max(inputs + chunk_in + partial + merge + tiles, output_bytes(p, lay))
     return Footprint(resident=resident, working=max(pipeline, traced), tables=0)
 
 
@@ -311,8 +321,7 @@ def query_rows_footprint(p: Problem, lay: Layout) -> Footprint:
     ends, its output chunk on the way home (output, its float32 copy for the
     backward, log-sum-exp).
     """
-    q_chunk = p.batch * lay.q_chunk * p.num_q_heads * p.head_dim * p.itemsize
-    kv_chunks = 2 * p.batch * lay.kv_chunk * p.num_kv_heads * p.head_dim * p.itemsize
+    q_chunk, kv_chunks = chunk_bytes(p, lay)
     chunk_state = p.batch * lay.q_chunk * state_row_bytes(p)
     finalize = p.batch * lay.q_chunk * p.num_q_heads * (p.head_dim * (p.acc_itemsize + p.itemsize) + 4)
     tiles = _tile_bytes(p, lay, score_buffers=3, row_buffers=3)
@@ -323,23 +332,19 @@ def query_rows_footprint(p: Problem, lay: Layout) -> Footprint:
 def query_rows_moved_bytes(p: Problem, lay: Layout, visible_pairs: int) -> int:
     """Host <-> device bytes of a query-row pass: every query chunk once, the key/value chunk of
     every visible chunk pair, and the output with its log-sum-exp home once."""
-    q_bytes = p.batch * lay.num_chunks * lay.q_chunk * p.num_q_heads * p.head_dim * p.itemsize
-    kv_chunks = 2 * p.batch * lay.kv_chunk * p.num_kv_heads * p.head_dim * p.itemsize
-    out = p.batch * lay.num_chunks * lay.q_chunk * p.num_q_heads * (p.head_dim * p.itemsize + 4)
-    return q_bytes + visible_pairs * kv_chunks + out
+    q_chunk, kv_chunks = chunk_bytes(p, lay)
+    return lay.num_chunks * q_chunk + visible_pairs * kv_chunks + output_bytes(p, lay)
 
 
 def quorum_moved_bytes(p: Problem, lay: Layout, accumulators: str) -> int:
     """Host <-> device bytes of a quorum pass, at most: each of the C subproblems sends its
     query and key/value chunks (``lay.q_slots`` of each), and with host accumulators reads
     and writes back the state of its query chunks; then the output goes home once."""
-    q_chunk = p.batch * lay.q_chunk * p.num_q_heads * p.head_dim * p.itemsize
-    kv_chunks = 2 * p.batch * lay.kv_chunk * p.num_kv_heads * p.head_dim * p.itemsize
+    q_chunk, kv_chunks = chunk_bytes(p, lay)
     per_subproblem = lay.q_slots * q_chunk + lay.kv_slots * kv_chunks
     if accumulators == "host":
         per_subproblem += 2 * lay.q_slots * p.batch * lay.q_chunk * state_row_bytes(p)
-    out = p.batch * lay.num_chunks * lay.q_chunk * p.num_q_heads * (p.head_dim * p.itemsize + 4)
-    return lay.num_chunks * per_subproblem + out
+    return lay.num_chunks * per_subproblem + output_bytes(p, lay)
 
 
 def query_rows_backward_footprint(p: Problem, lay: Layout) -> Footprint:

@@ -165,11 +165,7 @@ def forward(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, out_k
             with_f32: bool = False):
     """(o [B, T, N, H] in q's dtype, lse [B, N, T] float32), both in memory `out_kind` (default:
     the query's), from host-resident q [B, T, N, H] and k, v [B, S, K, H]; `with_f32` adds o
-    in float32 (for the backward). Plans in query-row order run `query_rows.forward` instead."""
-    if plan.order == "query_rows":
-        from . import query_rows
-
-        return query_rows.forward(plan, scale, q, k, v, masks, out_kind, with_f32)
+    in float32 (for the backward)."""
     device = memory_kinds.device_of(q)
     out_kind = out_kind or memory_kinds.memory_kind(q)
     device_memory = memory_kinds.sharding(device, "device")

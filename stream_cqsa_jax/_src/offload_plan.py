@@ -83,8 +83,7 @@ def _query_rows(problem, is_causal, window, budget, implementation, block_q, blo
 def moved_bytes(plan: Plan) -> int:
     """Estimated host <-> device bytes of an out-of-core forward plan with inputs in host memory."""
     if plan.order == "query_rows":
-        layout = memory_model.Layout(plan.num_chunks, 1, 1, plan.q_chunk, plan.kv_chunk, plan.block_q, plan.block_kv)
-        return memory_model.query_rows_moved_bytes(plan.problem, layout, visible_pair_count(plan))
+        return memory_model.query_rows_moved_bytes(plan.problem, plan.stream_layout, visible_pair_count(plan))
     return memory_model.quorum_moved_bytes(plan.problem, plan.stream_layout, plan.accumulators)
 
 

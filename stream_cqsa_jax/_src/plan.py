@@ -167,8 +167,9 @@ class Plan:
 
     @property
     def stream_layout(self) -> memory_model.Layout:
-        """The layout of one streaming subproblem: every quorum padded to the cover size."""
-        m = self.cover.size
+        """The layout of one step of a streaming or out-of-core run: a quorum padded to the cover
+        size, or one chunk pair in query-row order."""
+        m = 1 if self.order == "query_rows" else self.cover.size
         return memory_model.Layout(self.num_chunks, m, m, self.q_chunk, self.kv_chunk, self.block_q, self.block_kv)
 
     @property

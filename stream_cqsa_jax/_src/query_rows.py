@@ -37,6 +37,13 @@ from .plan import Plan
 from .schedule import row_pairs
 
 
+def _runs(ids: np.ndarray, num_chunks: int) -> tuple[jax.Array, jax.Array]:
+    """int32 [C] start and stop of each chunk's run of pairs in `ids` (sorted chunk ids, one per pair)."""
+    chunks = np.arange(num_chunks)
+    return (jnp.asarray(np.searchsorted(ids, chunks, "left"), jnp.int32),
+            jnp.asarray(np.searchsorted(ids, chunks, "right"), jnp.int32))
+
+
 def _pair_inputs(plan: Plan, q_chunk, q_segments, g, j, full, k_chunk, v_chunk, masks) -> KernelInputs:
     """The chunk pair (query chunk ``g[0]``, key chunk ``j[0]``) as a one-slot, one-pair subproblem;
     `full` says the band leaves it unmasked."""
@@ -58,9 +65,7 @@ def attend(plan: Plan, scale: float, q, k, v, masks: executor.MaskArrays, where,
     host = memory_kinds.sharding(jax.devices()[0], "pinned_host")
     cq, ck = plan.q_chunk, plan.kv_chunk
     q_ids, kv_ids, full = row_pairs(plan)
-    chunks = np.arange(plan.num_chunks)
-    starts = jnp.asarray(np.searchsorted(q_ids, chunks, "left"), jnp.int32)
-    stops = jnp.asarray(np.searchsorted(q_ids, chunks, "right"), jnp.int32)
+    starts, stops = _runs(q_ids, plan.num_chunks)
     kv_ids, full = jnp.asarray(kv_ids), jnp.asarray(full)
     empty = empty_state(plan.batch, cq, plan.num_q_heads, plan.head_dim, accumulator_dtype(plan.dtype))
 
@@ -101,11 +106,6 @@ def backward(plan: Plan, scale: float, q, k, v, do, lse, delta, masks: executor.
     s, kh = k.shape[1], k.shape[2]
     q_ids, kv_ids, full = row_pairs(plan)
     by_column = np.lexsort((q_ids, kv_ids))
-    chunks = np.arange(plan.num_chunks)
-
-    def bounds(ids):
-        return (jnp.asarray(np.searchsorted(ids, chunks, "left"), jnp.int32),
-                jnp.asarray(np.searchsorted(ids, chunks, "right"), jnp.int32))
 
     def query_side(g):
         """Query chunk g with its dO, log-sum-exp, ones, delta and segment ids, on the device."""
@@ -118,8 +118,8 @@ def backward(plan: Plan, scale: float, q, k, v, do, lse, delta, masks: executor.
         inputs = _pair_inputs(plan, q_chunk, q_segments, g, j, full_pair, k_chunk, v_chunk, masks)
         return kernel.backward(inputs, *rows, cfg)
 
-    q_pair, kv_pair, full_pair = jnp.asarray(q_ids), jnp.asarray(kv_ids), jnp.asarray(full)
-    starts, stops = bounds(q_ids)
+    kv_pair, full_pair = jnp.asarray(kv_ids), jnp.asarray(full)
+    starts, stops = _runs(q_ids, plan.num_chunks)
 
     def dq_row(_, g):
         q_side = query_side(g[None])
@@ -132,8 +132,8 @@ def backward(plan: Plan, scale: float, q, k, v, do, lse, delta, masks: executor.
         dq = lax.fori_loop(starts[g], stops[g], pair, jnp.zeros((b, cq, n, h), acc))
         return None, jax.device_put(dq.astype(q.dtype), host)
 
-    col_q, col_kv, col_full = (jnp.asarray(x[by_column]) for x in (q_ids, kv_ids, full))
-    col_starts, col_stops = bounds(kv_ids[by_column])
+    col_q, col_full = jnp.asarray(q_ids[by_column]), jnp.asarray(full[by_column])
+    col_starts, col_stops = _runs(kv_ids[by_column], plan.num_chunks)
 
     def dkv_column(_, j):
         slot = j[None]

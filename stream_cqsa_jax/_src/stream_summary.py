@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import memory_model
 from .budget import format_bytes
 from .quorum import singer_q
-from .summary import _cover_text, _kernel_text, _mask_text
+from .summary import _cover_text, _kernel_text, _shape_lines
 
 _SHOWN_ELEMENTS = 12
 
@@ -30,7 +30,7 @@ def _describe_query_rows(plan) -> str:
 
     c, p = plan.num_chunks, plan.problem
     pairs = plan.num_pairs
-    kv_pair = 2 * p.batch * plan.kv_chunk * p.num_kv_heads * p.head_dim * p.itemsize
+    _, kv_pair = memory_model.chunk_bytes(p, plan.stream_layout)
     row_state = p.batch * plan.q_chunk * memory_model.state_row_bytes(p)
     forward = plan.pass_kind == "forward"
     if forward:
@@ -47,11 +47,7 @@ def _describe_query_rows(plan) -> str:
         residency = "float32 gradients of one chunk on the device"
     lines = [
         f"Stream-CQSA plan ({plan.pass_kind} pass, out-of-core executor, query-row order)",
-        f"  problem    : batch {plan.batch}, q_len {plan.q_len}, kv_len {plan.kv_len}, heads {plan.num_q_heads} "
-        f"(kv heads {plan.num_kv_heads}), head_dim {plan.head_dim}, {plan.dtype}",
-        f"  masking    : {_mask_text(plan)}",
-        f"  chunks     : C = {c}: {plan.q_chunk} query / {plan.kv_chunk} key tokens per chunk "
-        f"(padded lengths {plan.padded_q_len} / {plan.padded_kv_len})",
+        *_shape_lines(plan),
         f"  cover      : Z_{c}, full cover: quorum g owns the pairs of query chunk g",
         f"  subproblems: {c} query chunks in order, each against the key chunks it sees, one chunk pair at a time",
         f"  pairs      : {pairs} of {c * c} chunk pairs computed ({c * c - pairs} skipped by masking)",
@@ -107,11 +103,7 @@ def describe_stream(plan) -> str:
         )
     lines = [
         f"Stream-CQSA plan (forward pass, {'out-of-core' if offload else 'streaming'} executor)",
-        f"  problem    : batch {plan.batch}, q_len {plan.q_len}, kv_len {plan.kv_len}, heads {plan.num_q_heads} "
-        f"(kv heads {plan.num_kv_heads}), head_dim {plan.head_dim}, {plan.dtype}",
-        f"  masking    : {_mask_text(plan)}",
-        f"  chunks     : C = {c}: {plan.q_chunk} query / {plan.kv_chunk} key tokens per chunk "
-        f"(padded lengths {plan.padded_q_len} / {plan.padded_kv_len})",
+        *_shape_lines(plan),
         f"  cover      : {_cover_line(plan.cover)}; {m} of {c} chunks per quorum",
         f"  subproblems: {c} quorums in order, one at a time; up to {m} query and {m} key chunks "
         f"({m * plan.q_chunk} / {m * plan.kv_chunk} tokens) each",

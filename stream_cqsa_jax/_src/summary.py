@@ -29,6 +29,18 @@ def _mask_text(plan) -> str:
     return ", ".join(parts) or "none (dense)"
 
 
+def _shape_lines(plan) -> list[str]:
+    """The problem, masking and chunking lines every summary starts with."""
+    c = plan.num_chunks
+    return [
+        f"  problem    : batch {plan.batch}, q_len {plan.q_len}, kv_len {plan.kv_len}, heads {plan.num_q_heads} "
+        f"(kv heads {plan.num_kv_heads}), head_dim {plan.head_dim}, {plan.dtype}",
+        f"  masking    : {_mask_text(plan)}",
+        f"  chunks     : C = {c}: {plan.q_chunk} query / {plan.kv_chunk} key tokens per chunk "
+        f"(padded lengths {plan.padded_q_len} / {plan.padded_kv_len})",
+    ]
+
+
 def _kernel_text(plan) -> str:
     import jax
 
@@ -74,11 +86,7 @@ def describe(plan) -> str:
         executor = f"lax.scan over {sched.num_subproblems} subproblems"
     lines = [
         f"Stream-CQSA plan ({plan.pass_kind} pass)",
-        f"  problem    : batch {plan.batch}, q_len {plan.q_len}, kv_len {plan.kv_len}, heads {plan.num_q_heads} "
-        f"(kv heads {plan.num_kv_heads}), head_dim {plan.head_dim}, {plan.dtype}",
-        f"  masking    : {_mask_text(plan)}",
-        f"  chunks     : C = {c}: {plan.q_chunk} query / {plan.kv_chunk} key tokens per chunk "
-        f"(padded lengths {plan.padded_q_len} / {plan.padded_kv_len})",
+        *_shape_lines(plan),
         f"  cover      : {_cover_text(plan.cover)}; {plan.cover.size} of {c} chunks per quorum",
         f"  subproblems: {sched.num_subproblems} live of {c}; up to {q_used} query and {sched.max_kv_slots} key "
         f"chunks each",
