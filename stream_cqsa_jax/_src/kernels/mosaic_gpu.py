@@ -13,9 +13,9 @@ multiplies while the other does its softmax).
 
 The output is the subproblem's softmax state (`base`): float32 ``acc``, row
 max ``m`` and ``l``. bfloat16 and float16 inputs, head dims 64 and 128,
-no segment ids; anything else runs the portable kernel (`pallas_triton`),
-which also serves the backward. Only NVIDIA GPUs of compute capability 9.x
-run it; the module imports anywhere.
+no segment ids; anything else runs the portable kernel (`pallas_triton`).
+The backward kernels are in `mosaic_gpu_backward`. Only NVIDIA GPUs of
+compute capability 9.x run them; the modules import anywhere.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 from ..devices import on_hopper
 from ..merge import SoftmaxState
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
-from . import block_map, pallas_triton
+from . import block_map, mosaic_gpu_backward, pallas_triton
 from .base import KernelConfig, KernelInputs
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
@@ -296,5 +296,5 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
 
 
 def backward(inp: KernelInputs, do, m, l, delta, cfg: KernelConfig):
-    """The backward of `pallas_triton` (same contract)."""
-    return pallas_triton.backward(inp, do, m, l, delta, cfg)
+    """The Hopper backward (`mosaic_gpu_backward`, same contract); it falls back to `pallas_triton`."""
+    return mosaic_gpu_backward.backward(inp, do, m, l, delta, cfg)

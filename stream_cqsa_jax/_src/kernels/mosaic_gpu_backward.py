@@ -1,0 +1,548 @@
+"""The Hopper backward: block-map flash attention gradients in Pallas Mosaic GPU.
+
+Two kernels, no atomics (deterministic), each with two compute warpgroups and
+one warpgroup that issues bulk tensor copies into a ring of shared-memory
+stages, like the forward (`mosaic_gpu`). Both read ``p`` from one per-row
+term, ``bias = m log2(e) + log2(l)`` (``+inf`` for rows that see no key), so
+``p = exp2(s scale log2(e) - bias)`` is one multiply-add and one exp2.
+
+dq: one thread block per (128 query rows, query head, example); each compute
+warpgroup owns 64 rows, holding q, dO [64, H] in shared memory and bias,
+delta in registers (thread blocks take the query tiles last first, the
+busiest under a causal mask). All three warpgroups walk the forward's
+sequence of key tiles (`Launch.dq_block_kv` keys); per tile a compute warpgroup computes
+``s = q k^T`` and ``dp = dO v^T`` on the tensor cores (both from shared
+memory), ``ds = p (dp - delta)`` in registers, then ``dq += ds k`` (``ds``
+from registers). Tiles its own rows do not see it skips, keeping only the
+barriers in step. Output: ``dq scale`` [B, Lq, N, H].
+
+dk/dv: one thread block per (128 keys, key/value head, example); each compute
+warpgroup owns 64 keys, holding k, v [64, H] in shared memory. For every
+query slot that visits the block's chunk (the transposed pair lists), the
+three walk the query tiles (`Launch.dkv_block_q` rows) that see some key of the block
+and, per tile, the ``groups`` query heads of the key/value head; the copy
+warpgroup streams q, dO [block_q, H] and the rows' bias and delta. Per step:
+``s^T = k q^T``, ``dv += p^T dO``, ``dp^T = v dO^T``,
+``ds^T = p^T (dp^T - delta)``, ``dk += ds^T q``, all on the tensor cores.
+Padding keys and rows see nothing, so they get and give no gradient.
+Output: ``dk scale``, ``dv`` [B, Lk, K, H].
+
+Float32 outputs pass through shared memory that the operands no longer need
+(`plgpu.RefUnion`). bfloat16 and float16 inputs, head dims 64 and 128, no
+segment ids, chunks divisible by the tiles; anything else runs the portable
+backward (`pallas_triton`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ..devices import on_hopper
+from ..masks import Band
+from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
+from . import block_map, pallas_triton
+from .base import KernelConfig, KernelInputs
+
+try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+ROWS = 64  # query rows (dq) or keys (dk/dv) per compute warpgroup
+BLOCK = 2 * ROWS  # query rows (dq) or keys (dk/dv) per thread block
+_LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Tiles and ring stages of the two kernels.
+
+    dq_block_kv: keys per tile of the dq kernel; dq_stages: its key/value ring.
+    dkv_block_q: query rows per tile of the dk/dv kernel; dkv_stages: its q/dO ring.
+    """
+
+    dq_block_kv: int = 128
+    dq_stages: int = 2
+    dkv_block_q: int = 64
+    dkv_stages: int = 2
+
+
+def default_launch(head_dim: int) -> Launch:
+    """128-key dq tiles and 64-row dk/dv tiles (two [64, H] float32 accumulators stay in registers),
+    2 stages each, for head dims 64 and 128. Shared memory per thread block at head dim 128 (64):
+    dq 193 KiB (97), dk/dv 129 KiB (65); a third dq stage would not fit at 128."""
+    return Launch()
+
+
+def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
+    """Whether these kernels run `inp` (else the portable backward does)."""
+    return (
+        plgpu is not None
+        and on_hopper()
+        and jnp.dtype(inp.q.dtype).name in MOSAIC_GPU_DTYPES
+        and inp.k.dtype == inp.q.dtype
+        and inp.v.dtype == inp.q.dtype
+        and inp.q.shape[-1] in MOSAIC_GPU_HEAD_DIMS
+        and inp.q_segment_ids is None
+        and cfg.q_chunk % BLOCK == 0
+        and cfg.q_chunk % launch.dkv_block_q == 0
+        and cfg.kv_chunk % BLOCK == 0
+        and cfg.kv_chunk % launch.dq_block_kv == 0
+    )
+
+
+def _row_terms(m, l, delta) -> jax.Array:
+    """float32 [B, N, 2, Lq]: each row's bias (``m log2 e + log2 l``, +inf where it sees no key) and delta."""
+    m, l, delta = (x.astype(jnp.float32) for x in (m, l, delta))
+    seen = (l > 0) & (m > -jnp.inf)
+    bias = jnp.where(seen, m * _LOG2E + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+    return jnp.stack([bias, delta], axis=2)
+
+
+def _split(refs, has_lengths: bool, inputs: int, outputs: int):
+    """(table, lengths or None, input refs, output refs, scratch refs) of a kernel's arguments."""
+    tab_ref, rest = refs[0], refs[1:]
+    lens_ref = None
+    if has_lengths:
+        lens_ref, rest = rest[0], rest[1:]
+    return tab_ref, lens_ref, rest[:inputs], rest[inputs : inputs + outputs], rest[inputs + outputs :]
+
+
+def _load(ref, layout):
+    """All of `ref` in registers with `layout`. jax 0.10 needs the (empty) index as an argument of
+    `plgpu.load`; jax 0.11 deprecates it (index the ref instead)."""
+    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
+
+
+def _iota(shape, dim: int):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _visible(band: Band, q_pos, kv_pos, q_limit, kv_limit):
+    return (
+        (kv_pos < kv_limit)
+        & (q_pos < q_limit)
+        & (kv_pos >= q_pos - band.left_bound)
+        & (kv_pos <= q_pos + band.right_bound)
+    )
+
+
+def _key_span(band: Band, kv_start, keys: int, q_limit, kv_limit) -> block_map.Span:
+    """The `Span` of query positions that see some / every key of ``kv_start .. kv_start + keys - 1``."""
+    kv_last = jnp.minimum(kv_start + keys, kv_limit) - 1
+    lo = jnp.maximum(kv_start - band.right_bound, 0)
+    hi = jnp.minimum(kv_last + band.left_bound, q_limit - 1)
+    empty = (kv_last < kv_start) | (hi < lo)
+    full_lo = jnp.maximum(kv_last - band.right_bound, 0)
+    full_hi = jnp.minimum(kv_start + band.left_bound, q_limit - 1)
+    full_hi = jnp.where(kv_start + keys <= kv_limit, full_hi, -1)  # padding keys must stay masked
+    return block_map.Span(lo, hi, empty, full_lo, full_hi)
+
+
+def _walk(first, last, own: tuple, skip, masked, plain, carry):
+    """Folds one chunk's steps ``[first, last)``: `skip` outside the warpgroup's own range
+    `own` = (first, full_first, full_last, last), `masked` at its edges, `plain` inside."""
+    own_first, full_first, full_last, own_last = (jnp.clip(x, first, last) for x in own)
+    carry = lax.fori_loop(first, own_first, skip, carry)
+    carry = lax.fori_loop(own_first, full_first, masked, carry)
+    carry = lax.fori_loop(full_first, full_last, plain, carry)
+    carry = lax.fori_loop(full_last, own_last, masked, carry)
+    return lax.fori_loop(own_last, last, skip, carry)
+
+
+def _drain(free, steps, stages: int):
+    """The copy warpgroup waits for the last `stages` releases of the ring too, so that it
+    observes every phase of the `free` barriers."""
+
+    def wait(step, _):
+        plgpu.barrier_wait(free.at[lax.rem(step, stages)])
+
+    lax.fori_loop(jnp.maximum(steps - stages, 0), steps, wait, None)
+
+
+def _both_done(done):
+    """Waits until both compute warpgroups get here: past it, neither reads its operands
+    in shared memory again, and the output tiles may reuse that memory."""
+    plgpu.barrier_arrive(done)
+    plgpu.barrier_wait(done)
+
+
+def _store(*tiles):
+    """Writes float32 register tiles to device memory through shared memory; each tile is
+    (value, shared-memory ref, device-memory ref)."""
+    for value, smem, _ in tiles:
+        smem[...] = value
+    plgpu.commit_smem()
+    for _, smem, gmem in tiles:
+        plgpu.copy_smem_to_gmem(smem, gmem)
+    plgpu.wait_smem_to_gmem(0)
+
+
+# -- dq -------------------------------------------------------------------------------
+
+
+def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
+    """refs: table, lengths (if any), q, k, v, dO, row terms; dq; then the scratch of `_dq`."""
+    tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dq_ref,), scratch = _split(refs, has_lengths, 5, 1)
+    ((qdo_smem, out_smem), rows_smem, k_smem, v_smem), q_ready, do_ready, rows_ready, *ring_barriers, done = scratch
+    k_ready, v_ready, k_free, v_free = ring_barriers
+    band, cq, ck, bk, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.dq_block_kv, launch.dq_stages
+    tiles = ck // bk
+    head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
+    t = q_ref.shape[1] // BLOCK - 1 - t  # the query tiles with the most keys (causal) first
+    per_chunk = cq // BLOCK
+    slot = block_map.div(t, per_chunk)
+    block_start = tab_ref[lay.q_chunks + slot] * cq + (t - slot * per_chunk) * BLOCK
+    q_limit, kv_limit = block_map.limits(band, lens_ref, bi)
+    shared = block_map.query_span(band, block_start, BLOCK, q_limit, kv_limit)
+    pair_count = tab_ref[lay.pair_count + slot]
+
+    def pair_chunk(p):
+        kv_slot = tab_ref[lay.pair_kv + slot * lay.pairs + p]
+        return kv_slot, tab_ref[lay.kv_chunks + kv_slot] * ck
+
+    def shared_tiles(chunk_start):
+        first, _, _, last = block_map.tile_ranges(shared, chunk_start, bk, tiles, all_masked=True)
+        return first, last
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        q_tile, do_tile = qdo_smem.at[wg, 0], qdo_smem.at[wg, 1]
+        q_start = block_start + wg * ROWS
+        row0 = t * BLOCK + wg * ROWS
+        own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
+        rows = (bi, pl.ds(row0, ROWS), head)
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, q_ready.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_tile, do_ready.at[wg])
+        plgpu.copy_gmem_to_smem(rows_ref.at[bi, head, :, pl.ds(row0, ROWS)], rows_smem.at[wg], rows_ready.at[wg])
+        plgpu.barrier_wait(rows_ready.at[wg])
+        per_row = plgpu.Layout.WGMMA.reduce(1)
+        bias = _load(rows_smem.at[wg, 0], per_row)
+        delta = _load(rows_smem.at[wg, 1], per_row)
+        plgpu.barrier_wait(q_ready.at[wg])
+        plgpu.barrier_wait(do_ready.at[wg])
+        qk_factor = cfg.scale * _LOG2E
+        shape = (ROWS, bk)
+
+        def skip(kt, carry):
+            ring = lax.rem(carry[0], stages)
+            plgpu.barrier_wait(k_ready.at[ring])
+            plgpu.barrier_wait(v_ready.at[ring])
+            plgpu.barrier_arrive(v_free.at[ring])
+            plgpu.barrier_arrive(k_free.at[ring])
+            return (carry[0] + 1,) + carry[1:]
+
+        def visit(kt, carry, kv_start, masked: bool):
+            step, dq = carry
+            ring = lax.rem(step, stages)
+            k_tile, v_tile = k_smem.at[ring], v_smem.at[ring]
+            plgpu.barrier_wait(k_ready.at[ring])
+
+            def products(s_ref, dp_ref):
+                plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
+                plgpu.barrier_wait(v_ready.at[ring])
+                plgpu.wgmma(dp_ref, do_tile, plgpu.transpose_ref(v_tile, (1, 0)))
+                return s_ref[...], dp_ref[...]
+
+            s, dp = pl.run_scoped(products, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+            plgpu.barrier_arrive(v_free.at[ring])
+            if masked:
+                q_pos = q_start + _iota(shape, 0)
+                kv_pos = kv_start + kt * bk + _iota(shape, 1)
+                s = jnp.where(_visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
+            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(bias, shape, [0]))
+            ds = (p * (dp - lax.broadcast_in_dim(delta, shape, [0]))).astype(q_ref.dtype)
+
+            def gradient(ref):
+                plgpu.wgmma(ref, ds, k_tile)
+
+            dq = pl.run_state(gradient)(plgpu.ACC.init(dq))
+            plgpu.barrier_arrive(k_free.at[ring])
+            return step + 1, dq
+
+        def pair(p, carry):
+            _, chunk_start = pair_chunk(p)
+            first, last = shared_tiles(chunk_start)
+            mine = block_map.tile_ranges(own, chunk_start, bk, tiles, all_masked=False)
+            masked = functools.partial(visit, kv_start=chunk_start, masked=True)
+            plain = functools.partial(visit, kv_start=chunk_start, masked=False)
+            return _walk(first, last, mine, skip, masked, plain, carry)
+
+        zeros = plgpu.layout_cast(jnp.zeros((ROWS, q_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+        _, dq = lax.fori_loop(0, pair_count, pair, (jnp.int32(0), zeros))
+        _both_done(done)
+        _store((dq * cfg.scale, out_smem.at[wg], dq_ref.at[rows]))
+
+    @pl.when(wg == 2)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = block_map.div(head, groups)
+
+        def pair(p, step):
+            kv_slot, chunk_start = pair_chunk(p)
+            first, last = shared_tiles(chunk_start)
+
+            def tile(kt, step):
+                ring = lax.rem(step, stages)
+                rows = (bi, pl.ds(kv_slot * ck + kt * bk, bk), kv_head)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[ring])
+
+                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[ring], k_ready.at[ring])
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[ring])
+
+                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[ring], v_ready.at[ring])
+                return step + 1
+
+            return lax.fori_loop(first, last, tile, step)
+
+        steps = lax.fori_loop(0, pair_count, pair, jnp.int32(0))
+        _drain(k_free, steps, stages)
+        _drain(v_free, steps, stages)
+
+
+def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: Launch) -> jax.Array:
+    b, lq, n, h = inp.q.shape
+    dtype, bk, stages = inp.q.dtype, launch.dq_block_kv, launch.dq_stages
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    smem = (
+        # q and dO tiles of each warpgroup, then its float32 output tile.
+        plgpu.RefUnion(
+            plgpu.SMEM((2, 2, ROWS, h), dtype, transforms=swizzled), plgpu.SMEM((2, ROWS, h), jnp.float32)
+        ),
+        plgpu.SMEM((2, 2, ROWS), jnp.float32),  # bias and delta of each warpgroup's rows
+        plgpu.SMEM((stages, bk, h), dtype, transforms=swizzled),
+        plgpu.SMEM((stages, bk, h), dtype, transforms=swizzled),
+    )
+    scratch = (
+        smem,
+        plgpu.Barrier(num_barriers=2),  # query tile landed
+        plgpu.Barrier(num_barriers=2),  # dO tile landed
+        plgpu.Barrier(num_barriers=2),  # row terms landed
+        plgpu.Barrier(num_barriers=stages),  # key tile landed
+        plgpu.Barrier(num_barriers=stages),  # value tile landed
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # key stage free
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # value stage free
+        plgpu.Barrier(num_arrivals=2),  # both compute warpgroups done with q and dO
+    )
+    body = functools.partial(
+        _dq_kernel, cfg=cfg, lay=lay, launch=launch, groups=n // inp.k.shape[2], has_lengths=lens is not None
+    )
+    return plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32),
+        scratch_types=scratch,
+        grid=(n, lq // BLOCK, b),
+        grid_names=("heads", "tiles", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(tab, *(() if lens is None else (lens,)), inp.q, inp.k, inp.v, do, rows)
+
+
+# -- dk, dv ---------------------------------------------------------------------------
+
+
+def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
+    """refs: table, lengths (if any), q, k, v, dO, row terms; dk, dv; then the scratch of `_dkv`."""
+    tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dk_ref, dv_ref), scratch = _split(
+        refs, has_lengths, 5, 2
+    )
+    (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem), *barriers = scratch
+    k_ready, v_ready, q_ready, do_ready, rows_ready, free, done = barriers
+    band, cq, ck, bq, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.dkv_block_q, launch.dkv_stages
+    tiles = cq // bq
+    kv_head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
+    per_chunk = ck // BLOCK
+    kv_slot = block_map.div(t, per_chunk)
+    block_start = tab_ref[lay.kv_chunks + kv_slot] * ck + (t - kv_slot * per_chunk) * BLOCK
+    q_limit, kv_limit = block_map.limits(band, lens_ref, bi)
+    shared = _key_span(band, block_start, BLOCK, q_limit, kv_limit)
+    visitors = tab_ref[lay.kv_pair_count + kv_slot]
+
+    def visitor_chunk(i):
+        q_slot = tab_ref[lay.kv_pair_q + kv_slot * lay.kv_pairs + i]
+        return q_slot, tab_ref[lay.q_chunks + q_slot] * cq
+
+    def steps(span, chunk_start, all_masked: bool) -> tuple:
+        """Steps (query tile, group head) of the tiles of a query chunk that `span` lists."""
+        return tuple(x * groups for x in block_map.tile_ranges(span, chunk_start, bq, tiles, all_masked))
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        # Indexed by the traced `wg` only: a constant index (``.at[wg, 1]``) closed over by
+        # `pl.run_state` below comes back out of it as a literal, which the Warpgroup lowering
+        # (the default from jax 0.11) rejects ("Shaped arrays must be represented by ir.Values").
+        k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+        kv_start = block_start + wg * ROWS
+        keys = (bi, pl.ds(t * BLOCK + wg * ROWS, ROWS), kv_head)
+        own = _key_span(band, kv_start, ROWS, q_limit, kv_limit)
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_tile, k_ready.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_tile, v_ready.at[wg])
+        plgpu.barrier_wait(k_ready.at[wg])
+        plgpu.barrier_wait(v_ready.at[wg])
+        qk_factor = cfg.scale * _LOG2E
+        shape = (ROWS, bq)
+        per_column = plgpu.Layout.WGMMA.reduce(0)
+
+        def skip(j, carry):
+            ring = lax.rem(carry[0], stages)
+            plgpu.barrier_wait(q_ready.at[ring])
+            plgpu.barrier_wait(rows_ready.at[ring])
+            plgpu.barrier_wait(do_ready.at[ring])
+            plgpu.barrier_arrive(free.at[ring])
+            return (carry[0] + 1,) + carry[1:]
+
+        def visit(j, carry, q_start, masked: bool):
+            step, dk, dv = carry
+            ring = lax.rem(step, stages)
+            q_tile, do_tile, terms = q_smem.at[ring], do_smem.at[ring], rows_smem.at[ring]
+            plgpu.barrier_wait(q_ready.at[ring])
+
+            def scores(ref):
+                plgpu.wgmma(ref, k_tile, plgpu.transpose_ref(q_tile, (1, 0)))
+                return ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))  # s^T: keys x query rows
+            if masked:
+                q_pos = q_start + block_map.div(j, groups) * bq + _iota(shape, 1)
+                kv_pos = kv_start + _iota(shape, 0)
+                s = jnp.where(_visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
+            plgpu.barrier_wait(rows_ready.at[ring])
+            bias = _load(terms.at[0], per_column)
+            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(bias, shape, [1]))
+            p16 = p.astype(q_ref.dtype)
+            plgpu.barrier_wait(do_ready.at[ring])
+
+            def values(refs):
+                dv_ref, dp_ref = refs
+                plgpu.wgmma(dv_ref, p16, do_tile)
+                plgpu.wgmma(dp_ref, v_tile, plgpu.transpose_ref(do_tile, (1, 0)))
+
+            zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+            dv, dp = pl.run_state(values)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
+            delta = _load(terms.at[1], per_column)
+            ds = (p * (dp - lax.broadcast_in_dim(delta, shape, [1]))).astype(q_ref.dtype)
+
+            def gradient(ref):
+                plgpu.wgmma(ref, ds, q_tile)
+
+            dk = pl.run_state(gradient)(plgpu.ACC.init(dk))
+            plgpu.barrier_arrive(free.at[ring])
+            return step + 1, dk, dv
+
+        def visitor(i, carry):
+            _, chunk_start = visitor_chunk(i)
+            first, _, _, last = steps(shared, chunk_start, all_masked=True)
+            mine = steps(own, chunk_start, all_masked=False)
+            masked = functools.partial(visit, q_start=chunk_start, masked=True)
+            plain = functools.partial(visit, q_start=chunk_start, masked=False)
+            return _walk(first, last, mine, skip, masked, plain, carry)
+
+        zeros = plgpu.layout_cast(jnp.zeros((ROWS, k_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+        _, dk, dv = lax.fori_loop(0, visitors, visitor, (jnp.int32(0), zeros, zeros))
+        _both_done(done)
+        _store((dk * cfg.scale, out_smem.at[wg, 0], dk_ref.at[keys]), (dv, out_smem.at[wg, 1], dv_ref.at[keys]))
+
+    @pl.when(wg == 2)
+    def _memory():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def visitor(i, step):
+            q_slot, chunk_start = visitor_chunk(i)
+            first, _, _, last = steps(shared, chunk_start, all_masked=True)
+
+            def tile(j, step):
+                ring = lax.rem(step, stages)
+                qt = block_map.div(j, groups)
+                head = kv_head * groups + (j - qt * groups)
+                row0 = q_slot * cq + qt * bq
+                rows = (bi, pl.ds(row0, bq), head)
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(free.at[ring])
+
+                terms = rows_ref.at[bi, head, :, pl.ds(row0, bq)]
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[ring], q_ready.at[ring])
+                plgpu.copy_gmem_to_smem(terms, rows_smem.at[ring], rows_ready.at[ring])
+                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[ring], do_ready.at[ring])
+                return step + 1
+
+            return lax.fori_loop(first, last, tile, step)
+
+        _drain(free, lax.fori_loop(0, visitors, visitor, jnp.int32(0)), stages)
+
+
+def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: Launch):
+    b, lk, kh, h = inp.k.shape
+    dtype, bq, stages = inp.q.dtype, launch.dkv_block_q, launch.dkv_stages
+    swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    operands = (
+        plgpu.SMEM((2, ROWS, h), dtype, transforms=swizzled),  # k of each warpgroup's keys
+        plgpu.SMEM((2, ROWS, h), dtype, transforms=swizzled),  # v of each warpgroup's keys
+        plgpu.SMEM((stages, bq, h), dtype, transforms=swizzled),  # q ring
+        plgpu.SMEM((stages, bq, h), dtype, transforms=swizzled),  # dO ring
+    )
+    smem = (
+        plgpu.RefUnion(operands, plgpu.SMEM((2, 2, ROWS, h), jnp.float32)),  # then dk, dv of each warpgroup
+        plgpu.SMEM((stages, 2, bq), jnp.float32),  # bias and delta ring
+    )
+    scratch = (
+        smem,
+        plgpu.Barrier(num_barriers=2),  # key tile landed
+        plgpu.Barrier(num_barriers=2),  # value tile landed
+        plgpu.Barrier(num_barriers=stages),  # query tile landed
+        plgpu.Barrier(num_barriers=stages),  # dO tile landed
+        plgpu.Barrier(num_barriers=stages),  # row terms landed
+        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # stage free
+        plgpu.Barrier(num_arrivals=2),  # both compute warpgroups done with the operands
+    )
+    body = functools.partial(
+        _dkv_kernel, cfg=cfg, lay=lay, launch=launch, groups=inp.q.shape[2] // kh, has_lengths=lens is not None
+    )
+    grads = jax.ShapeDtypeStruct((b, lk, kh, h), jnp.float32)
+    return plgpu.kernel(
+        body,
+        out_type=(grads, grads),
+        scratch_types=scratch,
+        grid=(kh, lk // BLOCK, b),
+        grid_names=("heads", "tiles", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(tab, *(() if lens is None else (lens,)), inp.q, inp.k, inp.v, do, rows)
+
+
+def backward(
+    inp: KernelInputs, do, m, l, delta, cfg: KernelConfig, launch: Launch | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(dq [B, Lq, N, H], dk, dv [B, Lk, K, H]) float32 of one subproblem; see `base`.
+    Falls back to `pallas_triton` where `supports` says no."""
+    launch = launch or default_launch(inp.q.shape[-1])
+    if not supports(inp, cfg, launch):
+        return pallas_triton.backward(inp, do, m, l, delta, cfg)
+    tab, lay = block_map.pack(inp)
+    lens = block_map.lengths(inp)
+    rows = _row_terms(m, l, delta)
+    do = do.astype(inp.q.dtype)
+    dq = _dq(inp, do, rows, tab, lay, lens, cfg, launch)
+    dk, dv = _dkv(inp, do, rows, tab, lay, lens, cfg, launch)
+    return dq, dk, dv
