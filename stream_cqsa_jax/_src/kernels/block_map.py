@@ -121,6 +121,19 @@ def query_span(band: Band, q_start, rows: int, q_limit, kv_limit) -> Span:
     return Span(lo, hi, empty, full_lo, full_hi)
 
 
+def key_span(band: Band, kv_start, keys: int, q_limit, kv_limit) -> Span:
+    """The `Span` of key positions ``kv_start .. kv_start + keys - 1``: the query positions
+    that see some (``lo .. hi``) or every (``full_lo .. full_hi``) one of them."""
+    kv_last = jnp.minimum(kv_start + keys, kv_limit) - 1
+    lo = jnp.maximum(kv_start - band.right_bound, 0)
+    hi = jnp.minimum(kv_last + band.left_bound, q_limit - 1)
+    empty = (kv_last < kv_start) | (hi < lo)
+    full_lo = jnp.maximum(kv_last - band.right_bound, 0)
+    full_hi = jnp.minimum(kv_start + band.left_bound, q_limit - 1)
+    full_hi = jnp.where(kv_start + keys <= kv_limit, full_hi, -1)  # padding keys must stay masked
+    return Span(lo, hi, empty, full_lo, full_hi)
+
+
 def tile_ranges(span: Span, chunk_start, block: int, tiles: int, all_masked: bool):
     """Tiles of a chunk starting at `chunk_start` holding positions in [span.lo, span.hi]:
     (first, full_first, full_last, last).

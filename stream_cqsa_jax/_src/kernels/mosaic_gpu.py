@@ -34,6 +34,7 @@ from ..merge import SoftmaxState
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
 from . import block_map, mosaic_gpu_backward, pallas_triton
 from .base import KernelConfig, KernelInputs
+from .mosaic_gpu_common import LOG2E, QueryBlock, stream_kv, visible
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -42,7 +43,6 @@ except ImportError:  # pragma: no cover
 
 ROWS = 64  # query rows per compute warpgroup
 BLOCK_ROWS = 2 * ROWS  # query rows per thread block
-_LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
@@ -88,25 +88,12 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
         lens_ref = None
     (q_smem, ring, m_smem, l_smem), q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
     (k_smem, v_smem), o_smem = ring
-    band, cq, ck, bk, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.block_kv, launch.stages
-    tiles = ck // bk
+    band, bk, stages = cfg.band, launch.block_kv, launch.stages
     bi, head, t, wg = (lax.axis_index(a) for a in ("batch", "heads", "tiles", "wg"))
     if launch.heavy_first:
         t = q_ref.shape[1] // BLOCK_ROWS - 1 - t
-    per_chunk = cq // BLOCK_ROWS
-    slot = block_map.div(t, per_chunk)
-    block_start = tab_ref[lay.q_chunks + slot] * cq + (t - slot * per_chunk) * BLOCK_ROWS
-    q_limit, kv_limit = block_map.limits(band, lens_ref, bi)
-    shared = block_map.query_span(band, block_start, BLOCK_ROWS, q_limit, kv_limit)
-    pair_count = tab_ref[lay.pair_count + slot]
-
-    def pair_chunk(p):
-        kv_slot = tab_ref[lay.pair_kv + slot * lay.pairs + p]
-        return kv_slot, tab_ref[lay.kv_chunks + kv_slot] * ck
-
-    def shared_tiles(chunk_start):
-        first, _, _, last = block_map.tile_ranges(shared, chunk_start, bk, tiles, all_masked=True)
-        return first, last
+    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK_ROWS, bk)
+    q_limit, kv_limit = block.q_limit, block.kv_limit
 
     def take_turn():
         plgpu.barrier_arrive(turn)
@@ -116,12 +103,12 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_tile, o_tile, m_tile, l_tile = q_smem.at[wg], o_smem.at[wg], m_smem.at[wg], l_smem.at[wg]
-        q_start = block_start + wg * ROWS
+        q_start = block.start + wg * ROWS
         row0 = t * BLOCK_ROWS + wg * ROWS
         own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_tile, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
-        qk_factor = cfg.scale * _LOG2E
+        qk_factor = cfg.scale * LOG2E
 
         def skip(kt, carry):
             step = carry[0]
@@ -152,13 +139,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
                 kv_pos = kv_start + kt * bk + plgpu.broadcasted_iota(
                     jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA
                 )
-                visible = (
-                    (kv_pos < kv_limit)
-                    & (q_pos < q_limit)
-                    & (kv_pos >= q_pos - band.left_bound)
-                    & (kv_pos <= q_pos + band.right_bound)
-                )
-                s = jnp.where(visible, s, -jnp.inf)
+                s = jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
             # Base-2 softmax: m is kept in units of log2, so p = exp2(s * factor - m) is one FMA.
             m_new = jnp.maximum(m_i, s.max(axis=1) * qk_factor)
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -179,19 +160,6 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.barrier_arrive(v_free.at[ring])
             return step + 1, acc, m_new, l_i
 
-        def pair(p, carry):
-            _, chunk_start = pair_chunk(p)
-            first, last = shared_tiles(chunk_start)
-            mine = block_map.tile_ranges(own, chunk_start, bk, tiles, all_masked=False)
-            own_first, full_first, full_last, own_last = (jnp.clip(x, first, last) for x in mine)
-            masked = functools.partial(visit, kv_start=chunk_start, masked=True)
-            plain = functools.partial(visit, kv_start=chunk_start, masked=False)
-            carry = lax.fori_loop(first, own_first, skip, carry)
-            carry = lax.fori_loop(own_first, full_first, masked, carry)
-            carry = lax.fori_loop(full_first, full_last, plain, carry)
-            carry = lax.fori_loop(full_last, own_last, masked, carry)
-            return lax.fori_loop(own_last, last, skip, carry)
-
         hd = q_ref.shape[-1]
         init = (
             jnp.int32(0),
@@ -200,7 +168,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
         )
         pl.when(wg == 1)(take_turn)
-        _, acc, m_i, l_i = lax.fori_loop(0, pair_count, pair, init)
+        _, acc, m_i, l_i = block.walk(own, skip, visit, init)
         pl.when(wg == 0)(take_turn)
         # Once both compute warpgroups pass this, neither reads the key/value ring again,
         # and the output tiles may reuse its memory.
@@ -218,32 +186,8 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     @pl.when(wg == 2)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        kv_head = block_map.div(head, groups)
-
-        def pair(p, step):
-            kv_slot, chunk_start = pair_chunk(p)
-            first, last = shared_tiles(chunk_start)
-
-            def tile(kt, step):
-                ring = lax.rem(step, stages)
-                rows = (bi, pl.ds(kv_slot * ck + kt * bk, bk), kv_head)
-
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(k_free.at[ring])
-
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[ring], k_ready.at[ring])
-
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[ring])
-
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[ring], v_ready.at[ring])
-                return step + 1
-
-            return lax.fori_loop(first, last, tile, step)
-
-        lax.fori_loop(0, pair_count, pair, jnp.int32(0))
+        barriers = (k_ready, v_ready, k_free, v_free)
+        stream_kv(block, k_ref, v_ref, k_smem, v_smem, barriers, bi, block_map.div(head, groups), stages)
 
 
 def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) -> SoftmaxState:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +45,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..devices import on_hopper
-from ..masks import Band
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
 from . import block_map, pallas_triton
 from .base import KernelConfig, KernelInputs
+from .mosaic_gpu_common import LOG2E, QueryBlock, drain, stream_kv, visible, walk
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -58,7 +57,6 @@ except ImportError:  # pragma: no cover
 
 ROWS = 64  # query rows (dq) or keys (dk/dv) per compute warpgroup
 BLOCK = 2 * ROWS  # query rows (dq) or keys (dk/dv) per thread block
-_LOG2E = math.log2(math.e)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +101,7 @@ def _row_terms(m, l, delta) -> jax.Array:
     """float32 [B, N, 2, Lq]: each row's bias (``m log2 e + log2 l``, +inf where it sees no key) and delta."""
     m, l, delta = (x.astype(jnp.float32) for x in (m, l, delta))
     seen = (l > 0) & (m > -jnp.inf)
-    bias = jnp.where(seen, m * _LOG2E + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
+    bias = jnp.where(seen, m * LOG2E + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
     return jnp.stack([bias, delta], axis=2)
 
 
@@ -126,48 +124,6 @@ def _load(ref, layout):
 
 def _iota(shape, dim: int):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-
-
-def _visible(band: Band, q_pos, kv_pos, q_limit, kv_limit):
-    return (
-        (kv_pos < kv_limit)
-        & (q_pos < q_limit)
-        & (kv_pos >= q_pos - band.left_bound)
-        & (kv_pos <= q_pos + band.right_bound)
-    )
-
-
-def _key_span(band: Band, kv_start, keys: int, q_limit, kv_limit) -> block_map.Span:
-    """The `Span` of query positions that see some / every key of ``kv_start .. kv_start + keys - 1``."""
-    kv_last = jnp.minimum(kv_start + keys, kv_limit) - 1
-    lo = jnp.maximum(kv_start - band.right_bound, 0)
-    hi = jnp.minimum(kv_last + band.left_bound, q_limit - 1)
-    empty = (kv_last < kv_start) | (hi < lo)
-    full_lo = jnp.maximum(kv_last - band.right_bound, 0)
-    full_hi = jnp.minimum(kv_start + band.left_bound, q_limit - 1)
-    full_hi = jnp.where(kv_start + keys <= kv_limit, full_hi, -1)  # padding keys must stay masked
-    return block_map.Span(lo, hi, empty, full_lo, full_hi)
-
-
-def _walk(first, last, own: tuple, skip, masked, plain, carry):
-    """Folds one chunk's steps ``[first, last)``: `skip` outside the warpgroup's own range
-    `own` = (first, full_first, full_last, last), `masked` at its edges, `plain` inside."""
-    own_first, full_first, full_last, own_last = (jnp.clip(x, first, last) for x in own)
-    carry = lax.fori_loop(first, own_first, skip, carry)
-    carry = lax.fori_loop(own_first, full_first, masked, carry)
-    carry = lax.fori_loop(full_first, full_last, plain, carry)
-    carry = lax.fori_loop(full_last, own_last, masked, carry)
-    return lax.fori_loop(own_last, last, skip, carry)
-
-
-def _drain(free, steps, stages: int):
-    """The copy warpgroup waits for the last `stages` releases of the ring too, so that it
-    observes every phase of the `free` barriers."""
-
-    def wait(step, _):
-        plgpu.barrier_wait(free.at[lax.rem(step, stages)])
-
-    lax.fori_loop(jnp.maximum(steps - stages, 0), steps, wait, None)
 
 
 def _both_done(done):
@@ -196,30 +152,17 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
     tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dq_ref,), scratch = _split(refs, has_lengths, 5, 1)
     ((qdo_smem, out_smem), rows_smem, k_smem, v_smem), q_ready, do_ready, rows_ready, *ring_barriers, done = scratch
     k_ready, v_ready, k_free, v_free = ring_barriers
-    band, cq, ck, bk, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.dq_block_kv, launch.dq_stages
-    tiles = ck // bk
+    band, bk, stages = cfg.band, launch.dq_block_kv, launch.dq_stages
     head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
     t = q_ref.shape[1] // BLOCK - 1 - t  # the query tiles with the most keys (causal) first
-    per_chunk = cq // BLOCK
-    slot = block_map.div(t, per_chunk)
-    block_start = tab_ref[lay.q_chunks + slot] * cq + (t - slot * per_chunk) * BLOCK
-    q_limit, kv_limit = block_map.limits(band, lens_ref, bi)
-    shared = block_map.query_span(band, block_start, BLOCK, q_limit, kv_limit)
-    pair_count = tab_ref[lay.pair_count + slot]
-
-    def pair_chunk(p):
-        kv_slot = tab_ref[lay.pair_kv + slot * lay.pairs + p]
-        return kv_slot, tab_ref[lay.kv_chunks + kv_slot] * ck
-
-    def shared_tiles(chunk_start):
-        first, _, _, last = block_map.tile_ranges(shared, chunk_start, bk, tiles, all_masked=True)
-        return first, last
+    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK, bk)
+    q_limit, kv_limit = block.q_limit, block.kv_limit
 
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_tile, do_tile = qdo_smem.at[wg, 0], qdo_smem.at[wg, 1]
-        q_start = block_start + wg * ROWS
+        q_start = block.start + wg * ROWS
         row0 = t * BLOCK + wg * ROWS
         own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
         rows = (bi, pl.ds(row0, ROWS), head)
@@ -232,7 +175,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
         delta = _load(rows_smem.at[wg, 1], per_row)
         plgpu.barrier_wait(q_ready.at[wg])
         plgpu.barrier_wait(do_ready.at[wg])
-        qk_factor = cfg.scale * _LOG2E
+        qk_factor = cfg.scale * LOG2E
         shape = (ROWS, bk)
 
         def skip(kt, carry):
@@ -260,7 +203,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
             if masked:
                 q_pos = q_start + _iota(shape, 0)
                 kv_pos = kv_start + kt * bk + _iota(shape, 1)
-                s = jnp.where(_visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
+                s = jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
             p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(bias, shape, [0]))
             ds = (p * (dp - lax.broadcast_in_dim(delta, shape, [0]))).astype(q_ref.dtype)
 
@@ -271,50 +214,18 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
             plgpu.barrier_arrive(k_free.at[ring])
             return step + 1, dq
 
-        def pair(p, carry):
-            _, chunk_start = pair_chunk(p)
-            first, last = shared_tiles(chunk_start)
-            mine = block_map.tile_ranges(own, chunk_start, bk, tiles, all_masked=False)
-            masked = functools.partial(visit, kv_start=chunk_start, masked=True)
-            plain = functools.partial(visit, kv_start=chunk_start, masked=False)
-            return _walk(first, last, mine, skip, masked, plain, carry)
-
         zeros = plgpu.layout_cast(jnp.zeros((ROWS, q_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
-        _, dq = lax.fori_loop(0, pair_count, pair, (jnp.int32(0), zeros))
+        _, dq = block.walk(own, skip, visit, (jnp.int32(0), zeros))
         _both_done(done)
         _store((dq * cfg.scale, out_smem.at[wg], dq_ref.at[rows]))
 
     @pl.when(wg == 2)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
-        kv_head = block_map.div(head, groups)
-
-        def pair(p, step):
-            kv_slot, chunk_start = pair_chunk(p)
-            first, last = shared_tiles(chunk_start)
-
-            def tile(kt, step):
-                ring = lax.rem(step, stages)
-                rows = (bi, pl.ds(kv_slot * ck + kt * bk, bk), kv_head)
-
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(k_free.at[ring])
-
-                plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[ring], k_ready.at[ring])
-
-                @pl.when(step >= stages)
-                def _():
-                    plgpu.barrier_wait(v_free.at[ring])
-
-                plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[ring], v_ready.at[ring])
-                return step + 1
-
-            return lax.fori_loop(first, last, tile, step)
-
-        steps = lax.fori_loop(0, pair_count, pair, jnp.int32(0))
-        _drain(k_free, steps, stages)
-        _drain(v_free, steps, stages)
+        barriers = (k_ready, v_ready, k_free, v_free)
+        steps = stream_kv(block, k_ref, v_ref, k_smem, v_smem, barriers, bi, block_map.div(head, groups), stages)
+        drain(k_free, steps, stages)
+        drain(v_free, steps, stages)
 
 
 def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: Launch) -> jax.Array:
@@ -373,7 +284,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
     kv_slot = block_map.div(t, per_chunk)
     block_start = tab_ref[lay.kv_chunks + kv_slot] * ck + (t - kv_slot * per_chunk) * BLOCK
     q_limit, kv_limit = block_map.limits(band, lens_ref, bi)
-    shared = _key_span(band, block_start, BLOCK, q_limit, kv_limit)
+    shared = block_map.key_span(band, block_start, BLOCK, q_limit, kv_limit)
     visitors = tab_ref[lay.kv_pair_count + kv_slot]
 
     def visitor_chunk(i):
@@ -393,12 +304,12 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
         k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
         kv_start = block_start + wg * ROWS
         keys = (bi, pl.ds(t * BLOCK + wg * ROWS, ROWS), kv_head)
-        own = _key_span(band, kv_start, ROWS, q_limit, kv_limit)
+        own = block_map.key_span(band, kv_start, ROWS, q_limit, kv_limit)
         plgpu.copy_gmem_to_smem(k_ref.at[keys], k_tile, k_ready.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_tile, v_ready.at[wg])
         plgpu.barrier_wait(k_ready.at[wg])
         plgpu.barrier_wait(v_ready.at[wg])
-        qk_factor = cfg.scale * _LOG2E
+        qk_factor = cfg.scale * LOG2E
         shape = (ROWS, bq)
         per_column = plgpu.Layout.WGMMA.reduce(0)
 
@@ -424,7 +335,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             if masked:
                 q_pos = q_start + block_map.div(j, groups) * bq + _iota(shape, 1)
                 kv_pos = kv_start + _iota(shape, 0)
-                s = jnp.where(_visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
+                s = jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
             plgpu.barrier_wait(rows_ready.at[ring])
             bias = _load(terms.at[0], per_column)
             p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(bias, shape, [1]))
@@ -454,7 +365,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             mine = steps(own, chunk_start, all_masked=False)
             masked = functools.partial(visit, q_start=chunk_start, masked=True)
             plain = functools.partial(visit, q_start=chunk_start, masked=False)
-            return _walk(first, last, mine, skip, masked, plain, carry)
+            return walk(first, last, mine, skip, masked, plain, carry)
 
         zeros = plgpu.layout_cast(jnp.zeros((ROWS, k_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
         _, dk, dv = lax.fori_loop(0, visitors, visitor, (jnp.int32(0), zeros, zeros))
@@ -488,7 +399,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
 
             return lax.fori_loop(first, last, tile, step)
 
-        _drain(free, lax.fori_loop(0, visitors, visitor, jnp.int32(0)), stages)
+        drain(free, lax.fori_loop(0, visitors, visitor, jnp.int32(0)), stages)
 
 
 def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: Launch):

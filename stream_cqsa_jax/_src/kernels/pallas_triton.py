@@ -323,15 +323,9 @@ def _dkv_kernel(
     k, v = k_ref[...], v_ref[...]
     kv_ids = None if kv_ids_ref is None else kv_ids_ref[...]
     kv_pos = kv_start + jnp.arange(bk, dtype=jnp.int32)
-    # Queries that see some key of this tile, and those that see all of them.
-    kv_last = jnp.minimum(kv_start + bk, kv_limit) - 1
-    lo = jnp.maximum(kv_start - band.right_bound, 0)
-    hi = jnp.minimum(kv_last + band.left_bound, q_limit - 1)
-    empty = (kv_last < kv_start) | (hi < lo)
-    full_lo = jnp.maximum(kv_last - band.right_bound, 0)
-    full_hi = jnp.minimum(kv_start + band.left_bound, q_limit - 1)
-    full_hi = jnp.where(kv_start + bk <= kv_limit, full_hi, -1)  # padding keys must get no gradient
-    span = block_map.Span(lo, hi, empty, full_lo, full_hi)
+    # Queries that see some key of this tile, and those that see all of them (padding keys get
+    # no gradient).
+    span = block_map.key_span(band, kv_start, bk, q_limit, kv_limit)
 
     def tile(qt, grads, q_slot, chunk_start, masked):
         dk, dv = grads

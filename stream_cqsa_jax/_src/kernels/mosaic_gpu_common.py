@@ -1,0 +1,135 @@
+"""Pieces the Hopper kernels share (`mosaic_gpu` forward, `mosaic_gpu_backward` dq).
+
+A thread block of those kernels owns a tile of query rows of one query slot
+(`QueryBlock`), walks the key tiles of that slot's chunk pairs that its rows
+see, and is fed by a copy warpgroup (`stream_kv`) that puts each key and value
+tile into a ring of shared-memory stages. Each compute warpgroup cuts the
+shared walk by its own rows (`walk`) and masks where the band or a length
+cuts a tile (`visible`). Everything here is traced inside a kernel body.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from ..masks import Band
+from . import block_map
+
+try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+except ImportError:  # pragma: no cover
+    plgpu = None
+
+LOG2E = math.log2(math.e)
+
+
+class QueryBlock:
+    """The `rows` query rows from ``start`` of query tile `t` (slot-major over the plan's query
+    slots), their limits, and the key tiles of `block_kv` keys that some of them see."""
+
+    def __init__(self, tab_ref, lens_ref, lay, cfg, bi, t, rows: int, block_kv: int):
+        self._tab, self._lay = tab_ref, lay
+        self.block_kv, self.kv_chunk = block_kv, cfg.kv_chunk
+        per_chunk = cfg.q_chunk // rows
+        self.slot = block_map.div(t, per_chunk)
+        self.start = tab_ref[lay.q_chunks + self.slot] * cfg.q_chunk + (t - self.slot * per_chunk) * rows
+        self.q_limit, self.kv_limit = block_map.limits(cfg.band, lens_ref, bi)
+        self.span = block_map.query_span(cfg.band, self.start, rows, self.q_limit, self.kv_limit)
+        self.pair_count = tab_ref[lay.pair_count + self.slot]
+
+    def pair_chunk(self, p):
+        """(key slot, first key position) of the block's pair `p`."""
+        kv_slot = self._tab[self._lay.pair_kv + self.slot * self._lay.pairs + p]
+        return kv_slot, self._tab[self._lay.kv_chunks + kv_slot] * self.kv_chunk
+
+    def shared_tiles(self, chunk_start):
+        """[first, last) key tiles of the chunk at `chunk_start` that some row of the block sees."""
+        tiles = self.kv_chunk // self.block_kv
+        first, _, _, last = block_map.tile_ranges(self.span, chunk_start, self.block_kv, tiles, all_masked=True)
+        return first, last
+
+
+    def walk(self, own: block_map.Span, skip, visit, carry):
+        """Folds a compute warpgroup's steps over the block's key tiles, pair by pair: for
+        the rows of `own`, ``skip(kt, carry)`` on tiles they do not see, ``visit(kt, carry,
+        kv_start=, masked=)`` on the others (``kv_start``: the pair's first key position)."""
+
+        def pair(p, carry):
+            _, chunk_start = self.pair_chunk(p)
+            first, last = self.shared_tiles(chunk_start)
+            tiles = self.kv_chunk // self.block_kv
+            mine = block_map.tile_ranges(own, chunk_start, self.block_kv, tiles, all_masked=False)
+            masked = functools.partial(visit, kv_start=chunk_start, masked=True)
+            plain = functools.partial(visit, kv_start=chunk_start, masked=False)
+            return walk(first, last, mine, skip, masked, plain, carry)
+
+        return lax.fori_loop(0, self.pair_count, pair, carry)
+
+
+def visible(band: Band, q_pos, kv_pos, q_limit, kv_limit):
+    """Whether query positions `q_pos` see key positions `kv_pos` (same shapes)."""
+    return (
+        (kv_pos < kv_limit)
+        & (q_pos < q_limit)
+        & (kv_pos >= q_pos - band.left_bound)
+        & (kv_pos <= q_pos + band.right_bound)
+    )
+
+
+def walk(first, last, own: tuple, skip, masked, plain, carry):
+    """Folds one chunk's steps ``[first, last)``: `skip` outside the warpgroup's own range
+    `own` = (first, full_first, full_last, last), `masked` at its edges, `plain` inside."""
+    own_first, full_first, full_last, own_last = (jnp.clip(x, first, last) for x in own)
+    carry = lax.fori_loop(first, own_first, skip, carry)
+    carry = lax.fori_loop(own_first, full_first, masked, carry)
+    carry = lax.fori_loop(full_first, full_last, plain, carry)
+    carry = lax.fori_loop(full_last, own_last, masked, carry)
+    return lax.fori_loop(own_last, last, skip, carry)
+
+
+def stream_kv(block: QueryBlock, k_ref, v_ref, k_smem, v_smem, barriers, bi, kv_head, stages: int):
+    """The copy warpgroup: every key and value tile of the block's walk into the ring, a stage
+    reused once both compute warpgroups freed it. `barriers` = (k_ready, v_ready, k_free,
+    v_free). Returns the number of tiles sent."""
+    k_ready, v_ready, k_free, v_free = barriers
+    bk, ck = block.block_kv, block.kv_chunk
+
+    def pair(p, step):
+        kv_slot, chunk_start = block.pair_chunk(p)
+        first, last = block.shared_tiles(chunk_start)
+
+        def tile(kt, step):
+            ring = lax.rem(step, stages)
+            rows = (bi, pl.ds(kv_slot * ck + kt * bk, bk), kv_head)
+
+            @pl.when(step >= stages)
+            def _():
+                plgpu.barrier_wait(k_free.at[ring])
+
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[ring], k_ready.at[ring])
+
+            @pl.when(step >= stages)
+            def _():
+                plgpu.barrier_wait(v_free.at[ring])
+
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[ring], v_ready.at[ring])
+            return step + 1
+
+        return lax.fori_loop(first, last, tile, step)
+
+    return lax.fori_loop(0, block.pair_count, pair, jnp.int32(0))
+
+
+def drain(free, steps, stages: int):
+    """The copy warpgroup waits for the last `stages` releases of the ring too, so that it
+    observes every phase of the `free` barriers."""
+
+    def wait(step, _):
+        plgpu.barrier_wait(free.at[lax.rem(step, stages)])
+
+    lax.fori_loop(jnp.maximum(steps - stages, 0), steps, wait, None)
