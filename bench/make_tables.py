@@ -23,10 +23,18 @@ BEGIN, END = "<!-- generated tables: begin -->", "<!-- generated tables: end -->
 CHART = ROOT / "docs" / "benchmarks_kernel.png"
 MOSAIC_BEGIN, MOSAIC_END = "<!-- generated Hopper tables: begin -->", "<!-- generated Hopper tables: end -->"
 MOSAIC_CHART = ROOT / "docs" / "benchmarks_hopper.png"
-MOSAIC_FILES = ["mosaic_fwd_bf16.json", "mosaic_fwd_f16.json"]
+# Forward runs, oldest first: a later run of the same case replaces an earlier one in the table.
+MOSAIC_FILES = [
+    "mosaic_fwd_bf16.json",
+    "mosaic_fwd_f16.json",
+    "mosaic_f16_64k_d128_repeat.json",
+    "mosaic_tile_order.json",
+    "mosaic_fwd_bf16_heavy_64k_256k.json",
+]
+MOSAIC_BACKWARD_FILES = ["mosaic_bwd_64k_256k.json", "mosaic_bwd_1m_d64_causal.json"]
 SCALING_BEGIN, SCALING_END = "<!-- generated scaling tables: begin -->", "<!-- generated scaling tables: end -->"
 SCALING_CHART = ROOT / "docs" / "benchmarks_scaling.png"
-SCALING_FILES = ["scaling_4m_fwd.json", "scaling_1m_fwd_bwd.json"]
+SCALING_FILES = ["scaling_4m_fwd.json", "scaling_1m_fwd_bwd.json", "scaling_4m_fwd_bwd.json"]
 KERNEL_FILES = [
     "pallas_triton_16k_256k.json",
     "pallas_triton_1m_fwd.json",
@@ -137,17 +145,49 @@ def generated() -> str:
     )
 
 
+def _latest_mosaic_runs(files: list[str]) -> dict[tuple, tuple[dict, dict, str]]:
+    """(Mosaic row, cuDNN row of the same file, file name) per case; a later file replaces an earlier one, and
+    within a file the heaviest-first launch (the default) replaces the in-order one."""
+    latest = {}
+    for name in files:
+        ours, base = _ours_and_cudnn([name], _MOSAIC_FIELDS, "mosaic_gpu")
+        for r in sorted(ours, key=lambda r: bool(r.get("heavy_first"))):
+            key = tuple(r[f] for f in _MOSAIC_FIELDS)
+            latest[key] = (r, base[key], name)
+    return latest
+
+
 def mosaic_table(files: list[str]) -> str:
-    ours, base = _ours_and_cudnn(files, _MOSAIC_FIELDS, "mosaic_gpu")
     lines = [
-        "| N | D | causal | dtype | cuDNN s | ours s | ours TFLOP/s | ours / cuDNN throughput |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| N | D | causal | dtype | query tiles | cuDNN s | ours s | ours TFLOP/s | ours / cuDNN throughput | file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in sorted(ours, key=lambda r: (r["dtype"], r["seq_len"], r["head_dim"], not r["causal"])):
-        c = base[tuple(r[f] for f in _MOSAIC_FIELDS)]
+    runs = _latest_mosaic_runs(files)
+    for key in sorted(runs, key=lambda k: (k[3], k[0], k[1], not k[2])):
+        r, c, name = runs[key]
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} "
-            f"| {c['seconds']:.4f} | {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.2f}x |"
+            f"| {'heaviest first' if r.get('heavy_first') else 'in order'} | {c['seconds']:.4f} "
+            f"| {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.2f}x | `{name}` |"
+        )
+    return "\n".join(lines)
+
+
+def mosaic_backward_table(files: list[str]) -> str:
+    """Forward plus backward: the Hopper and the portable kernels next to cuDNN, same run."""
+    rows = [r for r in _load_rows(files) if "seconds" in r]
+    by_impl = {(r["implementation"],) + tuple(r[f] for f in _KERNEL_FIELDS): r for r in rows}
+    lines = [
+        "| N | D | causal | cuDNN s | Mosaic s | Mosaic / cuDNN | portable s | portable / cuDNN |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    cases = sorted({k[1:] for k in by_impl if k[0] == "mosaic_gpu"}, key=lambda k: (k[0], k[1], not k[2]))
+    for key in cases:
+        c, m, t = (by_impl.get((impl,) + key) for impl in ("cudnn", "mosaic_gpu", "pallas_triton"))
+        portable = f"{t['seconds']:.4f} | {c['seconds'] / t['seconds']:.2f}x" if t else "not run | "
+        lines.append(
+            f"| {_tokens(key[0])} | {key[1]} | {'yes' if key[2] else 'no'} | {c['seconds']:.4f} "
+            f"| {m['seconds']:.4f} | {c['seconds'] / m['seconds']:.2f}x | {portable} |"
         )
     return "\n".join(lines)
 
@@ -188,9 +228,10 @@ def tile_order_table(name: str) -> str:
 
 
 def mosaic_chart(files: list[str], path) -> None:
-    """One group per (dtype, head dim, causal)."""
+    """One group per (dtype, head dim, causal), the latest run of each case."""
+    runs = _latest_mosaic_runs(files).values()
     _ratio_chart(
-        *_ours_and_cudnn(files, _MOSAIC_FIELDS, "mosaic_gpu"), _MOSAIC_FIELDS,
+        [r for r, _, _ in runs], {tuple(r[f] for f in _MOSAIC_FIELDS): c for r, c, _ in runs}, _MOSAIC_FIELDS,
         order=lambda r: (r["dtype"], r["head_dim"], not r["causal"], r["seq_len"]),
         label=lambda r: (
             f"{'BF16' if r['dtype'] == 'bfloat16' else 'F16'} D{r['head_dim']} {'C' if r['causal'] else 'NC'}"
@@ -228,15 +269,22 @@ def generated_mosaic() -> str:
         [
             MOSAIC_BEGIN,
             "### Forward speed: one subproblem, all data on the device (B=1, 8 heads)",
-            "Files: `mosaic_fwd_bf16.json`, `mosaic_fwd_f16.json` (2 timed runs after a warm-up, median).",
+            "Each row is the latest run of its case, with cuDNN timed in the same run (2 timed runs after a "
+            "warm-up, median; 5 in `mosaic_f16_64k_d128_repeat.json`). \"query tiles\": heaviest first "
+            "(`Launch.heavy_first`, the default) or in order (runs made before it was the default; without a "
+            "causal mask the order changes nothing).",
             mosaic_table(MOSAIC_FILES),
             f"![Mosaic / cuDNN forward throughput]({MOSAIC_CHART.name})",
             "The chart: Mosaic / cuDNN forward throughput per group of dtype (BF16, F16), head dim (D64, D128) "
             "and causal (C) or not (NC); one bar per length; grey lines at 0.95x (the target) and 1.0x.",
             "### Query tile order: causal forward, heaviest query tiles first (the default) or in order",
-            "File: `mosaic_tile_order.json` (bfloat16, 2 timed runs after a warm-up, median). The table above "
-            "was measured in order, before heaviest-first became the default.",
+            "File: `mosaic_tile_order.json` (bfloat16, 2 timed runs after a warm-up, median).",
             tile_order_table("mosaic_tile_order.json"),
+            "### Forward plus backward: one subproblem, all data on the device (B=1, 8 heads, bfloat16)",
+            "Files: `mosaic_bwd_64k_256k.json` (2 timed runs after a warm-up, median), "
+            "`mosaic_bwd_1m_d64_causal.json` (1 timed run after a warm-up). Mosaic: the Hopper forward and "
+            "backward; portable: the Triton kernels (`pallas_triton`).",
+            mosaic_backward_table(MOSAIC_BACKWARD_FILES),
             "### What the decomposition costs: the same call cut into 31 subproblems, all on the device",
             "File: `mosaic_decomposed.json` (bfloat16, 2 timed runs after a warm-up, median).",
             decomposition_table("mosaic_decomposed.json"),
@@ -252,8 +300,10 @@ def generated_scaling() -> str:
     return "\n\n".join(
         [
             SCALING_BEGIN,
-            "Files: `scaling_4m_fwd.json`, `scaling_1m_fwd_bwd.json` (B=1, 8 heads, head dim 64, bfloat16, causal, "
-            "31 chunks; 1 timed run after the first call).",
+            "Files: `scaling_4m_fwd.json`, `scaling_1m_fwd_bwd.json`, `scaling_4m_fwd_bwd.json` (B=1, 8 heads, "
+            "head dim 64, bfloat16, causal, 31 chunks; 1 timed run after the first call, except 4M forward plus "
+            "backward: the first call, compilation included, on each GPU count). The 1M forward plus backward ran the "
+            "portable backward kernels, the 4M one the Hopper backward.",
             scaling_table(SCALING_FILES),
             f"![speedup over one GPU]({SCALING_CHART.name})",
             "The chart: speedup over one GPU per length and pass (FWD, F+B); grey lines at 1.0x, 1.8x (0.9x the "

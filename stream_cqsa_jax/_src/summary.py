@@ -51,7 +51,7 @@ def _kernel_text(plan) -> str:
         if not on_hopper():
             return f"pallas_triton{interpret} (mosaic_gpu needs compute capability 9.x)"
         if plan.dtype in tiling.MOSAIC_GPU_DTYPES and plan.head_dim in tiling.MOSAIC_GPU_HEAD_DIMS:
-            return "mosaic_gpu (forward; backward and calls with segment ids: pallas_triton)"
+            return "mosaic_gpu (forward and backward; calls with segment ids: pallas_triton)"
         return "pallas_triton (mosaic_gpu takes 16-bit inputs with head dim 64 or 128)"
     return plan.implementation
 
