@@ -1,11 +1,14 @@
 """Accuracy on the device against a float64 reference, next to cuDNN on the same inputs.
 
     PYTHONPATH=. python bench/check_accuracy.py --out bench/results/accuracy.json
+    PYTHONPATH=. python bench/check_accuracy.py --grads --implementations mosaic_gpu cudnn xla ...
 
 For each sequence length the query rows checked are all rows (short
 sequences) or `--rows` evenly spaced ones; the reference is computed in NumPy
 float64 from the same bfloat16 inputs. Errors are relative Frobenius norms
-over the checked rows of the output (and of dq, dk, dv where `--grads`).
+over the checked rows of the output. With `--grads`, also of the gradients
+for a random bfloat16 cotangent (`grad_errors`): dq on the checked rows, and
+dk, dv when every row is checked (each key's gradient sums over all rows).
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ import numpy as np
 import stream_cqsa_jax as sc
 
 
-def reference_rows(q, k, v, rows, causal):
-    """float64 attention output for query `rows`: [B, len(rows), N, H]."""
+def _row_blocks(q, k, rows, causal):
+    """Yields (example, head, slice of `rows`' positions, those rows, their float64 softmax
+    probabilities [rows, S]), 64 rows at a time."""
     b, t, n, h = q.shape
-    out = np.zeros((b, len(rows), n, h))
     scale = 1.0 / np.sqrt(h)
     for bi in range(b):
         for hi in range(n):
@@ -34,28 +37,52 @@ def reference_rows(q, k, v, rows, causal):
                 s = (q[bi, sel, hi] @ k[bi, :, hi].T) * scale
                 if causal:
                     s = np.where(np.arange(k.shape[1])[None, :] <= sel[:, None], s, -np.inf)
-                s = s - s.max(axis=1, keepdims=True)
-                p = np.exp(s)
-                p /= p.sum(axis=1, keepdims=True)
-                out[bi, start : start + len(sel), hi] = p @ v[bi, :, hi]
+                p = np.exp(s - s.max(axis=1, keepdims=True))
+                yield bi, hi, slice(start, start + len(sel)), sel, p / p.sum(axis=1, keepdims=True)
+
+
+def reference_rows(q, k, v, rows, causal):
+    """float64 attention output for query `rows`: [B, len(rows), N, H]."""
+    out = np.zeros((q.shape[0], len(rows)) + q.shape[2:])
+    for bi, hi, at, _, p in _row_blocks(q, k, rows, causal):
+        out[bi, at, hi] = p @ v[bi, :, hi]
     return out
+
+
+def reference_grads(q, k, v, do, rows, causal, all_rows: bool):
+    """float64 (dq for query `rows`, dk, dv or None unless `all_rows`) of sum(out * do)."""
+    dq = np.zeros((q.shape[0], len(rows)) + q.shape[2:])
+    dk, dv = np.zeros(k.shape), np.zeros(v.shape)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    for bi, hi, at, sel, p in _row_blocks(q, k, rows, causal):
+        dp = do[bi, sel, hi] @ v[bi, :, hi].T
+        ds = p * (dp - (p * dp).sum(axis=1, keepdims=True))
+        dq[bi, at, hi] = ds @ k[bi, :, hi] * scale
+        if all_rows:
+            dk[bi, :, hi] += ds.T @ q[bi, sel, hi] * scale
+            dv[bi, :, hi] += p.T @ do[bi, sel, hi]
+    return (dq, dk, dv) if all_rows else (dq, None, None)
 
 
 def rel(x, ref):
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def check(n, heads, head_dim, causal, rows, implementations, seed=0):
-    keys = jax.random.split(jax.random.key(seed), 3)
+def check(n, heads, head_dim, causal, rows, implementations, grads=False, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 4)
     shape = (1, n, heads, head_dim)
-    q, k, v = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
-    q64, k64, v64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v))
-    rows = np.arange(n) if rows is None or rows >= n else np.linspace(0, n - 1, rows).astype(int)
+    q, k, v, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
+    q64, k64, v64, do64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, do))
+    all_rows = rows is None or rows >= n
+    rows = np.arange(n) if all_rows else np.linspace(0, n - 1, rows).astype(int)
     start = time.perf_counter()
     ref = reference_rows(q64, k64, v64, rows, causal)
+    ref_grads = reference_grads(q64, k64, v64, do64, rows, causal, all_rows) if grads else None
     ref_seconds = time.perf_counter() - start
     result = {"seq_len": n, "heads": heads, "head_dim": head_dim, "causal": causal, "rows_checked": len(rows),
               "reference_seconds": ref_seconds, "errors": {}}
+    if grads:
+        result["grad_errors"] = {}
     for impl in implementations:
         try:
             if impl == "cudnn":
@@ -66,6 +93,13 @@ def check(n, heads, head_dim, causal, rows, implementations, seed=0):
                 f = lambda q, k, v, p=p: sc.dot_product_attention(q, k, v, is_causal=causal, plan=p)
             out = np.asarray(jax.jit(f)(q, k, v).astype(jnp.float32), np.float64)
             result["errors"][impl] = rel(out[:, rows], ref)
+            if grads:
+                got = jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))(q, k, v, do)
+                got = [np.asarray(g.astype(jnp.float32), np.float64) for g in got]
+                errors = {"dq": rel(got[0][:, rows], ref_grads[0])}
+                if all_rows:
+                    errors.update(dk=rel(got[1], ref_grads[1]), dv=rel(got[2], ref_grads[2]))
+                result["grad_errors"][impl] = errors
         except Exception as err:
             result["errors"][impl] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
     return result
@@ -78,13 +112,14 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64])
     parser.add_argument("--implementations", nargs="+", default=["pallas_triton", "xla", "cudnn"])
+    parser.add_argument("--grads", action="store_true", help="also check dq (and dk, dv when every row is)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     results = []
     for n in args.seq_lens:
         for d in args.head_dims:
             for causal in (True, False):
-                results.append(check(n, args.heads, d, causal, args.rows, args.implementations))
+                results.append(check(n, args.heads, d, causal, args.rows, args.implementations, args.grads))
                 print(json.dumps(results[-1]), flush=True)
     if args.out:
         meta = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "date": time.strftime("%Y-%m-%d")}

@@ -1,20 +1,26 @@
-"""The Mosaic GPU forward kernel next to cuDNN and the portable kernel, all data on the device.
+"""The Mosaic GPU kernels next to cuDNN and the portable kernel, all data on the device.
 
     PYTHONPATH=. python bench/mosaic_kernel.py --seq-lens 65536 262144 1048576 --head-dims 64 128 \\
         --out bench/results/mosaic_fwd.json
     PYTHONPATH=. python bench/mosaic_kernel.py --seq-lens 65536 --launches 128,4 128,2 64,4 ...
     PYTHONPATH=. python bench/mosaic_kernel.py --seq-lens 262144 --decomposed 31 ...
+    PYTHONPATH=. python bench/mosaic_kernel.py --seq-lens 65536 --backward-launches 128,2,64,2 64,2,64,2 ...
 
 Each launch is written ``block_kv,stages`` (``block_kv,stages,heavy`` takes the
 query tiles in reverse order, heaviest first when causal); every launch given is timed on the
 single-subproblem plan (kernel speed alone) and, with ``--decomposed C``, on a
 plan forced to ``C`` chunks (C subproblems, all on the device), which measures
 what the decomposition itself costs. ``--portable`` adds the Triton kernel.
+
+With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
+too), once per backward launch, written ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
+(`mosaic_gpu_backward.Launch`), with the forward's own launch.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import sys
@@ -23,13 +29,19 @@ import time
 import jax
 
 from stream_cqsa_jax import benchmark
-from stream_cqsa_jax._src.kernels import mosaic_gpu
+from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
 
 
 def _launch(text: str) -> mosaic_gpu.Launch:
     """``block_kv,stages`` or ``block_kv,stages,heavy`` (query tiles in reverse order)."""
     parts = text.split(",")
     return mosaic_gpu.Launch(block_kv=int(parts[0]), stages=int(parts[1]), heavy_first=parts[2:] == ["heavy"])
+
+
+def _backward_launch(text: str) -> mosaic_gpu_backward.Launch:
+    """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``."""
+    dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in text.split(","))
+    return mosaic_gpu_backward.Launch(dq_block_kv, dq_stages, dkv_block_q, dkv_stages)
 
 
 def _report(row: dict, base: dict, label: str) -> None:
@@ -49,22 +61,34 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16"])
     parser.add_argument("--launches", nargs="+", default=None, help="block_kv,stages (default: the kernel's own)")
     parser.add_argument("--decomposed", type=int, default=None, help="also time a plan forced to this many chunks")
+    parser.add_argument("--backward-launches", nargs="+", default=None,
+                        help="time forward plus backward with these dq_block_kv,dq_stages,dkv_block_q,dkv_stages")
     parser.add_argument("--portable", action="store_true", help="also time the Triton kernel")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
-    default_launch = mosaic_gpu.default_launch
+    default_launch, default_backward_launch = mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch
+    direction = "fwd_bwd" if args.backward_launches else "fwd"
     rows = []
     for n, d, c, dtype in itertools.product(args.seq_lens, args.head_dims, causal, args.dtypes):
-        case = benchmark.Case(n, d, c, "fwd", dtype=dtype)
-        label = f"N={n} D={d} causal={c} {dtype}"
+        case = benchmark.Case(n, d, c, direction, dtype=dtype)
+        label = f"N={n} D={d} causal={c} {dtype} {direction}"
         base = benchmark.run_case("cudnn", case, args.iters)
         rows.append(base)
         _report(base, base, f"{label} cudnn")
         if args.portable:
             rows.append(benchmark.run_case("pallas_triton", case, args.iters))
             _report(rows[-1], base, f"{label} pallas_triton")
+        if args.backward_launches:
+            for launch in map(_backward_launch, args.backward_launches):
+                mosaic_gpu_backward.default_launch = lambda head_dim, launch=launch: launch
+                jax.clear_caches()
+                row = benchmark.run_case("mosaic_gpu", case, args.iters)
+                row.update(dataclasses.asdict(launch))
+                rows.append(row)
+                _report(row, base, f"{label} mosaic_gpu backward {launch}")
+            continue
         launches = [_launch(x) for x in args.launches] if args.launches else [default_launch(d)]
         for launch in launches:
             mosaic_gpu.default_launch = lambda head_dim, launch=launch: launch
@@ -76,7 +100,7 @@ def main(argv=None) -> int:
                 what = f"{launch.block_kv},{launch.stages}" + (",heavy" if launch.heavy_first else "")
                 what += f" chunks={chunks}" if chunks else ""
                 _report(row, base, f"{label} mosaic_gpu {what}")
-    mosaic_gpu.default_launch = default_launch
+    mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch = default_launch, default_backward_launch
     if args.out:
         meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d")}
         with open(args.out, "w") as f:

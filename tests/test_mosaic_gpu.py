@@ -231,6 +231,45 @@ def test_mosaic_backward_lowers_for_cuda_on_any_machine(case, monkeypatch):
     assert text.count("custom_call @mosaic_gpu") >= 3  # the forward, dq and dk/dv kernels
 
 
+def _lower_gradient(head_dim: int) -> None:
+    """Lowers a causal grouped-heads gradient at `head_dim` for CUDA, whatever the machine."""
+    plan = sc.plan(q_len=1024, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
+                   is_causal=True, num_chunks=1, implementation="mosaic_gpu")
+    q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
+    loss = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan).astype(jnp.float32).sum()
+    jax.clear_caches()  # traced programs are cached per plan, not per launch: none may outlive the test
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+    finally:
+        jax.clear_caches()
+
+
+@pytest.mark.parametrize("head_dim,launch", [
+    (64, mosaic_gpu_backward.Launch(dq_block_kv=128, dq_stages=3, dkv_block_q=128, dkv_stages=2)),
+    (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_stages=3, dkv_block_q=64, dkv_stages=3)),
+    (128, mosaic_gpu_backward.Launch(dq_block_kv=128, dq_stages=2, dkv_block_q=128, dkv_stages=2)),
+])
+def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
+    """Launches other than the default (what a tuning sweep tries) build and fit in shared memory."""
+    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
+    monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
+    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda head_dim: launch)
+    _lower_gradient(head_dim)
+
+
+def test_mosaic_backward_launch_too_big_for_shared_memory_is_refused(monkeypatch):
+    """A third dq stage of 128-key tiles at head dim 128 needs 263,320 bytes of shared memory: the
+    lowering refuses it on any machine (so the lowering tests above do check the size)."""
+    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
+    monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
+    too_big = mosaic_gpu_backward.Launch(dq_block_kv=128, dq_stages=3)
+    monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda head_dim: too_big)
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+        _lower_gradient(128)
+
+
 def test_mosaic_backward_falls_back_where_the_kernels_do_not_apply(monkeypatch):
     """Segment ids and float32 inputs run the portable backward, even on a Hopper GPU."""
     monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
