@@ -180,8 +180,8 @@ def dot_product_attention(
       plan: a `Plan` from `stream_cqsa_jax.plan(...)` for exactly this call
         (it overrides `memory_budget` and `implementation`).
       implementation: kernel name: "xla" (any backend), "pallas_triton"
-        (GPU, Pallas interpret mode elsewhere) or "mosaic_gpu" (its forward on
-        compute capability 9.x, else "pallas_triton"); default: the fastest
+        (GPU, Pallas interpret mode elsewhere) or "mosaic_gpu" (forward and
+        backward on compute capability 9.x, else "pallas_triton"); default: the fastest
         for the backend (`plan.summary()` says which).
       return_residuals: also return the natural-log log-sum-exp, float32
         [B, N, T] ([N, T] unbatched); its cotangent is supported.

@@ -241,8 +241,8 @@ def plan(
       depth: levels of the product cover (``num_chunks ** depth`` chunks in
         all); default 1 when `num_chunks` is given, else the planner chooses.
       implementation: kernel name: "xla" (any backend), "pallas_triton"
-        (GPU; interpret mode elsewhere) or "mosaic_gpu" (its forward on compute
-        capability 9.x, else "pallas_triton"); default: `default_implementation()`.
+        (GPU; interpret mode elsewhere) or "mosaic_gpu" (forward and backward on
+        compute capability 9.x, else "pallas_triton"); default: `default_implementation()`.
       block_q, block_kv: largest kernel tiles; default from the kernel's rules.
       pass_kind: "forward" or "backward" (the backward holds more per token).
       executor: "scan" (default; the arrays and float32 accumulators live on
