@@ -34,7 +34,7 @@ from ..merge import SoftmaxState
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
 from . import block_map, mosaic_gpu_backward, pallas_triton
 from .base import KernelConfig, KernelInputs
-from .mosaic_gpu_common import LOG2E, QueryBlock, stream_kv, visible
+from .mosaic_gpu_common import LOG2E, QueryBlock, run_kernel, split_refs, stream_kv, visible
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -81,11 +81,7 @@ def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
 
 def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
     """refs: the packed table, lengths (if any), q, k, v; acc, m, l; then the scratch of `forward`."""
-    if has_lengths:
-        tab_ref, lens_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scratch = refs[:8] + (refs[8:],)
-    else:
-        tab_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scratch = refs[:7] + (refs[7:],)
-        lens_ref = None
+    tab_ref, lens_ref, (q_ref, k_ref, v_ref), (acc_ref, m_ref, l_ref), scratch = split_refs(refs, has_lengths, 3, 3)
     (q_smem, ring, m_smem, l_smem), q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
     (k_smem, v_smem), o_smem = ring
     band, bk, stages = cfg.band, launch.block_kv, launch.stages
@@ -226,16 +222,8 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
     body = functools.partial(
         _kernel, cfg=cfg, lay=lay, launch=launch, groups=n // kh, has_lengths=lens is not None
     )
-    acc, m, l = plgpu.kernel(
-        body,
-        out_type=(jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32), rows, rows),
-        scratch_types=scratch,
-        grid=(n, lq // BLOCK_ROWS, b),
-        grid_names=("heads", "tiles", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(tab, *(() if lens is None else (lens,)), inp.q, inp.k, inp.v)
+    out_type = (jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32), rows, rows)
+    acc, m, l = run_kernel(body, out_type, scratch, (n, lq // BLOCK_ROWS, b), tab, lens, inp.q, inp.k, inp.v)
     return SoftmaxState(acc, m, l)
 
 

@@ -48,7 +48,7 @@ from ..devices import on_hopper
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
 from . import block_map, pallas_triton
 from .base import KernelConfig, KernelInputs
-from .mosaic_gpu_common import LOG2E, QueryBlock, drain, stream_kv, visible, walk
+from .mosaic_gpu_common import LOG2E, QueryBlock, drain, run_kernel, split_refs, stream_kv, visible, walk
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -105,15 +105,6 @@ def _row_terms(m, l, delta) -> jax.Array:
     return jnp.stack([bias, delta], axis=2)
 
 
-def _split(refs, has_lengths: bool, inputs: int, outputs: int):
-    """(table, lengths or None, input refs, output refs, scratch refs) of a kernel's arguments."""
-    tab_ref, rest = refs[0], refs[1:]
-    lens_ref = None
-    if has_lengths:
-        lens_ref, rest = rest[0], rest[1:]
-    return tab_ref, lens_ref, rest[:inputs], rest[inputs : inputs + outputs], rest[inputs + outputs :]
-
-
 def _load(ref, layout):
     """All of `ref` in registers with `layout`. jax 0.10 needs the (empty) index as an argument of
     `plgpu.load`; jax 0.11 deprecates it (index the ref instead)."""
@@ -149,7 +140,7 @@ def _store(*tiles):
 
 def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
     """refs: table, lengths (if any), q, k, v, dO, row terms; dq; then the scratch of `_dq`."""
-    tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dq_ref,), scratch = _split(refs, has_lengths, 5, 1)
+    tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dq_ref,), scratch = split_refs(refs, has_lengths, 5, 1)
     ((qdo_smem, out_smem), rows_smem, k_smem, v_smem), q_ready, do_ready, rows_ready, *ring_barriers, done = scratch
     k_ready, v_ready, k_free, v_free = ring_barriers
     band, bk, stages = cfg.band, launch.dq_block_kv, launch.dq_stages
@@ -255,16 +246,8 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
     body = functools.partial(
         _dq_kernel, cfg=cfg, lay=lay, launch=launch, groups=n // inp.k.shape[2], has_lengths=lens is not None
     )
-    return plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32),
-        scratch_types=scratch,
-        grid=(n, lq // BLOCK, b),
-        grid_names=("heads", "tiles", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(tab, *(() if lens is None else (lens,)), inp.q, inp.k, inp.v, do, rows)
+    out_type = jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32)
+    return run_kernel(body, out_type, scratch, (n, lq // BLOCK, b), tab, lens, inp.q, inp.k, inp.v, do, rows)
 
 
 # -- dk, dv ---------------------------------------------------------------------------
@@ -272,7 +255,7 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
 
 def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
     """refs: table, lengths (if any), q, k, v, dO, row terms; dk, dv; then the scratch of `_dkv`."""
-    tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dk_ref, dv_ref), scratch = _split(
+    tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dk_ref, dv_ref), scratch = split_refs(
         refs, has_lengths, 5, 2
     )
     (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem), *barriers = scratch
@@ -430,16 +413,7 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
         _dkv_kernel, cfg=cfg, lay=lay, launch=launch, groups=inp.q.shape[2] // kh, has_lengths=lens is not None
     )
     grads = jax.ShapeDtypeStruct((b, lk, kh, h), jnp.float32)
-    return plgpu.kernel(
-        body,
-        out_type=(grads, grads),
-        scratch_types=scratch,
-        grid=(kh, lk // BLOCK, b),
-        grid_names=("heads", "tiles", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(tab, *(() if lens is None else (lens,)), inp.q, inp.k, inp.v, do, rows)
+    return run_kernel(body, (grads, grads), scratch, (kh, lk // BLOCK, b), tab, lens, inp.q, inp.k, inp.v, do, rows)
 
 
 def backward(

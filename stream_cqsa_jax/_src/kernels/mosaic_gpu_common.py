@@ -1,11 +1,13 @@
-"""Pieces the Hopper kernels share (`mosaic_gpu` forward, `mosaic_gpu_backward` dq).
+"""Pieces the Hopper kernels share (`mosaic_gpu` forward, `mosaic_gpu_backward` dq and dk/dv).
 
-A thread block of those kernels owns a tile of query rows of one query slot
+All three run on a grid of thread blocks of two compute warpgroups and a copy
+warpgroup (`run_kernel`, arguments split by `split_refs`). A thread block of
+the forward and dq kernels owns a tile of query rows of one query slot
 (`QueryBlock`), walks the key tiles of that slot's chunk pairs that its rows
 see, and is fed by a copy warpgroup (`stream_kv`) that puts each key and value
 tile into a ring of shared-memory stages. Each compute warpgroup cuts the
 shared walk by its own rows (`walk`) and masks where the band or a length
-cuts a tile (`visible`). Everything here is traced inside a kernel body.
+cuts a tile (`visible`). All but `run_kernel` are traced inside a kernel body.
 """
 
 from __future__ import annotations
@@ -26,6 +28,31 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 LOG2E = math.log2(math.e)
+
+
+def split_refs(refs, has_lengths: bool, inputs: int, outputs: int):
+    """(table, lengths or None, input refs, output refs, scratch refs) of a kernel's arguments."""
+    tab_ref, rest = refs[0], refs[1:]
+    lens_ref = None
+    if has_lengths:
+        lens_ref, rest = rest[0], rest[1:]
+    return tab_ref, lens_ref, rest[:inputs], rest[inputs : inputs + outputs], rest[inputs + outputs :]
+
+
+def run_kernel(body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *operands):
+    """Runs `body` on a grid (heads, tiles, batch) of thread blocks of two compute warpgroups and
+    a copy warpgroup (axis "wg"); its arguments: `tab`, `lens` unless None, `operands`, the outputs
+    of `out_type`, the `scratch`."""
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=grid,
+        grid_names=("heads", "tiles", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(tab, *(() if lens is None else (lens,)), *operands)
 
 
 class QueryBlock:
