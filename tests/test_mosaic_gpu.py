@@ -9,6 +9,7 @@ included) and that plans fall back as documented.
 """
 
 import dataclasses
+import types
 import zlib
 
 import jax
@@ -37,10 +38,10 @@ CASES = {
 }
 
 
-@hopper
-@pytest.mark.parametrize("case", list(CASES))
-def test_mosaic_forward_and_gradients_match_float64(case, monkeypatch):
-    b, t, s, n, kh, h, dtype_name, structured, lengths, chunks, logit_scale = CASES[case]
+def _float64_case(params: tuple, case: str) -> types.SimpleNamespace:
+    """Inputs, float64 references, the XLA kernel's errors and a Mosaic plan for one row of `CASES`
+    or `BACKWARD_CASES` (params); inputs are drawn from the case's name."""
+    b, t, s, n, kh, h, dtype_name, structured, lengths, chunks, logit_scale = params
     dtype = jnp.dtype(dtype_name)
     rng = np.random.default_rng(zlib.crc32(case.encode()))
     q, k, v = random_inputs(rng.integers(2**31), b, t, s, n, kh, h, dtype, logit_scale=logit_scale)
@@ -51,28 +52,38 @@ def test_mosaic_forward_and_gradients_match_float64(case, monkeypatch):
     ref_out, ref_lse = attention(as64(q), as64(k), as64(v), **rk)
     ref_grads = attention_grads(as64(q), as64(k), as64(v), as64(do), **rk)
     base_out, base_grads = xla_errors(q, k, v, do, vis, structured, extra, ref_out, ref_grads)
-
     plan = sc.plan(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=dtype, batch=b,
                    num_chunks=chunks, implementation="mosaic_gpu", **structured)
     assert plan.implementation == "mosaic_gpu" and len(plan.subproblems) >= min(chunks, 2)
+    return types.SimpleNamespace(
+        dtype=dtype, q=q, k=k, v=v, do=do, structured=structured, extra=extra, vis=vis, ref_out=ref_out,
+        ref_lse=ref_lse, ref_grads=ref_grads, base_out=base_out, base_grads=base_grads, plan=plan,
+    )
+
+
+@hopper
+@pytest.mark.parametrize("case", list(CASES))
+def test_mosaic_forward_and_gradients_match_float64(case, monkeypatch):
+    c = _float64_case(CASES[case], case)
 
     def portable_forward(*args, **kwargs):
         raise AssertionError("the portable forward ran instead of the Mosaic kernel")
 
     monkeypatch.setattr(pallas_triton, "forward", portable_forward)
-    f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, return_residuals=True, **structured, **extra)
-    (out, lse), vjp = jax.vjp(f, q, k, v)
+    f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, return_residuals=True, **c.structured,
+                                                 **c.extra)
+    (out, lse), vjp = jax.vjp(f, c.q, c.k, c.v)
     out, lse = np.asarray(out), np.asarray(lse)
     assert np.all(np.isfinite(out))
-    assert rel_error(as64(out), ref_out) <= 1.2 * base_out
-    seen = vis.any(-1)  # [B, T]
+    assert rel_error(as64(out), c.ref_out) <= 1.2 * c.base_out
+    seen = c.vis.any(-1)  # [B, T]
     assert np.all(out[~seen] == 0)
     lse_seen = np.broadcast_to(seen[:, None, :], lse.shape)
     assert np.all(lse[~lse_seen] == -np.inf)
-    np.testing.assert_allclose(lse[lse_seen], ref_lse[lse_seen], rtol=2e-3, atol=2e-3)
-    grads = vjp((jnp.asarray(do), jnp.zeros(lse.shape, jnp.float32)))
-    for name, g, r, base in zip("qkv", grads, ref_grads, base_grads):
-        assert g.dtype == dtype, name
+    np.testing.assert_allclose(lse[lse_seen], c.ref_lse[lse_seen], rtol=2e-3, atol=2e-3)
+    grads = vjp((jnp.asarray(c.do), jnp.zeros(lse.shape, jnp.float32)))
+    for name, g, r, base in zip("qkv", grads, c.ref_grads, c.base_grads):
+        assert g.dtype == c.dtype, name
         assert rel_error(as64(g), r) <= 1.5 * base, name
 
 
@@ -165,31 +176,17 @@ def _portable_backward(*args, **kwargs):
 def test_mosaic_backward_matches_float64(case, monkeypatch):
     """dq, dk, dv of the Mosaic backward kernels (the portable backward is made to fail); rows past a
     query length and keys past a key length get exactly zero gradient."""
-    b, t, s, n, kh, h, dtype_name, structured, lengths, chunks, logit_scale = BACKWARD_CASES[case]
-    dtype = jnp.dtype(dtype_name)
-    rng = np.random.default_rng(zlib.crc32(case.encode()))
-    q, k, v = random_inputs(rng.integers(2**31), b, t, s, n, kh, h, dtype, logit_scale=logit_scale)
-    do = jnp.asarray(rng.standard_normal((b, t, n, h)), dtype)
-    extra, ref_extra = data_masks("lengths" if lengths else None, b, t, s, rng)
-    rk = dict(is_causal=structured.get("is_causal", False), window=structured.get("local_window_size"), **ref_extra)
-    vis = visibility(t, s, b, **rk)
-    ref_out, _ = attention(as64(q), as64(k), as64(v), **rk)
-    ref_grads = attention_grads(as64(q), as64(k), as64(v), as64(do), **rk)
-    _, base_grads = xla_errors(q, k, v, do, vis, structured, extra, ref_out, ref_grads)
-
-    plan = sc.plan(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=dtype, batch=b,
-                   num_chunks=chunks, implementation="mosaic_gpu", **structured)
-    assert plan.implementation == "mosaic_gpu" and len(plan.subproblems) >= min(chunks, 2)
+    c = _float64_case(BACKWARD_CASES[case], case)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
-    f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, **structured, **extra)
-    _, vjp = jax.vjp(f, q, k, v)
-    grads = [np.asarray(g) for g in vjp(do)]
-    for name, g, r, base in zip("qkv", grads, ref_grads, base_grads):
-        assert g.dtype == dtype, name
+    f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, **c.structured, **c.extra)
+    _, vjp = jax.vjp(f, c.q, c.k, c.v)
+    grads = [np.asarray(g) for g in vjp(c.do)]
+    for name, g, r, base in zip("qkv", grads, c.ref_grads, c.base_grads):
+        assert g.dtype == c.dtype, name
         assert rel_error(as64(g), r) <= 1.5 * base, name
     dq, dk, dv = grads
-    assert np.all(dq[~vis.any(-1)] == 0)  # rows that see no key
-    unseen = ~vis.any(1)  # [B, S]: keys no row sees
+    assert np.all(dq[~c.vis.any(-1)] == 0)  # rows that see no key
+    unseen = ~c.vis.any(1)  # [B, S]: keys no row sees
     assert np.all(dk[unseen] == 0) and np.all(dv[unseen] == 0)
 
 
