@@ -14,7 +14,7 @@ what the decomposition itself costs. ``--portable`` adds the Triton kernel.
 
 With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too), once per backward launch, written ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
-(`mosaic_gpu_backward.Launch`), with the forward's own launch.
+(`mosaic_gpu_backward.Launch`; a trailing ``,paired`` sets ``dkv_paired``), with the forward's own launch.
 """
 
 from __future__ import annotations
@@ -39,9 +39,10 @@ def _launch(text: str) -> mosaic_gpu.Launch:
 
 
 def _backward_launch(text: str) -> mosaic_gpu_backward.Launch:
-    """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``."""
-    dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in text.split(","))
-    return mosaic_gpu_backward.Launch(dq_block_kv, dq_stages, dkv_block_q, dkv_stages)
+    """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages`` or the same ``,paired`` (`Launch.dkv_paired`)."""
+    parts = text.split(",")
+    dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
+    return mosaic_gpu_backward.Launch(dq_block_kv, dq_stages, dkv_block_q, dkv_stages, parts[4:] == ["paired"])
 
 
 def _report(row: dict, base: dict, label: str) -> None:

@@ -204,6 +204,27 @@ def test_mosaic_backward_repeated_runs_are_bitwise_identical(monkeypatch):
             np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@hopper
+def test_mosaic_backward_paired_products_give_the_same_bits(monkeypatch):
+    """`Launch.dkv_paired` only regroups the dk/dv kernel's waits: the gradients are the same bits
+    (a causal window with grouped heads and odd lengths, so masked, plain and skipped tiles all occur)."""
+    q, k, v = random_inputs(11, 1, 1000, 1000, 4, 2, 64, jnp.bfloat16)
+    structured = dict(is_causal=True, local_window_size=(300, 0))
+    plan = sc.plan(q_len=1000, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=jnp.bfloat16, num_chunks=5,
+                   implementation="mosaic_gpu", **structured)
+    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    loss = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, **structured).astype(jnp.float32).sum()
+    grads = {}
+    for paired in (False, True):
+        launch = dataclasses.replace(mosaic_gpu_backward.default_launch(64), dkv_paired=paired)
+        monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda head_dim, launch=launch: launch)
+        jax.clear_caches()  # traced programs are cached per plan, not per launch
+        grads[paired] = [np.asarray(x) for x in jax.grad(loss, argnums=(0, 1, 2))(q, k, v)]
+    jax.clear_caches()
+    for a, b in zip(grads[False], grads[True]):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_mosaic_backward_lowers_for_cuda_on_any_machine(case, monkeypatch):
     """The gradient's program holds the Mosaic dq and dk/dv kernels (the portable backward is made to
@@ -250,6 +271,8 @@ def _lower_gradient(head_dim: int) -> None:
     (64, mosaic_gpu_backward.Launch(dq_block_kv=128, dq_stages=3, dkv_block_q=128, dkv_stages=2)),
     (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_stages=3, dkv_block_q=64, dkv_stages=3)),
     (128, mosaic_gpu_backward.Launch(dq_block_kv=128, dq_stages=2, dkv_block_q=128, dkv_stages=2)),
+    (64, mosaic_gpu_backward.Launch(dkv_paired=False)),  # the defaults' other choice at each head dim
+    (128, mosaic_gpu_backward.Launch(dkv_paired=True)),
 ])
 def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
     """Launches other than the default (what a tuning sweep tries) build and fit in shared memory."""

@@ -23,7 +23,9 @@ three walk the query tiles (`Launch.dkv_block_q` rows) that see some key of the 
 and, per tile, the ``groups`` query heads of the key/value head; the copy
 warpgroup streams q, dO [block_q, H] and the rows' bias and delta. Per step:
 ``s^T = k q^T``, ``dv += p^T dO``, ``dp^T = v dO^T``,
-``ds^T = p^T (dp^T - delta)``, ``dk += ds^T q``, all on the tensor cores.
+``ds^T = p^T (dp^T - delta)``, ``dk += ds^T q``, all on the tensor cores
+(`Launch.dkv_paired`, the default at head dim 64, issues ``s^T`` with ``dp^T``
+and then ``dv`` with ``dk``, one wait per pair).
 Padding keys and rows see nothing, so they get and give no gradient.
 Output: ``dk scale``, ``dv`` [B, Lk, K, H].
 
@@ -65,19 +67,24 @@ class Launch:
 
     dq_block_kv: keys per tile of the dq kernel; dq_stages: its key/value ring.
     dkv_block_q: query rows per tile of the dk/dv kernel; dkv_stages: its q/dO ring.
+    dkv_paired: the dk/dv kernel issues its four products in two pairs, ``s^T`` with
+    ``dp^T`` and then ``dv`` with ``dk``, waiting for the tensor cores twice per tile
+    instead of three times (same products, same bits).
     """
 
     dq_block_kv: int = 128
     dq_stages: int = 2
     dkv_block_q: int = 64
     dkv_stages: int = 2
+    dkv_paired: bool = False
 
 
 def default_launch(head_dim: int) -> Launch:
     """128-key dq tiles and 64-row dk/dv tiles (two [64, H] float32 accumulators stay in registers),
-    2 stages each, for head dims 64 and 128. Shared memory per thread block at head dim 128 (64):
-    dq 193 KiB (97), dk/dv 129 KiB (65); a third dq stage would not fit at 128."""
-    return Launch()
+    2 stages each, for head dims 64 and 128; paired dk/dv products at head dim 64, where they
+    were 3-4% faster (at 128 they were not; docs/hopper_kernel.md). Shared memory per thread block
+    at head dim 128 (64): dq 193 KiB (97), dk/dv 129 KiB (65); a third dq stage would not fit at 128."""
+    return Launch(dkv_paired=head_dim <= 64)
 
 
 def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
@@ -115,6 +122,20 @@ def _load(ref, layout):
 
 def _iota(shape, dim: int):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _product_pair(shape, first, ready, second):
+    """Issues the products ``first`` and, once the barrier `ready` has landed, ``second`` (each an
+    (a, b) operand pair) into fresh float32 accumulators of `shape`; waits once for both; returns
+    their values."""
+
+    def issue(x_ref, y_ref):
+        plgpu.wgmma(x_ref, *first)
+        plgpu.barrier_wait(ready)
+        plgpu.wgmma(y_ref, *second)
+        return x_ref[...], y_ref[...]
+
+    return pl.run_scoped(issue, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
 
 
 def _both_done(done):
@@ -183,13 +204,12 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
             k_tile, v_tile = k_smem.at[ring], v_smem.at[ring]
             plgpu.barrier_wait(k_ready.at[ring])
 
-            def products(s_ref, dp_ref):
-                plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(k_tile, (1, 0)))
-                plgpu.barrier_wait(v_ready.at[ring])
-                plgpu.wgmma(dp_ref, do_tile, plgpu.transpose_ref(v_tile, (1, 0)))
-                return s_ref[...], dp_ref[...]
-
-            s, dp = pl.run_scoped(products, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+            s, dp = _product_pair(
+                shape,
+                (q_tile, plgpu.transpose_ref(k_tile, (1, 0))),
+                v_ready.at[ring],
+                (do_tile, plgpu.transpose_ref(v_tile, (1, 0))),
+            )
             plgpu.barrier_arrive(v_free.at[ring])
             if masked:
                 q_pos = q_start + _iota(shape, 0)
@@ -304,7 +324,44 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             plgpu.barrier_arrive(free.at[ring])
             return (carry[0] + 1,) + carry[1:]
 
+        def mask(s, j, q_start):
+            q_pos = q_start + block_map.div(j, groups) * bq + _iota(shape, 1)
+            kv_pos = kv_start + _iota(shape, 0)
+            return jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
+
+        def visit_paired(j, carry, q_start, masked: bool):
+            step, dk, dv = carry
+            ring = lax.rem(step, stages)
+            q_tile, do_tile, terms = q_smem.at[ring], do_smem.at[ring], rows_smem.at[ring]
+            plgpu.barrier_wait(q_ready.at[ring])
+
+            s, dp = _product_pair(  # s^T (keys x query rows) and dp^T
+                shape,
+                (k_tile, plgpu.transpose_ref(q_tile, (1, 0))),
+                do_ready.at[ring],
+                (v_tile, plgpu.transpose_ref(do_tile, (1, 0))),
+            )
+            if masked:
+                s = mask(s, j, q_start)
+            plgpu.barrier_wait(rows_ready.at[ring])
+            bias = _load(terms.at[0], per_column)
+            delta = _load(terms.at[1], per_column)
+            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(bias, shape, [1]))
+            ds = (p * (dp - lax.broadcast_in_dim(delta, shape, [1]))).astype(q_ref.dtype)
+            p16 = p.astype(q_ref.dtype)
+
+            def gradients(refs):
+                dv_ref, dk_ref = refs
+                plgpu.wgmma(dv_ref, p16, do_tile)
+                plgpu.wgmma(dk_ref, ds, q_tile)
+
+            dv, dk = pl.run_state(gradients)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            plgpu.barrier_arrive(free.at[ring])
+            return step + 1, dk, dv
+
         def visit(j, carry, q_start, masked: bool):
+            if launch.dkv_paired:
+                return visit_paired(j, carry, q_start, masked)
             step, dk, dv = carry
             ring = lax.rem(step, stages)
             q_tile, do_tile, terms = q_smem.at[ring], do_smem.at[ring], rows_smem.at[ring]
@@ -316,9 +373,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
 
             s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))  # s^T: keys x query rows
             if masked:
-                q_pos = q_start + block_map.div(j, groups) * bq + _iota(shape, 1)
-                kv_pos = kv_start + _iota(shape, 0)
-                s = jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
+                s = mask(s, j, q_start)
             plgpu.barrier_wait(rows_ready.at[ring])
             bias = _load(terms.at[0], per_column)
             p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(bias, shape, [1]))
