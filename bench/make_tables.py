@@ -30,8 +30,19 @@ MOSAIC_FILES = [
     "mosaic_f16_64k_d128_repeat.json",
     "mosaic_tile_order.json",
     "mosaic_fwd_bf16_heavy_64k_256k.json",
+    "mosaic_fwd_1m_d64_nc.json",
 ]
-MOSAIC_BACKWARD_FILES = ["mosaic_bwd_64k_256k.json", "mosaic_bwd_1m_d64_causal.json"]
+# Forward plus backward runs, oldest first: a later run of the same case replaces an earlier one.
+MOSAIC_BACKWARD_FILES = [
+    "mosaic_bwd_64k_256k.json",
+    "mosaic_bwd_1m_d64_causal.json",
+    "mosaic_bwd_paired_d64.json",
+    "mosaic_bwd_1m_d64_nc.json",
+    "mosaic_bwd_1m_d64_causal_paired.json",
+    "mosaic_bwd_1m_d128_causal.json",
+    "mosaic_bwd_1m_d128_nc.json",
+]
+MOSAIC_GRAD_ACCURACY_FILES = ["accuracy_8k_grads_d64.json", "accuracy_8k_grads_d128.json"]
 SCALING_BEGIN, SCALING_END = "<!-- generated scaling tables: begin -->", "<!-- generated scaling tables: end -->"
 SCALING_CHART = ROOT / "docs" / "benchmarks_scaling.png"
 SCALING_FILES = ["scaling_4m_fwd.json", "scaling_1m_fwd_bwd.json", "scaling_4m_fwd_bwd.json"]
@@ -174,21 +185,61 @@ def mosaic_table(files: list[str]) -> str:
 
 
 def mosaic_backward_table(files: list[str]) -> str:
-    """Forward plus backward: the Hopper and the portable kernels next to cuDNN, same run."""
-    rows = [r for r in _load_rows(files) if "seconds" in r]
-    by_impl = {(r["implementation"],) + tuple(r[f] for f in _KERNEL_FIELDS): r for r in rows}
+    """Forward plus backward: the latest Hopper run of each case next to cuDNN in the same run, and the
+    latest portable run next to cuDNN in its own run."""
+    latest = {}  # (implementation, case) -> (row, cuDNN row of the same file, file name)
+    for name in files:
+        ours, base = _ours_and_cudnn([name], _KERNEL_FIELDS)
+        for r in ours:
+            key = tuple(r[f] for f in _KERNEL_FIELDS)
+            latest[(r["implementation"],) + key] = (r, base[key], name)
     lines = [
-        "| N | D | causal | cuDNN s | Mosaic s | Mosaic / cuDNN | portable s | portable / cuDNN |",
+        "| N | D | causal | cuDNN s | Mosaic s | Mosaic / cuDNN | file | portable / cuDNN |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    cases = sorted({k[1:] for k in by_impl if k[0] == "mosaic_gpu"}, key=lambda k: (k[0], k[1], not k[2]))
+    cases = sorted({k[1:] for k in latest if k[0] == "mosaic_gpu"}, key=lambda k: (k[0], k[1], not k[2]))
     for key in cases:
-        c, m, t = (by_impl.get((impl,) + key) for impl in ("cudnn", "mosaic_gpu", "pallas_triton"))
-        portable = f"{t['seconds']:.4f} | {c['seconds'] / t['seconds']:.2f}x" if t else "not run | "
+        m, c, name = latest["mosaic_gpu", *key]
+        portable = latest.get(("pallas_triton", *key))
+        other = f"{portable[1]['seconds'] / portable[0]['seconds']:.2f}x" if portable else "not run"
         lines.append(
             f"| {_tokens(key[0])} | {key[1]} | {'yes' if key[2] else 'no'} | {c['seconds']:.4f} "
-            f"| {m['seconds']:.4f} | {c['seconds'] / m['seconds']:.2f}x | {portable} |"
+            f"| {m['seconds']:.4f} | {c['seconds'] / m['seconds']:.2f}x | `{name}` | {other} |"
         )
+    return "\n".join(lines)
+
+
+def backward_launch_table(name: str) -> str:
+    """Forward plus backward with each backward launch (`mosaic_gpu_backward.Launch`) of a sweep."""
+    ours, base = _ours_and_cudnn([name], _KERNEL_FIELDS, "mosaic_gpu")
+    lines = [
+        "| N | D | causal | dq keys, stages | dk/dv rows, stages | paired | Mosaic s | Mosaic / cuDNN |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in ours:
+        c = base[tuple(r[f] for f in _KERNEL_FIELDS)]
+        lines.append(
+            f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
+            f"| {r['dq_block_kv']}, {r['dq_stages']} | {r['dkv_block_q']}, {r['dkv_stages']} "
+            f"| {'yes' if r.get('dkv_paired') else 'no'} | {r['seconds']:.4f} | {c['seconds'] / r['seconds']:.3f}x |"
+        )
+    return "\n".join(lines)
+
+
+def grad_accuracy_table(files: list[str]) -> str:
+    """Relative errors of dq, dk, dv vs float64: the Hopper backward, cuDNN and XLA on the same inputs."""
+    lines = [
+        "| N | D | causal | gradient | ours (mosaic_gpu) | cuDNN | XLA kernel |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in files:
+        for r in json.loads((RESULTS / name).read_text())["results"]:
+            e = r["grad_errors"]
+            for g in ("dq", "dk", "dv"):
+                lines.append(
+                    f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {g} "
+                    f"| {e['mosaic_gpu'][g]:.4e} | {e['cudnn'][g]:.4e} | {e['xla'][g]:.4e} |"
+                )
     return "\n".join(lines)
 
 
@@ -281,16 +332,26 @@ def generated_mosaic() -> str:
             "File: `mosaic_tile_order.json` (bfloat16, 2 timed runs after a warm-up, median).",
             tile_order_table("mosaic_tile_order.json"),
             "### Forward plus backward: one subproblem, all data on the device (B=1, 8 heads, bfloat16)",
-            "Files: `mosaic_bwd_64k_256k.json` (2 timed runs after a warm-up, median), "
-            "`mosaic_bwd_1m_d64_causal.json` (1 timed run after a warm-up). Mosaic: the Hopper forward and "
-            "backward; portable: the Triton kernels (`pallas_triton`).",
+            "Each row is the latest run of its case (file named), with cuDNN timed in the same run: 2 timed "
+            "runs after a warm-up (median) at 64K and 256K, 1 at 1M. Mosaic: the Hopper forward and backward "
+            "with its default launch when the run was made (paired dk/dv products at head dim 64 from "
+            "`mosaic_bwd_paired_d64.json` on); portable: the Triton kernels (`pallas_triton`), from "
+            "`mosaic_bwd_64k_256k.json`, next to cuDNN in that run.",
             mosaic_backward_table(MOSAIC_BACKWARD_FILES),
+            "### Backward launches: forward plus backward without a causal mask",
+            "File: `mosaic_bwd_sweep_nc.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in the same "
+            "run). \"paired\": `Launch.dkv_paired`.",
+            backward_launch_table("mosaic_bwd_sweep_nc.json"),
             "### What the decomposition costs: the same call cut into 31 subproblems, all on the device",
             "File: `mosaic_decomposed.json` (bfloat16, 2 timed runs after a warm-up, median).",
             decomposition_table("mosaic_decomposed.json"),
             "### Accuracy on the device: relative error vs float64 (bfloat16 inputs, 8 heads)",
             "Files: `accuracy_8k_mosaic.json` (every row), `accuracy_1m_mosaic.json` (256 rows, causal only).",
             accuracy_table(["accuracy_8k_mosaic.json", "accuracy_1m_mosaic.json"], ours="mosaic_gpu"),
+            "### Gradient accuracy on the device: relative error vs float64 (bfloat16 inputs, 8 heads)",
+            "Files: `accuracy_8k_grads_d64.json`, `accuracy_8k_grads_d128.json` (every row; gradients for a random "
+            "bfloat16 cotangent, `bench/check_accuracy.py --grads`).",
+            grad_accuracy_table(MOSAIC_GRAD_ACCURACY_FILES),
             MOSAIC_END,
         ]
     )
