@@ -207,7 +207,7 @@ def test_mosaic_backward_repeated_runs_are_bitwise_identical(monkeypatch):
 @hopper
 def test_mosaic_backward_paired_products_give_the_same_bits(monkeypatch):
     """`Launch.dkv_paired` only regroups the dk/dv kernel's waits: the gradients are the same bits
-    (a causal window with grouped heads and odd lengths, so masked, plain and skipped tiles all occur)."""
+    (a causal window with grouped heads, 1000 tokens over 5 chunks: masked, plain and skipped tiles all occur)."""
     q, k, v = random_inputs(11, 1, 1000, 1000, 4, 2, 64, jnp.bfloat16)
     structured = dict(is_causal=True, local_window_size=(300, 0))
     plan = sc.plan(q_len=1000, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=jnp.bfloat16, num_chunks=5,
