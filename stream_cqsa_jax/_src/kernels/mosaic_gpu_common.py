@@ -80,7 +80,6 @@ class QueryBlock:
         first, _, _, last = block_map.tile_ranges(self.span, chunk_start, self.block_kv, tiles, all_masked=True)
         return first, last
 
-
     def walk(self, own: block_map.Span, skip, visit, carry):
         """Folds a compute warpgroup's steps over the block's key tiles, pair by pair: for
         the rows of `own`, ``skip(kt, carry)`` on tiles they do not see, ``visit(kt, carry,
