@@ -129,15 +129,9 @@ LOWERING_CASES = {
 }
 
 
-@pytest.mark.parametrize("heavy_first", [False, True])
-@pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, monkeypatch):
-    """The kernel's Pallas program lowers to Mosaic GPU (shared-memory sizes included) without a GPU,
-    so API or size errors show up in CI; running it needs compute capability 9.x (tests above)."""
+def _lowering_call(case: str):
+    """(attend(q, k, v) with a Mosaic plan and the case's masks, q and k/v shapes) of a `LOWERING_CASES` row."""
     b, t, s, n, kh, h, structured, lengths, chunks = LOWERING_CASES[case]
-    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
-    launch = dataclasses.replace(mosaic_gpu.default_launch(h), heavy_first=heavy_first)
-    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda head_dim: launch)
     plan = sc.plan(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=jnp.bfloat16, batch=b,
                    num_chunks=chunks, implementation="mosaic_gpu", **structured)
     extra = {}
@@ -146,7 +140,20 @@ def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, monkeyp
                      key_value_seq_lengths=jnp.array([s // 3, s], jnp.int32))
     q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((b, s, kh, h), jnp.bfloat16)
-    f = jax.jit(lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, **structured, **extra))
+    return lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, **structured, **extra), q, kv
+
+
+@pytest.mark.parametrize("heavy_first", [False, True])
+@pytest.mark.parametrize("case", list(LOWERING_CASES))
+def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, monkeypatch):
+    """The kernel's Pallas program lowers to Mosaic GPU (shared-memory sizes included) without a GPU,
+    so API or size errors show up in CI; running it needs compute capability 9.x (tests above)."""
+    h = LOWERING_CASES[case][5]
+    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
+    launch = dataclasses.replace(mosaic_gpu.default_launch(h), heavy_first=heavy_first)
+    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda head_dim: launch)
+    attend, q, kv = _lowering_call(case)
+    f = jax.jit(attend)
     jax.clear_caches()  # traced programs are cached per plan, not per launch: none may outlive the test
     try:
         text = f.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
@@ -229,7 +236,6 @@ def test_mosaic_backward_paired_products_give_the_same_bits(monkeypatch):
 def test_mosaic_backward_lowers_for_cuda_on_any_machine(case, monkeypatch):
     """The gradient's program holds the Mosaic dq and dk/dv kernels (the portable backward is made to
     fail) and lowers to Mosaic GPU without a GPU, shared-memory sizes included."""
-    b, t, s, n, kh, h, structured, lengths, chunks = LOWERING_CASES[case]
     monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
     monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
@@ -238,15 +244,8 @@ def test_mosaic_backward_lowers_for_cuda_on_any_machine(case, monkeypatch):
         kernel = getattr(mosaic_gpu_backward, name)
         monkeypatch.setattr(mosaic_gpu_backward, name,
                             lambda *args, _kernel=kernel, _name=name, **kw: built.append(_name) or _kernel(*args, **kw))
-    plan = sc.plan(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=jnp.bfloat16, batch=b,
-                   num_chunks=chunks, implementation="mosaic_gpu", **structured)
-    extra = {}
-    if lengths:
-        extra = dict(query_seq_lengths=jnp.array([t, t // 2], jnp.int32),
-                     key_value_seq_lengths=jnp.array([s // 3, s], jnp.int32))
-    q = jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((b, s, kh, h), jnp.bfloat16)
-    loss = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, **structured, **extra).astype(jnp.float32).sum()
+    attend, q, kv = _lowering_call(case)
+    loss = lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum()
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     text = grad.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     assert {"_dq", "_dkv"} <= set(built)
