@@ -14,7 +14,7 @@ what the decomposition itself costs. ``--portable`` adds the Triton kernel.
 
 With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too), once per backward launch, written ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
-(`mosaic_gpu_backward.Launch`; a trailing ``,paired`` sets ``dkv_paired``), with the forward's own launch.
+(`mosaic_gpu_backward.Launch`; trailing ``,paired`` and ``,fused`` set ``dkv_paired`` and ``fused_dq``), with the forward's own launch.
 """
 
 from __future__ import annotations
@@ -39,10 +39,16 @@ def _launch(text: str) -> mosaic_gpu.Launch:
 
 
 def _backward_launch(text: str) -> mosaic_gpu_backward.Launch:
-    """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages`` or the same ``,paired`` (`Launch.dkv_paired`)."""
+    """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``, then optionally ``,paired``
+    (`Launch.dkv_paired`) and ``,fused`` (`Launch.fused_dq`)."""
     parts = text.split(",")
     dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
-    return mosaic_gpu_backward.Launch(dq_block_kv, dq_stages, dkv_block_q, dkv_stages, parts[4:] == ["paired"])
+    flags = set(parts[4:])
+    if flags - {"paired", "fused"}:
+        raise ValueError(f"backward launch {text!r}: flags after the numbers are 'paired' and 'fused'")
+    return mosaic_gpu_backward.Launch(
+        dq_block_kv, dq_stages, dkv_block_q, dkv_stages, dkv_paired="paired" in flags, fused_dq="fused" in flags
+    )
 
 
 def _report(row: dict, base: dict, label: str) -> None:

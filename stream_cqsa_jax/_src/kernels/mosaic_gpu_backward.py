@@ -70,6 +70,11 @@ class Launch:
     dkv_paired: the dk/dv kernel issues its four products in two pairs, ``s^T`` with
     ``dp^T`` and then ``dv`` with ``dk``, waiting for the tensor cores twice per tile
     instead of three times (same products, same bits).
+    fused_dq: the dk/dv kernel (paired) also computes each tile's share of dq,
+    ``ds^T^T k``, and adds it into a zeroed float32 dq in device memory with a
+    reducing bulk copy; the dq kernel does not run. Five products per tile instead
+    of seven, but the order of the additions into dq varies from run to run, and so
+    may dq's last bits.
     """
 
     dq_block_kv: int = 128
@@ -77,6 +82,7 @@ class Launch:
     dkv_block_q: int = 64
     dkv_stages: int = 2
     dkv_paired: bool = False
+    fused_dq: bool = False
 
 
 def default_launch(head_dim: int) -> Launch:
@@ -274,11 +280,12 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
 
 
 def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
-    """refs: table, lengths (if any), q, k, v, dO, row terms; dk, dv; then the scratch of `_dkv`."""
-    tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dk_ref, dv_ref), scratch = split_refs(
-        refs, has_lengths, 5, 2
-    )
-    (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem), *barriers = scratch
+    """refs: table, lengths (if any), q, k, v, dO, row terms, float32 dq to add into (if
+    `launch.fused_dq`); dk, dv; then the scratch of `_dkv`."""
+    fused = launch.fused_dq
+    tab_ref, lens_ref, inputs, (dk_ref, dv_ref), scratch = split_refs(refs, has_lengths, 6 if fused else 5, 2)
+    q_ref, k_ref, v_ref, do_ref, rows_ref, *dq_refs = inputs
+    (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem, *dq_smem), *barriers = scratch
     k_ready, v_ready, q_ready, do_ready, rows_ready, free, done = barriers
     band, cq, ck, bq, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.dkv_block_q, launch.dkv_stages
     tiles = cq // bq
@@ -293,6 +300,11 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
     def visitor_chunk(i):
         q_slot = tab_ref[lay.kv_pair_q + kv_slot * lay.kv_pairs + i]
         return q_slot, tab_ref[lay.q_chunks + q_slot] * cq
+
+    def step_rows(j, q_slot):
+        """(query head, first row) of step `j` (query tile, group head) over the chunk in `q_slot`."""
+        qt = block_map.div(j, groups)
+        return kv_head * groups + (j - qt * groups), q_slot * cq + qt * bq
 
     def steps(span, chunk_start, all_masked: bool) -> tuple:
         """Steps (query tile, group head) of the tiles of a query chunk that `span` lists."""
@@ -329,7 +341,26 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             kv_pos = kv_start + _iota(shape, 0)
             return jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
 
-        def visit_paired(j, carry, q_start, masked: bool):
+        def add_dq(j, ds, q_slot):
+            """Adds ``ds^T^T k`` of this warpgroup's keys into dq's rows of step `j` (`fused_dq`)."""
+            (dq_ref,), (ds_smem, dq_out) = dq_refs, dq_smem
+            ds_tile, dq_tile = ds_smem.at[wg], dq_out.at[wg]
+            ds_tile[...] = ds
+            plgpu.commit_smem()
+
+            def product(ref):
+                plgpu.wgmma(ref, plgpu.transpose_ref(ds_tile, (1, 0)), k_tile)
+                return ref[...]
+
+            dq = pl.run_scoped(product, plgpu.ACC((bq, k_ref.shape[-1]), jnp.float32))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous addition has read dq_tile
+            dq_tile[...] = dq
+            plgpu.commit_smem()
+            head, row0 = step_rows(j, q_slot)
+            rows = (bi, pl.ds(row0, bq), head)
+            plgpu.copy_smem_to_gmem(dq_tile, dq_ref.at[rows], reduction_op="add")
+
+        def visit_paired(j, carry, q_start, masked: bool, q_slot):
             step, dk, dv = carry
             ring = lax.rem(step, stages)
             q_tile, do_tile, terms = q_smem.at[ring], do_smem.at[ring], rows_smem.at[ring]
@@ -356,12 +387,14 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
                 plgpu.wgmma(dk_ref, ds, q_tile)
 
             dv, dk = pl.run_state(gradients)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            if fused:
+                add_dq(j, ds, q_slot)
             plgpu.barrier_arrive(free.at[ring])
             return step + 1, dk, dv
 
-        def visit(j, carry, q_start, masked: bool):
-            if launch.dkv_paired:
-                return visit_paired(j, carry, q_start, masked)
+        def visit(j, carry, q_start, masked: bool, q_slot):
+            if launch.dkv_paired or fused:
+                return visit_paired(j, carry, q_start, masked, q_slot)
             step, dk, dv = carry
             ring = lax.rem(step, stages)
             q_tile, do_tile, terms = q_smem.at[ring], do_smem.at[ring], rows_smem.at[ring]
@@ -398,15 +431,17 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             return step + 1, dk, dv
 
         def visitor(i, carry):
-            _, chunk_start = visitor_chunk(i)
+            q_slot, chunk_start = visitor_chunk(i)
             first, _, _, last = steps(shared, chunk_start, all_masked=True)
             mine = steps(own, chunk_start, all_masked=False)
-            masked = functools.partial(visit, q_start=chunk_start, masked=True)
-            plain = functools.partial(visit, q_start=chunk_start, masked=False)
+            masked = functools.partial(visit, q_start=chunk_start, masked=True, q_slot=q_slot)
+            plain = functools.partial(visit, q_start=chunk_start, masked=False, q_slot=q_slot)
             return walk(first, last, mine, skip, masked, plain, carry)
 
         zeros = plgpu.layout_cast(jnp.zeros((ROWS, k_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
         _, dk, dv = lax.fori_loop(0, visitors, visitor, (jnp.int32(0), zeros, zeros))
+        if fused:
+            plgpu.wait_smem_to_gmem(0)
         _both_done(done)
         _store((dk * cfg.scale, out_smem.at[wg, 0], dk_ref.at[keys]), (dv, out_smem.at[wg, 1], dv_ref.at[keys]))
 
@@ -420,9 +455,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
 
             def tile(j, step):
                 ring = lax.rem(step, stages)
-                qt = block_map.div(j, groups)
-                head = kv_head * groups + (j - qt * groups)
-                row0 = q_slot * cq + qt * bq
+                head, row0 = step_rows(j, q_slot)
                 rows = (bi, pl.ds(row0, bq), head)
 
                 @pl.when(step >= stages)
@@ -441,6 +474,8 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
 
 
 def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: Launch):
+    """(dk scale, dv) float32 [B, Lk, K, H], and with `launch.fused_dq` also dq [B, Lq, N, H]
+    (unscaled, added up by the kernel into zeros)."""
     b, lk, kh, h = inp.k.shape
     dtype, bq, stages = inp.q.dtype, launch.dkv_block_q, launch.dkv_stages
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -454,6 +489,11 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
         plgpu.RefUnion(operands, plgpu.SMEM((2, 2, ROWS, h), jnp.float32)),  # then dk, dv of each warpgroup
         plgpu.SMEM((stages, 2, bq), jnp.float32),  # bias and delta ring
     )
+    if launch.fused_dq:
+        smem += (
+            plgpu.SMEM((2, ROWS, bq), dtype, transforms=swizzled),  # ds^T of each warpgroup
+            plgpu.SMEM((2, bq, h), jnp.float32),  # its share of dq, on its way to device memory
+        )
     scratch = (
         smem,
         plgpu.Barrier(num_barriers=2),  # key tile landed
@@ -468,7 +508,12 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
         _dkv_kernel, cfg=cfg, lay=lay, launch=launch, groups=inp.q.shape[2] // kh, has_lengths=lens is not None
     )
     grads = jax.ShapeDtypeStruct((b, lk, kh, h), jnp.float32)
-    return run_kernel(body, (grads, grads), scratch, (kh, lk // BLOCK, b), tab, lens, inp.q, inp.k, inp.v, do, rows)
+    operands = (inp.q, inp.k, inp.v, do, rows)
+    if not launch.fused_dq:
+        return run_kernel(body, (grads, grads), scratch, (kh, lk // BLOCK, b), tab, lens, *operands)
+    dq = jax.new_ref(jnp.zeros(inp.q.shape, jnp.float32))  # the kernel adds into it in place
+    dk, dv = run_kernel(body, (grads, grads), scratch, (kh, lk // BLOCK, b), tab, lens, *operands, dq)
+    return dk, dv, dq[...]
 
 
 def backward(
@@ -483,6 +528,9 @@ def backward(
     lens = block_map.lengths(inp)
     rows = _row_terms(m, l, delta)
     do = do.astype(inp.q.dtype)
+    if launch.fused_dq:
+        dk, dv, dq = _dkv(inp, do, rows, tab, lay, lens, cfg, launch)
+        return dq * cfg.scale, dk, dv
     dq = _dq(inp, do, rows, tab, lay, lens, cfg, launch)
     dk, dv = _dkv(inp, do, rows, tab, lay, lens, cfg, launch)
     return dq, dk, dv

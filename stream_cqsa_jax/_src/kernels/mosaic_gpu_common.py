@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -42,7 +43,22 @@ def split_refs(refs, has_lengths: bool, inputs: int, outputs: int):
 def run_kernel(body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *operands):
     """Runs `body` on a grid (heads, tiles, batch) of thread blocks of two compute warpgroups and
     a copy warpgroup (axis "wg"); its arguments: `tab`, `lens` unless None, `operands`, the outputs
-    of `out_type`, the `scratch`."""
+    of `out_type`, the `scratch`. An operand may be a `jax.Ref`, which the kernel may update in
+    place."""
+    if any(isinstance(x, jax.Ref) for x in operands):
+        # plgpu.kernel's batching wrapper does not pass Refs through; build its kernel directly.
+        mesh = plgpu.Mesh(grid=grid, grid_names=("heads", "tiles", "batch"), num_threads=3, thread_name="wg")
+
+        def with_scratch(*refs):
+            pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
+
+        return pl.kernel(
+            with_scratch,
+            out_type=out_type,
+            mesh=mesh,
+            compiler_params=plgpu.CompilerParams(approx_math=True),
+            name=getattr(getattr(body, "func", body), "__name__", "kernel"),
+        )(tab, *(() if lens is None else (lens,)), *operands)
     return plgpu.kernel(
         body,
         out_type=out_type,
