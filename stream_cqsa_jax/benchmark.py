@@ -8,7 +8,8 @@ implementation, runs it once to warm up and then `--iters` times, and records
 the median wall time, the throughput (FLOPs counted as 4 B N T S H, halved when
 causal; forward+backward counted as 3.5 forwards) and XLA's memory accounting
 of the compiled program. Ratios are against cuDNN when it runs (GPU), else
-against XLA's dense attention.
+against XLA's dense attention. A kernel name followed by ``:nondeterministic``
+(``mosaic_gpu:nondeterministic``) plans with ``deterministic_backward=False``.
 """
 
 from __future__ import annotations
@@ -47,11 +48,23 @@ class Case:
         return f * (3.5 if self.direction == "fwd_bwd" else 1.0)
 
 
+VARIANTS = ("", "nondeterministic")
+
+
+def split_variant(impl: str) -> tuple[str, str]:
+    """("mosaic_gpu", "nondeterministic") from "mosaic_gpu:nondeterministic"; ("xla", "") from "xla"."""
+    kernel, _, variant = impl.partition(":")
+    if variant not in VARIANTS:
+        raise ValueError(f"implementation {impl!r}: the only variant is ':nondeterministic'")
+    return kernel, variant
+
+
 def _attention(impl: str, case: Case, num_chunks: int | None, **plan_options) -> Callable:
     """f(q, k, v) -> output for implementation `impl` (a baseline or one of this library's kernels)."""
     if impl in BASELINES:
         name = "cudnn" if impl == "cudnn" else "xla"
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=case.causal, implementation=name)
+    impl, variant = split_variant(impl)
     plan = sc.plan(
         q_len=case.seq_len,
         num_q_heads=case.heads,
@@ -61,6 +74,7 @@ def _attention(impl: str, case: Case, num_chunks: int | None, **plan_options) ->
         is_causal=case.causal,
         num_chunks=num_chunks,
         implementation=impl,
+        deterministic_backward=variant != "nondeterministic",
         **plan_options,
     )
     return lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=case.causal, plan=plan)
@@ -177,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = "float32" if not on_gpu else args.dtype
     ours = default_implementation()
     impls = args.implementations or (["cudnn", ours] if on_gpu else ["xla_dense", ours])
+    for impl in impls:
+        if impl not in BASELINES:
+            sc.plan(q_len=512, num_q_heads=1, head_dim=32, implementation=split_variant(impl)[0])  # fails early
     causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
     rows = []
     for n in args.seq_lens:

@@ -66,6 +66,7 @@ class AttentionOptions:
     depth: int | None = None
     mesh: Any = None
     subproblem_axis: Any = None
+    deterministic_backward: bool = True
 
     @classmethod
     def create(
@@ -80,10 +81,12 @@ class AttentionOptions:
         depth: int | None = None,
         mesh: Any = None,
         subproblem_axis: Any = None,
+        deterministic_backward: bool = True,
     ) -> "AttentionOptions":
         """Validates every option, naming the offending argument."""
-        if not isinstance(is_causal, (bool, np.bool_)):
-            raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+        for name, flag in (("is_causal", is_causal), ("deterministic_backward", deterministic_backward)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         if scale is not None:
             if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
                 raise TypeError(f"scale must be None or a real number, got {scale!r}")
@@ -109,6 +112,7 @@ class AttentionOptions:
             depth=depth,
             mesh=mesh,
             subproblem_axis=subproblem_axis,
+            deterministic_backward=bool(deterministic_backward),
         )
 
     def __call__(
@@ -162,6 +166,8 @@ class AttentionOptions:
             query_seq_lengths=query_seq_lengths,
             key_value_seq_lengths=key_value_seq_lengths,
         )
+        if not self.deterministic_backward:
+            kwargs["deterministic_backward"] = False
         for name in ("mesh", "subproblem_axis"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
@@ -183,6 +189,7 @@ class AttentionOptions:
                 num_chunks=self.num_chunks,
                 depth=self.depth,
                 implementation=self.implementation,
+                deterministic_backward=self.deterministic_backward,
             )
         else:
             kwargs["memory_budget"] = self.memory_budget
@@ -202,6 +209,7 @@ def attention_fn(
     depth: int | None = None,
     mesh: Any = None,
     subproblem_axis: Any = None,
+    deterministic_backward: bool = True,
 ) -> Callable:
     """A Flax ``attention_fn`` that computes exact attention with Stream-CQSA.
 
@@ -219,6 +227,9 @@ def attention_fn(
         budget choose it (`stream_cqsa_jax.plan`'s arguments of those names).
       mesh, subproblem_axis: spread subproblems over a mesh axis; forwarded
         to `stream_cqsa_jax.dot_product_attention` only when set.
+      deterministic_backward: False allows a faster backward whose gradients'
+        last bits vary from run to run (`stream_cqsa_jax.plan`); not to be
+        confused with Flax's `deterministic`, which turns dropout off.
 
     Returns:
       ``f(query, key, value, bias=None, mask=None, ...)`` taking Flax's keywords:
@@ -245,6 +256,7 @@ def attention_fn(
         depth=depth,
         mesh=mesh,
         subproblem_axis=subproblem_axis,
+        deterministic_backward=deterministic_backward,
     )
 
     def stream_cqsa_attention(

@@ -33,7 +33,8 @@ class StreamCQSAAttention(nn.Module):
       use_bias: biases in the projections.
       rope_base: apply rotary position embeddings with this base (None: none).
       is_causal, local_window_size, scale, memory_budget, implementation,
-      num_chunks, depth, mesh, subproblem_axis: as in `stream_cqsa_jax.attention_fn`.
+      num_chunks, depth, mesh, subproblem_axis, deterministic_backward: as in
+      `stream_cqsa_jax.attention_fn`.
       dtype, param_dtype, kernel_init, bias_init: as in `linen.MultiHeadDotProductAttention`.
     """
 
@@ -52,6 +53,7 @@ class StreamCQSAAttention(nn.Module):
     depth: int | None = None
     mesh: Any = None
     subproblem_axis: Any = None
+    deterministic_backward: bool = True
     dtype: Any = None
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
@@ -85,6 +87,7 @@ class StreamCQSAAttention(nn.Module):
             depth=self.depth,
             mesh=self.mesh,
             subproblem_axis=self.subproblem_axis,
+            deterministic_backward=self.deterministic_backward,
         )
         num_kv_heads = self.num_heads if self.num_kv_heads is None else self.num_kv_heads
         qkv_features = self.qkv_features or inputs_q.shape[-1]

@@ -61,7 +61,8 @@ class StreamCQSAAttention(nnx.Module):
       rope_base: apply rotary position embeddings to queries and keys with
         this base (None: no RoPE).
       is_causal, local_window_size, scale, memory_budget, implementation,
-      num_chunks, depth, mesh, subproblem_axis: as in `stream_cqsa_jax.attention_fn`.
+      num_chunks, depth, mesh, subproblem_axis, deterministic_backward: as in
+      `stream_cqsa_jax.attention_fn`.
       dtype, param_dtype, kernel_init, bias_init: as in `nnx.MultiHeadAttention`.
       rngs: initialisation keys.
     """
@@ -86,6 +87,7 @@ class StreamCQSAAttention(nnx.Module):
         depth: int | None = None,
         mesh: Any = None,
         subproblem_axis: Any = None,
+        deterministic_backward: bool = True,
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         kernel_init: nnx.Initializer = nnx.initializers.lecun_normal(),
@@ -114,6 +116,7 @@ class StreamCQSAAttention(nnx.Module):
             depth=depth,
             mesh=mesh,
             subproblem_axis=subproblem_axis,
+            deterministic_backward=deterministic_backward,
         )
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rope_base = rope_base

@@ -32,6 +32,33 @@ def test_budget_splits_the_backward_and_keeps_gradients_exact():
         assert rel_error(g, r) < 2e-6
 
 
+def test_deterministic_backward_switch_reaches_the_kernels(monkeypatch):
+    """`deterministic_backward=False` travels from the call to every backward kernel call; where no kernel
+    varies its order (here, the XLA kernel) the gradients keep their bits. A malformed value is refused
+    even with a plan."""
+    from stream_cqsa_jax._src import executor
+
+    seen = []
+    config = executor.kernel_config
+    monkeypatch.setattr(executor, "kernel_config", lambda plan, scale: seen.append(plan.deterministic_backward)
+                        or config(plan, scale))
+    q, k, v = random_inputs(23, 1, 300, 300, 2, 1, 16, jnp.float32)
+    budget = forcing_budget(7, backward=True, q_len=300, num_q_heads=2, num_kv_heads=1, head_dim=16, is_causal=True)
+    grads = {}
+    for deterministic in (True, False):
+        f = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, memory_budget=budget,
+                                                     deterministic_backward=deterministic).sum()
+        seen.clear()
+        jax.clear_caches()  # traced programs are cached per plan: trace this one here
+        grads[deterministic] = [np.asarray(g) for g in jax.grad(f, argnums=(0, 1, 2))(q, k, v)]
+        assert seen and set(seen) == {deterministic}
+    for a, b in zip(grads[True], grads[False]):
+        np.testing.assert_array_equal(a, b)
+    plan = sc.plan(q_len=300, num_q_heads=2, num_kv_heads=1, head_dim=16, is_causal=True)
+    with pytest.raises(TypeError, match="deterministic_backward"):
+        sc.dot_product_attention(q, k, v, is_causal=True, plan=plan, deterministic_backward="no")
+
+
 def test_lse_cotangent_is_supported():
     q, k, v = random_inputs(1, 1, 97, 97, 2, 1, 16, jnp.float32)
     rng = np.random.default_rng(2)

@@ -219,6 +219,7 @@ def test_nnx_mask_error_reaches_the_user():
         (dict(implementation="flash"), ValueError, "implementation"),
         (dict(num_chunks=0), ValueError, "num_chunks"),
         (dict(depth=2), ValueError, "depth=2 needs num_chunks"),
+        (dict(deterministic_backward="no"), TypeError, "deterministic_backward"),
     ],
 )
 def test_factory_validates_its_options(kwargs, error, message):

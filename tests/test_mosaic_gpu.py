@@ -52,12 +52,14 @@ def _float64_case(params: tuple, case: str) -> types.SimpleNamespace:
     ref_out, ref_lse = attention(as64(q), as64(k), as64(v), **rk)
     ref_grads = attention_grads(as64(q), as64(k), as64(v), as64(do), **rk)
     base_out, base_grads = xla_errors(q, k, v, do, vis, structured, extra, ref_out, ref_grads)
-    plan = sc.plan(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=dtype, batch=b,
-                   num_chunks=chunks, implementation="mosaic_gpu", **structured)
+    plan_args = dict(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=dtype, batch=b,
+                     num_chunks=chunks, implementation="mosaic_gpu", **structured)
+    plan = sc.plan(**plan_args)
     assert plan.implementation == "mosaic_gpu" and len(plan.subproblems) >= min(chunks, 2)
     return types.SimpleNamespace(
         dtype=dtype, q=q, k=k, v=v, do=do, structured=structured, extra=extra, vis=vis, ref_out=ref_out,
         ref_lse=ref_lse, ref_grads=ref_grads, base_out=base_out, base_grads=base_grads, plan=plan,
+        plan_args=plan_args,
     )
 
 
@@ -224,7 +226,7 @@ def test_mosaic_backward_paired_products_give_the_same_bits(monkeypatch):
     grads = {}
     for paired in (False, True):
         launch = dataclasses.replace(mosaic_gpu_backward.default_launch(64), dkv_paired=paired)
-        monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda head_dim, launch=launch: launch)
+        monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_, launch=launch: launch)
         jax.clear_caches()  # traced programs are cached per plan, not per launch
         grads[paired] = [np.asarray(x) for x in jax.grad(loss, argnums=(0, 1, 2))(q, k, v)]
     jax.clear_caches()
@@ -235,25 +237,34 @@ def test_mosaic_backward_paired_products_give_the_same_bits(monkeypatch):
 @hopper
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "window", "gqa_lengths_head128", "cross_causal_gqa_head128"])
 def test_mosaic_fused_dq_matches_float64(case, monkeypatch):
-    """`Launch.fused_dq`: dq added up by the dk/dv kernel is within 1.5x of the XLA kernel's error and
-    zero for rows that see no key; dk, dv are the same bits as without it."""
+    """dq added up by the dk/dv kernel is within 1.5x of the XLA kernel's error and zero for rows that
+    see no key; dk, dv are the same bits as without it. At head dim 64 through the public switch
+    (`deterministic_backward=False`), at 128 (where that switch keeps the two kernels) through
+    `Launch.fused_dq`."""
     c = _float64_case(BACKWARD_CASES[case], case)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
-    f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, **c.structured, **c.extra)
-    grads = {}
-    for fused in (False, True):
-        launch = dataclasses.replace(mosaic_gpu_backward.default_launch(c.q.shape[-1]), fused_dq=fused)
-        monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda head_dim, launch=launch: launch)
+
+    def grads(plan):
+        f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, **c.structured, **c.extra)
         jax.clear_caches()  # traced programs are cached per plan, not per launch
         _, vjp = jax.vjp(f, c.q, c.k, c.v)
-        grads[fused] = [np.asarray(g) for g in vjp(c.do)]
+        return [np.asarray(g) for g in vjp(c.do)]
+
+    head_dim = c.q.shape[-1]
+    assert mosaic_gpu_backward.default_launch(head_dim, deterministic=False).fused_dq == (head_dim == 64)
+    plain = grads(c.plan)
+    if head_dim == 64:
+        dq, dk, dv = grads(sc.plan(**c.plan_args, deterministic_backward=False))
+    else:
+        fused = dataclasses.replace(mosaic_gpu_backward.default_launch(head_dim), fused_dq=True)
+        monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: fused)
+        dq, dk, dv = grads(c.plan)
     jax.clear_caches()
-    dq, dk, dv = grads[True]
     assert dq.dtype == c.dtype
     assert rel_error(as64(dq), c.ref_grads[0]) <= 1.5 * c.base_grads[0]
     assert np.all(dq[~c.vis.any(-1)] == 0)  # rows that see no key
-    np.testing.assert_array_equal(dk, grads[False][1])
-    np.testing.assert_array_equal(dv, grads[False][2])
+    np.testing.assert_array_equal(dk, plain[1])
+    np.testing.assert_array_equal(dv, plain[2])
 
 
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
@@ -274,6 +285,26 @@ def test_mosaic_backward_lowers_for_cuda_on_any_machine(case, monkeypatch):
     text = grad.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     assert {"_dq", "_dkv"} <= set(built)
     assert text.count("custom_call @mosaic_gpu") >= 3  # the forward, dq and dk/dv kernels
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_nondeterministic_backward_fuses_dq_at_head_dim_64(head_dim, monkeypatch):
+    """`deterministic_backward=False` reaches the kernels: at head dim 64 the gradient lowers for CUDA
+    without the dq kernel (forward and dk/dv: two Mosaic calls), at 128 it keeps all three."""
+    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
+    monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
+    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    plan = sc.plan(q_len=1024, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
+                   is_causal=True, num_chunks=1, implementation="mosaic_gpu", deterministic_backward=False)
+    q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
+    loss = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan).astype(jnp.float32).sum()
+    jax.clear_caches()
+    try:
+        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        jax.clear_caches()
+    assert text.count("custom_call @mosaic_gpu") == (2 if head_dim == 64 else 3)
 
 
 def _lower_gradient(head_dim: int) -> None:
@@ -304,7 +335,7 @@ def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeyp
     monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
     monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
-    monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda head_dim: launch)
+    monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
     _lower_gradient(head_dim)
 
 
@@ -314,7 +345,7 @@ def test_mosaic_backward_launch_too_big_for_shared_memory_is_refused(monkeypatch
     monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
     monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
     too_big = mosaic_gpu_backward.Launch(dq_block_kv=128, dq_stages=3)
-    monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda head_dim: too_big)
+    monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: too_big)
     with pytest.raises(ValueError, match="exceeds available shared memory"):
         _lower_gradient(128)
 

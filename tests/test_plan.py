@@ -136,6 +136,20 @@ def test_plan_is_hashable_and_a_valid_static_argument():
     assert int(f(jnp.int32(1))) == a.num_chunks
 
 
+def test_deterministic_backward_is_part_of_the_plan_and_its_backward():
+    """The default is True; False is kept by `backward()` (device and out-of-core plans), changes the
+    plan's identity (it is a jit static argument) and is named in the summary."""
+    kwargs = dict(q_len=1000, num_q_heads=2, head_dim=16, is_causal=True, memory_budget="2MiB")
+    default, fast = sc.plan(**kwargs), sc.plan(**kwargs, deterministic_backward=False)
+    assert default.deterministic_backward and default.backward().deterministic_backward
+    assert not fast.deterministic_backward and not fast.backward().deterministic_backward
+    assert fast != default and fast.subproblems == default.subproblems
+    assert "backward:" not in default.summary() and "the same bits every run" in fast.summary()
+    assert not sc.plan(**kwargs, deterministic_backward=False, pass_kind="backward").deterministic_backward
+    offload = sc.plan(**kwargs, executor="offload", deterministic_backward=False)
+    assert not offload.backward().deterministic_backward
+
+
 def test_product_cover_depth():
     p = sc.plan(q_len=49 * 16, num_q_heads=1, head_dim=16, num_chunks=7, depth=2)
     assert p.num_chunks == 49 and p.depth == 2 and p.cover.size == 9
@@ -174,6 +188,7 @@ def test_planning_a_long_sequence_is_fast():
         (dict(implementation="cuda"), ValueError, "implementation"),
         (dict(num_chunks=0), ValueError, "num_chunks"),
         (dict(is_causal="yes"), TypeError, "is_causal"),
+        (dict(deterministic_backward=None), TypeError, "deterministic_backward"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, error, message):

@@ -7,6 +7,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import executor, host_accumulators, memory_kinds, offload, query_rows, sharded
 from .arguments import check_mesh, check_plan_matches, validate
@@ -158,6 +159,7 @@ def dot_product_attention(
     return_residuals: bool = False,
     mesh=None,
     subproblem_axis: str | None = None,
+    deterministic_backward: bool = True,
 ):
     """Exact softmax attention, decomposed into quorum subproblems that fit a memory budget.
 
@@ -178,7 +180,8 @@ def dot_product_attention(
       memory_budget: device bytes the call may add (int or e.g. "1.5GiB");
         default: 80% of the device's free memory.
       plan: a `Plan` from `stream_cqsa_jax.plan(...)` for exactly this call
-        (it overrides `memory_budget` and `implementation`).
+        (it overrides `memory_budget`, `implementation` and
+        `deterministic_backward`).
       implementation: kernel name: "xla" (any backend), "pallas_triton"
         (GPU, Pallas interpret mode elsewhere) or "mosaic_gpu" (forward and
         backward on compute capability 9.x, else "pallas_triton"); default: the fastest
@@ -189,6 +192,9 @@ def dot_product_attention(
         (default: the mesh's only axis): the subproblems are spread over the
         devices along that axis and merged once; the output comes back
         sharded along the sequence over that axis (docs/multi_device.md).
+      deterministic_backward: True (default): gradients with the same bits on
+        every run; False allows a faster backward whose last bits vary from
+        run to run where there is one (`stream_cqsa_jax.plan`).
 
     Returns:
       The output [B, T, N, H] in the inputs' dtype; with `return_residuals`,
@@ -223,12 +229,18 @@ def dot_product_attention(
     executor_kind = "offload" if spec.host_inputs else "scan"
     if plan is None:
         plan = make_plan(
-            **call_shape(spec), memory_budget=memory_budget, implementation=implementation, executor=executor_kind
+            **call_shape(spec),
+            memory_budget=memory_budget,
+            implementation=implementation,
+            executor=executor_kind,
+            deterministic_backward=deterministic_backward,
         )
         if mesh is not None:
             plan = sharded.plan_for_devices(plan, mesh.shape[axis])
     else:
         resolve_implementation(implementation)
+        if not isinstance(deterministic_backward, (bool, np.bool_)):
+            raise TypeError(f"deterministic_backward must be a bool, got {deterministic_backward!r}")
         check_plan_matches(plan, spec)
         if (plan.executor == "offload") != spec.host_inputs:
             raise ValueError(

@@ -39,7 +39,9 @@ class MaskArrays(NamedTuple):
 
 
 def kernel_config(plan: Plan, scale: float) -> KernelConfig:
-    return KernelConfig(plan.band, plan.q_chunk, plan.kv_chunk, plan.block_q, plan.block_kv, float(scale))
+    return KernelConfig(
+        plan.band, plan.q_chunk, plan.kv_chunk, plan.block_q, plan.block_kv, float(scale), plan.deterministic_backward
+    )
 
 
 def schedule_tables(plan: Plan, rows=None) -> tuple[jax.Array, ...]:

@@ -100,6 +100,7 @@ class Plan:
     inputs: str = "device"
     accumulators: str = "device"
     order: str = "quorums"
+    deterministic_backward: bool = True
 
     # -- derived views -------------------------------------------------------
     @property
@@ -195,8 +196,10 @@ class Plan:
         if self.executor == "offload":
             from .offload_plan import offload_backward_of
 
-            return offload_backward_of(self)
-        return _backward_of(self)
+            bwd = offload_backward_of(self)
+        else:
+            bwd = _backward_of(self)
+        return _with_determinism(bwd, self.deterministic_backward)
 
     def summary(self) -> str:
         """A human-readable description of the plan."""
@@ -225,6 +228,7 @@ def plan(
     pass_kind: str = "forward",
     executor: str = "scan",
     order: str | None = None,
+    deterministic_backward: bool = True,
 ) -> Plan:
     """Plans one attention call: chunking, quorum cover, tiles and memory.
 
@@ -258,6 +262,12 @@ def plan(
         "query_rows" (one query chunk and its state stay on the device while
         the key/value chunks it sees stream past); default: the one that
         moves fewer bytes between host and device.
+      deterministic_backward: True (default): the gradients have the same bits
+        on every run. False lets a kernel add gradient contributions in an
+        order that varies from run to run where that is faster; today the
+        Hopper backward at head dim 64, whose dk/dv kernel then also
+        accumulates dq (docs/hopper_kernel.md). The results are as accurate
+        either way.
 
     Raises:
       ValueError / TypeError: for malformed arguments, naming the argument;
@@ -296,10 +306,13 @@ def plan(
         raise ValueError(f"order must be None or one of {ORDERS}, got {order!r}")
     if order is not None and executor != "offload":
         raise ValueError(f"order applies to executor='offload' plans only, got executor={executor!r}")
+    if not isinstance(deterministic_backward, (bool, np.bool_)):
+        raise TypeError(f"deterministic_backward must be a bool, got {deterministic_backward!r}")
     implementation = resolve_implementation(implementation)
     budget = budget_lib.parse_budget(memory_budget)
     problem = memory_model.Problem(batch, q_len, kv_len, num_q_heads, num_kv_heads, head_dim, dtype_name)
     static = (problem, bool(is_causal), window, budget, (num_chunks, depth), implementation, block_q, block_kv)
+    determinism = bool(deterministic_backward)
     if executor == "stream":
         from .stream_plan import stream_plan_cached
 
@@ -307,9 +320,9 @@ def plan(
     if executor == "offload":
         from .offload_plan import offload_plan_cached
 
-        fwd = offload_plan_cached(*static, order)
+        fwd = _with_determinism(offload_plan_cached(*static, order), determinism)
         return fwd if pass_kind == "forward" else fwd.backward()
-    return _plan_cached(*static, pass_kind)
+    return _with_determinism(_plan_cached(*static, pass_kind), determinism)
 
 
 # -- argument helpers shared with the public API -----------------------------
@@ -540,6 +553,13 @@ def search(
         + ("" if forced == (None, None) else f" for num_chunks={num_chunks}, depth={depth}")
         + hint
     )
+
+
+def _with_determinism(p: Plan, deterministic_backward: bool) -> Plan:
+    """`p` with `deterministic_backward` set (the cached plans carry the default, True)."""
+    if p.deterministic_backward == deterministic_backward:
+        return p
+    return dataclasses.replace(p, deterministic_backward=deterministic_backward)
 
 
 @functools.lru_cache(maxsize=64)

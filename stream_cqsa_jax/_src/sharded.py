@@ -186,7 +186,11 @@ def plan_for_devices(plan: Plan, num_devices: int) -> Plan:
         return plan
     try:
         return make_plan(
-            **call_shape(plan), memory_budget=plan.memory_budget, num_chunks=chunks, implementation=plan.implementation
+            **call_shape(plan),
+            memory_budget=plan.memory_budget,
+            num_chunks=chunks,
+            implementation=plan.implementation,
+            deterministic_backward=plan.deterministic_backward,
         )
     except ValueError:
         return plan

@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import memory_model
 from .budget import format_bytes
 from .quorum import singer_q
-from .summary import _cover_text, _kernel_text, _shape_lines
+from .summary import _cover_text, _determinism_text, _kernel_text, _shape_lines
 
 _SHOWN_ELEMENTS = 12
 
@@ -51,7 +51,7 @@ def _describe_query_rows(plan) -> str:
         f"  cover      : Z_{c}, full cover: quorum g owns the pairs of query chunk g",
         f"  subproblems: {c} query chunks in order, each against the key chunks it sees, one chunk pair at a time",
         f"  pairs      : {pairs} of {c * c} chunk pairs computed ({c * c - pairs} skipped by masking)",
-        f"  kernel     : {_kernel_text(plan)}, tiles {plan.block_q} x {plan.block_kv}",
+        f"  kernel     : {_kernel_text(plan)}, tiles {plan.block_q} x {plan.block_kv}{_determinism_text(plan)}",
         f"  executor   : {executor}",
         f"  memory     : estimated device peak {format_bytes(plan.estimated_peak_bytes)} of "
         f"{format_bytes(plan.budget_bytes)} ({plan.budget_source}); per pair {format_bytes(kv_pair)} of key/value "

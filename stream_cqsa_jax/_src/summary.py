@@ -56,6 +56,21 @@ def _kernel_text(plan) -> str:
     return plan.implementation
 
 
+def _determinism_text(plan) -> str:
+    """What `deterministic_backward=False` changes in this plan's backward (nothing said when True)."""
+    if plan.deterministic_backward:
+        return ""
+    fused = (
+        plan.implementation == "mosaic_gpu"
+        and on_hopper()
+        and plan.dtype in tiling.MOSAIC_GPU_DTYPES
+        and plan.head_dim == 64
+    )
+    if fused:
+        return "; backward: dq added up by the dk/dv kernel, last bits may vary run to run"
+    return "; backward: the same bits every run (no faster order-varying kernel for this plan)"
+
+
 def describe(plan) -> str:
     host_inputs = plan.executor == "offload" and plan.inputs == "host"
     if plan.executor == "stream" or (host_inputs and (plan.pass_kind == "forward" or plan.order == "query_rows")):
@@ -91,7 +106,7 @@ def describe(plan) -> str:
         f"  subproblems: {sched.num_subproblems} live of {c}; up to {q_used} query and {sched.max_kv_slots} key "
         f"chunks each",
         f"  pairs      : {pairs} of {c * c} chunk pairs computed ({c * c - pairs} skipped by masking); {work_line}",
-        f"  kernel     : {_kernel_text(plan)}, tiles {plan.block_q} x {plan.block_kv}",
+        f"  kernel     : {_kernel_text(plan)}, tiles {plan.block_q} x {plan.block_kv}{_determinism_text(plan)}",
         f"  executor   : {executor}, {_residency_text(plan)}",
         f"  memory     : estimated peak {format_bytes(plan.estimated_peak_bytes)} of {budget}; "
         f"accumulators {format_bytes(plan.estimated_resident_bytes)}, "

@@ -41,6 +41,8 @@ class KernelConfig:
       q_chunk, kv_chunk: chunk sizes in tokens.
       block_q, block_kv: tile sizes; they divide the chunk sizes.
       scale: the logit scale.
+      deterministic: whether the backward must give the same bits on every
+        run (else a kernel may add gradient contributions in a varying order).
     """
 
     band: Band
@@ -49,6 +51,7 @@ class KernelConfig:
     block_q: int
     block_kv: int
     scale: float
+    deterministic: bool = True
 
 
 class KernelInputs(NamedTuple):

@@ -1,6 +1,6 @@
 """The Hopper backward: block-map flash attention gradients in Pallas Mosaic GPU.
 
-Two kernels, no atomics (deterministic), each with two compute warpgroups and
+Two kernels, by default no atomics (deterministic), each with two compute warpgroups and
 one warpgroup that issues bulk tensor copies into a ring of shared-memory
 stages, like the forward (`mosaic_gpu`). Both read ``p`` from one per-row
 term, ``bias = m log2(e) + log2(l)`` (``+inf`` for rows that see no key), so
@@ -27,7 +27,9 @@ warpgroup streams q, dO [block_q, H] and the rows' bias and delta. Per step:
 (`Launch.dkv_paired`, the default at head dim 64, issues ``s^T`` with ``dp^T``
 and then ``dv`` with ``dk``, one wait per pair).
 Padding keys and rows see nothing, so they get and give no gradient.
-Output: ``dk scale``, ``dv`` [B, Lk, K, H].
+Output: ``dk scale``, ``dv`` [B, Lk, K, H]. With `Launch.fused_dq` (what
+``deterministic_backward=False`` picks at head dim 64) it also adds each step's
+``ds k`` into a zeroed float32 dq in device memory, and the dq kernel does not run.
 
 Float32 outputs pass through shared memory that the operands no longer need
 (`plgpu.RefUnion`). bfloat16 and float16 inputs, head dims 64 and 128, no
@@ -85,12 +87,13 @@ class Launch:
     fused_dq: bool = False
 
 
-def default_launch(head_dim: int) -> Launch:
+def default_launch(head_dim: int, deterministic: bool = True) -> Launch:
     """128-key dq tiles and 64-row dk/dv tiles (two [64, H] float32 accumulators stay in registers),
     2 stages each, for head dims 64 and 128; paired dk/dv products at head dim 64, where they
     were 3-4% faster (at 128 they were not; docs/hopper_kernel.md). Shared memory per thread block
-    at head dim 128 (64): dq 193 KiB (97), dk/dv 129 KiB (65); a third dq stage would not fit at 128."""
-    return Launch(dkv_paired=head_dim <= 64)
+    at head dim 128 (64): dq 193 KiB (97), dk/dv 129 KiB (65); a third dq stage would not fit at 128.
+    Without `deterministic`, fused dq at head dim 64 (at 128 it was slower)."""
+    return Launch(dkv_paired=head_dim <= 64, fused_dq=not deterministic and head_dim <= 64)
 
 
 def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
@@ -521,7 +524,7 @@ def backward(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(dq [B, Lq, N, H], dk, dv [B, Lk, K, H]) float32 of one subproblem; see `base`.
     Falls back to `pallas_triton` where `supports` says no."""
-    launch = launch or default_launch(inp.q.shape[-1])
+    launch = launch or default_launch(inp.q.shape[-1], cfg.deterministic)
     if not supports(inp, cfg, launch):
         return pallas_triton.backward(inp, do, m, l, delta, cfg)
     tab, lay = block_map.pack(inp)
