@@ -5,15 +5,19 @@
 
 For each sequence length the query rows checked are all rows (short
 sequences) or `--rows` evenly spaced ones; the reference is computed in NumPy
-float64 from the same bfloat16 inputs. Errors are relative Frobenius norms
-over the checked rows of the output. With `--grads`, also of the gradients
-for a random bfloat16 cotangent (`grad_errors`): dq on the checked rows, and
-dk, dv when every row is checked (each key's gradient sums over all rows).
+float64 from the same bfloat16 inputs, one thread per head. Errors are
+relative Frobenius norms over the checked rows of the output. With `--grads`,
+also of the gradients (`grad_errors`) for a random bfloat16 cotangent that is
+zero outside the checked rows: dq on those rows, and every row of dk and dv
+(which then sum over the checked rows only, so the reference stays exact).
+An implementation named ``mosaic_gpu:nondeterministic`` (any kernel name
+works) runs with ``deterministic_backward=False``.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import sys
 import time
@@ -23,61 +27,86 @@ import jax.numpy as jnp
 import numpy as np
 
 import stream_cqsa_jax as sc
+from stream_cqsa_jax.benchmark import split_variant
 
 
-def _row_blocks(q, k, rows, causal):
-    """Yields (example, head, slice of `rows`' positions, those rows, their float64 softmax
-    probabilities [rows, S]), 64 rows at a time."""
-    b, t, n, h = q.shape
-    scale = 1.0 / np.sqrt(h)
-    for bi in range(b):
-        for hi in range(n):
-            for start in range(0, len(rows), 64):
-                sel = rows[start : start + 64]
-                s = (q[bi, sel, hi] @ k[bi, :, hi].T) * scale
-                if causal:
-                    s = np.where(np.arange(k.shape[1])[None, :] <= sel[:, None], s, -np.inf)
-                p = np.exp(s - s.max(axis=1, keepdims=True))
-                yield bi, hi, slice(start, start + len(sel)), sel, p / p.sum(axis=1, keepdims=True)
+def _head_blocks(q, k, rows, causal, bi, hi):
+    """Yields (slice of `rows`' positions, those rows, their float64 softmax probabilities
+    [rows, S]) for example `bi` and head `hi`, 64 rows at a time."""
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    for start in range(0, len(rows), 64):
+        sel = rows[start : start + 64]
+        s = (q[bi, sel, hi] @ k[bi, :, hi].T) * scale
+        if causal:
+            s = np.where(np.arange(k.shape[1])[None, :] <= sel[:, None], s, -np.inf)
+        p = np.exp(s - s.max(axis=1, keepdims=True))
+        yield slice(start, start + len(sel)), sel, p / p.sum(axis=1, keepdims=True)
+
+
+def _per_head(q, work):
+    """Runs ``work(bi, hi)`` for every example and head, one thread per head (NumPy releases
+    the interpreter lock in its array loops)."""
+    pairs = [(bi, hi) for bi in range(q.shape[0]) for hi in range(q.shape[2])]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(pairs)) as pool:
+        list(pool.map(lambda pair: work(*pair), pairs))
 
 
 def reference_rows(q, k, v, rows, causal):
     """float64 attention output for query `rows`: [B, len(rows), N, H]."""
     out = np.zeros((q.shape[0], len(rows)) + q.shape[2:])
-    for bi, hi, at, _, p in _row_blocks(q, k, rows, causal):
-        out[bi, at, hi] = p @ v[bi, :, hi]
+
+    def work(bi, hi):
+        for at, _, p in _head_blocks(q, k, rows, causal, bi, hi):
+            out[bi, at, hi] = p @ v[bi, :, hi]
+
+    _per_head(q, work)
     return out
 
 
-def reference_grads(q, k, v, do, rows, causal, all_rows: bool):
-    """float64 (dq for query `rows`, dk, dv or None unless `all_rows`) of sum(out * do)."""
+def reference_grads(q, k, v, do, rows, causal):
+    """float64 (dq for query `rows`, dk, dv) of sum(out * do), for a cotangent `do` that is
+    zero outside `rows` (so dk and dv sum over `rows` only)."""
     dq = np.zeros((q.shape[0], len(rows)) + q.shape[2:])
     dk, dv = np.zeros(k.shape), np.zeros(v.shape)
     scale = 1.0 / np.sqrt(q.shape[-1])
-    for bi, hi, at, sel, p in _row_blocks(q, k, rows, causal):
-        dp = do[bi, sel, hi] @ v[bi, :, hi].T
-        ds = p * (dp - (p * dp).sum(axis=1, keepdims=True))
-        dq[bi, at, hi] = ds @ k[bi, :, hi] * scale
-        if all_rows:
+
+    def work(bi, hi):
+        for at, sel, p in _head_blocks(q, k, rows, causal, bi, hi):
+            dp = do[bi, sel, hi] @ v[bi, :, hi].T
+            ds = p * (dp - (p * dp).sum(axis=1, keepdims=True))
+            dq[bi, at, hi] = ds @ k[bi, :, hi] * scale
             dk[bi, :, hi] += ds.T @ q[bi, sel, hi] * scale
             dv[bi, :, hi] += p.T @ do[bi, sel, hi]
-    return (dq, dk, dv) if all_rows else (dq, None, None)
+
+    _per_head(q, work)
+    return dq, dk, dv
 
 
 def rel(x, ref):
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
+def _attention(impl: str, n: int, heads: int, head_dim: int, causal: bool):
+    """f(q, k, v) for `impl`: "cudnn", a kernel name, or a kernel name with ":nondeterministic"."""
+    if impl == "cudnn":
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+    kernel, variant = split_variant(impl)
+    p = sc.plan(q_len=n, num_q_heads=heads, head_dim=head_dim, dtype=jnp.bfloat16, is_causal=causal,
+                implementation=kernel, num_chunks=1, deterministic_backward=variant != "nondeterministic")
+    return lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=causal, plan=p)
+
+
 def check(n, heads, head_dim, causal, rows, implementations, grads=False, seed=0):
     keys = jax.random.split(jax.random.key(seed), 4)
     shape = (1, n, heads, head_dim)
     q, k, v, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
+    rows = np.arange(n) if rows is None or rows >= n else np.linspace(0, n - 1, rows).astype(int)
+    if len(rows) < n:  # the cotangent lives on the checked rows only
+        do = jnp.zeros_like(do).at[:, rows].set(do[:, rows])
     q64, k64, v64, do64 = (np.asarray(x.astype(jnp.float32), np.float64) for x in (q, k, v, do))
-    all_rows = rows is None or rows >= n
-    rows = np.arange(n) if all_rows else np.linspace(0, n - 1, rows).astype(int)
     start = time.perf_counter()
     ref = reference_rows(q64, k64, v64, rows, causal)
-    ref_grads = reference_grads(q64, k64, v64, do64, rows, causal, all_rows) if grads else None
+    ref_grads = reference_grads(q64, k64, v64, do64, rows, causal) if grads else None
     ref_seconds = time.perf_counter() - start
     result = {"seq_len": n, "heads": heads, "head_dim": head_dim, "causal": causal, "rows_checked": len(rows),
               "reference_seconds": ref_seconds, "errors": {}}
@@ -85,21 +114,16 @@ def check(n, heads, head_dim, causal, rows, implementations, grads=False, seed=0
         result["grad_errors"] = {}
     for impl in implementations:
         try:
-            if impl == "cudnn":
-                f = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-            else:
-                p = sc.plan(q_len=n, num_q_heads=heads, head_dim=head_dim, dtype=jnp.bfloat16, is_causal=causal,
-                            implementation=impl, num_chunks=1)
-                f = lambda q, k, v, p=p: sc.dot_product_attention(q, k, v, is_causal=causal, plan=p)
+            f = _attention(impl, n, heads, head_dim, causal)
             out = np.asarray(jax.jit(f)(q, k, v).astype(jnp.float32), np.float64)
             result["errors"][impl] = rel(out[:, rows], ref)
             if grads:
                 got = jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))(q, k, v, do)
                 got = [np.asarray(g.astype(jnp.float32), np.float64) for g in got]
-                errors = {"dq": rel(got[0][:, rows], ref_grads[0])}
-                if all_rows:
-                    errors.update(dk=rel(got[1], ref_grads[1]), dv=rel(got[2], ref_grads[2]))
-                result["grad_errors"][impl] = errors
+                result["grad_errors"][impl] = {
+                    "dq": rel(got[0][:, rows], ref_grads[0]), "dk": rel(got[1], ref_grads[1]),
+                    "dv": rel(got[2], ref_grads[2]),
+                }
         except Exception as err:
             result["errors"][impl] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
     return result
@@ -112,19 +136,21 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64])
     parser.add_argument("--implementations", nargs="+", default=["pallas_triton", "xla", "cudnn"])
-    parser.add_argument("--grads", action="store_true", help="also check dq (and dk, dv when every row is)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--grads", action="store_true", help="also check dq, dk and dv")
+    parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--out", default=None, help="JSON file, rewritten after every case")
     args = parser.parse_args(argv)
+    masks = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
+    meta = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "date": time.strftime("%Y-%m-%d")}
     results = []
     for n in args.seq_lens:
         for d in args.head_dims:
-            for causal in (True, False):
+            for causal in masks:
                 results.append(check(n, args.heads, d, causal, args.rows, args.implementations, args.grads))
                 print(json.dumps(results[-1]), flush=True)
-    if args.out:
-        meta = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "date": time.strftime("%Y-%m-%d")}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "results": results}, f, indent=1)
+                if args.out:
+                    with open(args.out, "w") as f:
+                        json.dump({"meta": meta, "results": results}, f, indent=1)
     return 0
 
 

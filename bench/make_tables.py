@@ -41,8 +41,14 @@ MOSAIC_BACKWARD_FILES = [
     "mosaic_bwd_1m_d64_causal_paired.json",
     "mosaic_bwd_1m_d128_causal.json",
     "mosaic_bwd_1m_d128_nc.json",
+    "mosaic_bwd_1m_d64_nondeterministic.json",
 ]
-MOSAIC_GRAD_ACCURACY_FILES = ["accuracy_8k_grads_d64.json", "accuracy_8k_grads_d128.json"]
+MOSAIC_GRAD_ACCURACY_FILES = [
+    "accuracy_8k_grads_d64.json",
+    "accuracy_8k_grads_d128.json",
+    "accuracy_1m_grads_d64.json",
+    "accuracy_1m_grads_d128.json",
+]
 SCALING_BEGIN, SCALING_END = "<!-- generated scaling tables: begin -->", "<!-- generated scaling tables: end -->"
 SCALING_CHART = ROOT / "docs" / "benchmarks_scaling.png"
 SCALING_FILES = ["scaling_4m_fwd.json", "scaling_1m_fwd_bwd.json", "scaling_4m_fwd_bwd.json"]
@@ -194,17 +200,21 @@ def mosaic_backward_table(files: list[str]) -> str:
             key = tuple(r[f] for f in _KERNEL_FIELDS)
             latest[(r["implementation"],) + key] = (r, base[key], name)
     lines = [
-        "| N | D | causal | cuDNN s | Mosaic s | Mosaic / cuDNN | file | portable / cuDNN |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| N | D | causal | cuDNN s | Mosaic s | Mosaic / cuDNN | file | nondeterministic / cuDNN | portable / cuDNN |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+
+    def ratio(implementation, key):
+        run = latest.get((implementation, *key))
+        return f"{run[1]['seconds'] / run[0]['seconds']:.2f}x" if run else "not run"
+
     cases = sorted({k[1:] for k in latest if k[0] == "mosaic_gpu"}, key=lambda k: (k[0], k[1], not k[2]))
     for key in cases:
         m, c, name = latest["mosaic_gpu", *key]
-        portable = latest.get(("pallas_triton", *key))
-        other = f"{portable[1]['seconds'] / portable[0]['seconds']:.2f}x" if portable else "not run"
         lines.append(
             f"| {_tokens(key[0])} | {key[1]} | {'yes' if key[2] else 'no'} | {c['seconds']:.4f} "
-            f"| {m['seconds']:.4f} | {c['seconds'] / m['seconds']:.2f}x | `{name}` | {other} |"
+            f"| {m['seconds']:.4f} | {c['seconds'] / m['seconds']:.2f}x | `{name}` "
+            f"| {ratio('mosaic_gpu:nondeterministic', key)} | {ratio('pallas_triton', key)} |"
         )
     return "\n".join(lines)
 
@@ -213,15 +223,17 @@ def backward_launch_table(name: str) -> str:
     """Forward plus backward with each backward launch (`mosaic_gpu_backward.Launch`) of a sweep."""
     ours, base = _ours_and_cudnn([name], _KERNEL_FIELDS, "mosaic_gpu")
     lines = [
-        "| N | D | causal | dq keys, stages | dk/dv rows, stages | paired | Mosaic s | Mosaic / cuDNN |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| N | D | causal | dq keys, stages | dk/dv rows, stages | paired | dq | Mosaic s | Mosaic / cuDNN |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in ours:
         c = base[tuple(r[f] for f in _KERNEL_FIELDS)]
+        dq = "fused, split" if r.get("fused_dq_split") else "fused" if r.get("fused_dq") else "own kernel"
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
             f"| {r['dq_block_kv']}, {r['dq_stages']} | {r['dkv_block_q']}, {r['dkv_stages']} "
-            f"| {'yes' if r.get('dkv_paired') else 'no'} | {r['seconds']:.4f} | {c['seconds'] / r['seconds']:.3f}x |"
+            f"| {'yes' if r.get('dkv_paired') else 'no'} | {dq} | {r['seconds']:.4f} "
+            f"| {c['seconds'] / r['seconds']:.3f}x |"
         )
     return "\n".join(lines)
 
@@ -229,16 +241,19 @@ def backward_launch_table(name: str) -> str:
 def grad_accuracy_table(files: list[str]) -> str:
     """Relative errors of dq, dk, dv vs float64: the Hopper backward, cuDNN and XLA on the same inputs."""
     lines = [
-        "| N | D | causal | gradient | ours (mosaic_gpu) | cuDNN | XLA kernel |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| N | D | causal | rows | gradient | ours (mosaic_gpu) | ours, nondeterministic | cuDNN | XLA kernel |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in files:
         for r in json.loads((RESULTS / name).read_text())["results"]:
-            e = r["grad_errors"]
+            e = r.get("grad_errors", {})
+            if "mosaic_gpu" not in e or "cudnn" not in e:
+                continue  # the run stopped before this case's gradients
             for g in ("dq", "dk", "dv"):
+                cells = [f"{e[i][g]:.4e}" if i in e else "" for i in ("mosaic_gpu:nondeterministic", "cudnn", "xla")]
                 lines.append(
-                    f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {g} "
-                    f"| {e['mosaic_gpu'][g]:.4e} | {e['cudnn'][g]:.4e} | {e['xla'][g]:.4e} |"
+                    f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
+                    f"| {r['rows_checked']} | {g} | {e['mosaic_gpu'][g]:.4e} | {' | '.join(cells)} |"
                 )
     return "\n".join(lines)
 
@@ -335,22 +350,37 @@ def generated_mosaic() -> str:
             "Each row is the latest run of its case (file named), with cuDNN timed in the same run: 2 timed "
             "runs after a warm-up (median) at 64K and 256K, 1 at 1M. Mosaic: the Hopper forward and backward "
             "with its default launch when the run was made (paired dk/dv products at head dim 64 from "
-            "`mosaic_bwd_paired_d64.json` on); portable: the Triton kernels (`pallas_triton`), from "
-            "`mosaic_bwd_64k_256k.json`, next to cuDNN in that run.",
+            "`mosaic_bwd_paired_d64.json` on); nondeterministic: the same with `deterministic_backward=False` "
+            "(`mosaic_bwd_1m_d64_nondeterministic.json`; at 64K and 256K see the fused dq table below); "
+            "portable: the Triton kernels (`pallas_triton`), from `mosaic_bwd_64k_256k.json`, next to cuDNN in "
+            "that run.",
             mosaic_backward_table(MOSAIC_BACKWARD_FILES),
             "### Backward launches: forward plus backward without a causal mask",
             "File: `mosaic_bwd_sweep_nc.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in the same "
             "run). \"paired\": `Launch.dkv_paired`.",
             backward_launch_table("mosaic_bwd_sweep_nc.json"),
+            "### Fused dq: forward plus backward, dq added up by the dk/dv kernel",
+            "File: `mosaic_bwd_fused.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in the same "
+            "run). \"fused\": `Launch.fused_dq`, which `deterministic_backward=False` picks at head dim 64; "
+            "\"fused, split\": a variant for head dim 128 in which each warpgroup added half of dq's columns "
+            "for both (not kept: no faster than the two kernels).",
+            backward_launch_table("mosaic_bwd_fused.json"),
             "### What the decomposition costs: the same call cut into 31 subproblems, all on the device",
             "File: `mosaic_decomposed.json` (bfloat16, 2 timed runs after a warm-up, median).",
             decomposition_table("mosaic_decomposed.json"),
             "### Accuracy on the device: relative error vs float64 (bfloat16 inputs, 8 heads)",
-            "Files: `accuracy_8k_mosaic.json` (every row), `accuracy_1m_mosaic.json` (256 rows, causal only).",
-            accuracy_table(["accuracy_8k_mosaic.json", "accuracy_1m_mosaic.json"], ours="mosaic_gpu"),
+            "Files: `accuracy_8k_mosaic.json` (every row) and the outputs of the 1M gradient runs below "
+            "(`accuracy_1m_grads_d64.json`, `accuracy_1m_grads_d128.json`: 256 rows; an earlier causal head dim "
+            "64 run, `accuracy_1m_mosaic.json`, gave the same errors).",
+            accuracy_table(
+                ["accuracy_8k_mosaic.json", "accuracy_1m_grads_d64.json", "accuracy_1m_grads_d128.json"],
+                ours="mosaic_gpu",
+            ),
             "### Gradient accuracy on the device: relative error vs float64 (bfloat16 inputs, 8 heads)",
             "Files: `accuracy_8k_grads_d64.json`, `accuracy_8k_grads_d128.json` (every row; gradients for a random "
-            "bfloat16 cotangent, `bench/check_accuracy.py --grads`).",
+            "bfloat16 cotangent, `bench/check_accuracy.py --grads`), `accuracy_1m_grads_d64.json`, "
+            "`accuracy_1m_grads_d128.json` (256 evenly spaced rows; the cotangent is zero on the other rows, so "
+            "every row of dk and dv is checked; at head dim 128 only the causal case finished in its run).",
             grad_accuracy_table(MOSAIC_GRAD_ACCURACY_FILES),
             MOSAIC_END,
         ]
