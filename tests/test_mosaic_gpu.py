@@ -307,6 +307,32 @@ def test_nondeterministic_backward_fuses_dq_at_head_dim_64(head_dim, monkeypatch
     assert text.count("custom_call @mosaic_gpu") == (2 if head_dim == 64 else 3)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_vmap_of_the_gradient_lowers_only_for_the_deterministic_backward(deterministic, monkeypatch):
+    """Under `jax.vmap` the two backward kernels lower for CUDA; the order-varying one (which updates
+    dq in place) does not, as docs/hopper_kernel.md says: JAX batches such kernels for a batch of one
+    only. If this starts to lower, the limitation is gone and the docs must say so."""
+    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
+    monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
+    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    plan = sc.plan(q_len=1024, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=jnp.bfloat16, is_causal=True,
+                   num_chunks=1, implementation="mosaic_gpu", deterministic_backward=deterministic)
+    q = jax.ShapeDtypeStruct((3, 1, 1024, 4, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((3, 1, 1024, 2, 64), jnp.bfloat16)
+    loss = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan).astype(jnp.float32).sum()
+    grad = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2))))
+    jax.clear_caches()
+    try:
+        if deterministic:
+            text = grad.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+            assert text.count("custom_call @mosaic_gpu") == 3
+        else:
+            with pytest.raises(NotImplementedError, match="batch dimension of 1"):
+                grad.trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+    finally:
+        jax.clear_caches()
+
+
 def _lower_gradient(head_dim: int) -> None:
     """Lowers a causal grouped-heads gradient at `head_dim` for CUDA, whatever the machine."""
     plan = sc.plan(q_len=1024, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
