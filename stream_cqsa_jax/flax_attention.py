@@ -25,7 +25,7 @@ import numpy as np
 
 from ._src.attention import dot_product_attention
 from ._src.budget import parse_budget
-from ._src.plan import _check_positive_int, normalize_window, plan as make_plan, resolve_implementation
+from ._src.plan import _check_bool, _check_positive_int, normalize_window, plan as make_plan, resolve_implementation
 
 _INSTEAD = (
     "pass the structure instead: is_causal=True (to attention_fn(...), or NNX's `is_causal` call argument), "
@@ -84,9 +84,8 @@ class AttentionOptions:
         deterministic_backward: bool = True,
     ) -> "AttentionOptions":
         """Validates every option, naming the offending argument."""
-        for name, flag in (("is_causal", is_causal), ("deterministic_backward", deterministic_backward)):
-            if not isinstance(flag, (bool, np.bool_)):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        _check_bool("is_causal", is_causal)
+        _check_bool("deterministic_backward", deterministic_backward)
         if scale is not None:
             if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (int, float, np.integer, np.floating)):
                 raise TypeError(f"scale must be None or a real number, got {scale!r}")

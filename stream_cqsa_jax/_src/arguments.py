@@ -16,7 +16,7 @@ import numpy as np
 
 from . import memory_kinds
 from .executor import MaskArrays
-from .plan import dtype_name_of, normalize_window
+from .plan import _check_bool, dtype_name_of, normalize_window
 
 _STRUCTURED = (
     "pass the structure instead: is_causal=True, local_window_size=(left, right), "
@@ -94,8 +94,7 @@ def check_shapes_and_scale(q_shape, k_shape, scale, is_causal) -> float:
         raise TypeError(f"scale must be a Python or NumPy real number, got {type(scale).__name__}")
     elif not math.isfinite(float(scale)):
         raise ValueError(f"scale must be finite, got {scale}")
-    if not isinstance(is_causal, (bool, np.bool_)):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    _check_bool("is_causal", is_causal)
     return float(scale)
 
 

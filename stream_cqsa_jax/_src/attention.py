@@ -7,13 +7,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from . import executor, host_accumulators, memory_kinds, offload, query_rows, sharded
 from .arguments import check_mesh, check_plan_matches, validate
 from .kernels.base import accumulator_dtype
 from .merge import finalize
-from .plan import Plan, call_shape, plan as make_plan, resolve_implementation
+from .plan import Plan, _check_bool, call_shape, plan as make_plan, resolve_implementation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,8 +238,7 @@ def dot_product_attention(
             plan = sharded.plan_for_devices(plan, mesh.shape[axis])
     else:
         resolve_implementation(implementation)
-        if not isinstance(deterministic_backward, (bool, np.bool_)):
-            raise TypeError(f"deterministic_backward must be a bool, got {deterministic_backward!r}")
+        _check_bool("deterministic_backward", deterministic_backward)
         check_plan_matches(plan, spec)
         if (plan.executor == "offload") != spec.host_inputs:
             raise ValueError(

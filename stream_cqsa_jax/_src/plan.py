@@ -296,8 +296,7 @@ def plan(
     for name, value in (("num_chunks", num_chunks), ("depth", depth), ("block_q", block_q), ("block_kv", block_kv)):
         if value is not None:
             _check_positive_int(name, value)
-    if not isinstance(is_causal, (bool, np.bool_)):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    _check_bool("is_causal", is_causal)
     if pass_kind not in PASSES:
         raise ValueError(f"pass_kind must be one of {PASSES}, got {pass_kind!r}")
     if executor not in EXECUTORS:
@@ -308,8 +307,7 @@ def plan(
         raise ValueError(f"order must be None or one of {ORDERS}, got {order!r}")
     if order is not None and executor != "offload":
         raise ValueError(f"order applies to executor='offload' plans only, got executor={executor!r}")
-    if not isinstance(deterministic_backward, (bool, np.bool_)):
-        raise TypeError(f"deterministic_backward must be a bool, got {deterministic_backward!r}")
+    _check_bool("deterministic_backward", deterministic_backward)
     implementation = resolve_implementation(implementation)
     budget = budget_lib.parse_budget(memory_budget)
     problem = memory_model.Problem(batch, q_len, kv_len, num_q_heads, num_kv_heads, head_dim, dtype_name)
@@ -328,6 +326,11 @@ def plan(
 
 
 # -- argument helpers shared with the public API -----------------------------
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def _check_positive_int(name: str, value) -> None:

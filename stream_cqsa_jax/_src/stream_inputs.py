@@ -14,7 +14,7 @@ import numpy as np
 
 from . import host_threads
 from .arguments import CallSpec, check_shapes_and_scale
-from .plan import normalize_window
+from .plan import _check_bool, normalize_window
 
 _DTYPES = ("float32", "float16", "bfloat16")
 # Tokens per group of chunks one host thread gathers.
@@ -140,8 +140,7 @@ def validate(query, key, value, out, *, scale, is_causal, local_window_size, che
     b, t, n, h = q.shape
     s, kh = k.shape[1], k.shape[2]
     scale = check_shapes_and_scale(q.shape, k.shape, scale, is_causal)
-    if not isinstance(progress, (bool, np.bool_)):
-        raise TypeError(f"progress must be a bool, got {progress!r}")
+    _check_bool("progress", progress)
     window = normalize_window(local_window_size)
     path = _check_checkpoint_dir(checkpoint_dir)
     spec = StreamSpec(b, t, s, n, kh, h, q.dtype.name, float(scale), bool(is_causal), window, unbatched)
