@@ -25,7 +25,7 @@ from typing import Callable
 import jax
 
 import stream_cqsa_jax as sc
-from stream_cqsa_jax._src.plan import default_implementation
+from stream_cqsa_jax._src.plan import default_implementation, resolve_implementation
 
 BASELINES = ("cudnn", "xla_dense")
 
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = args.implementations or (["cudnn", ours] if on_gpu else ["xla_dense", ours])
     for impl in impls:
         if impl not in BASELINES:
-            sc.plan(q_len=512, num_q_heads=1, head_dim=32, implementation=split_variant(impl)[0])  # fails early
+            resolve_implementation(split_variant(impl)[0])  # a bad name fails before any work
     causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
     rows = []
     for n in args.seq_lens:
