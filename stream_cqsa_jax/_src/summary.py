@@ -50,23 +50,29 @@ def _kernel_text(plan) -> str:
     if plan.implementation == "mosaic_gpu":
         if not on_hopper():
             return f"pallas_triton{interpret} (mosaic_gpu needs compute capability 9.x)"
-        if plan.dtype in tiling.MOSAIC_GPU_DTYPES and plan.head_dim in tiling.MOSAIC_GPU_HEAD_DIMS:
+        if _runs_mosaic_gpu(plan):
             return "mosaic_gpu (forward and backward; calls with segment ids: pallas_triton)"
         return "pallas_triton (mosaic_gpu takes 16-bit inputs with head dim 64 or 128)"
     return plan.implementation
+
+
+def _runs_mosaic_gpu(plan) -> bool:
+    """Whether the plan's calls (without segment ids) run the Hopper kernels."""
+    return (
+        plan.implementation == "mosaic_gpu"
+        and on_hopper()
+        and plan.dtype in tiling.MOSAIC_GPU_DTYPES
+        and plan.head_dim in tiling.MOSAIC_GPU_HEAD_DIMS
+    )
 
 
 def _determinism_text(plan) -> str:
     """What `deterministic_backward=False` changes in this plan's backward (nothing said when True)."""
     if plan.deterministic_backward:
         return ""
-    fused = (
-        plan.implementation == "mosaic_gpu"
-        and on_hopper()
-        and plan.dtype in tiling.MOSAIC_GPU_DTYPES
-        and plan.head_dim == 64
-    )
-    if fused:
+    from .kernels.mosaic_gpu_backward import default_launch
+
+    if _runs_mosaic_gpu(plan) and default_launch(plan.head_dim, deterministic=False).fused_dq:
         return "; backward: dq added up by the dk/dv kernel, last bits may vary run to run"
     return "; backward: the same bits every run (no faster order-varying kernel for this plan)"
 
