@@ -339,6 +339,14 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             plgpu.barrier_arrive(free.at[ring])
             return (carry[0] + 1,) + carry[1:]
 
+        def probabilities(s, bias):
+            """p^T from s^T and the rows' bias [bq]."""
+            return jnp.exp2(s * qk_factor - lax.broadcast_in_dim(bias, shape, [1]))
+
+        def score_gradient(p, dp, delta):
+            """ds^T = p^T (dp^T - delta), in the inputs' dtype, from the rows' delta [bq]."""
+            return (p * (dp - lax.broadcast_in_dim(delta, shape, [1]))).astype(q_ref.dtype)
+
         def mask(s, j, q_start):
             q_pos = q_start + block_map.div(j, groups) * bq + _iota(shape, 1)
             kv_pos = kv_start + _iota(shape, 0)
@@ -380,8 +388,8 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             plgpu.barrier_wait(rows_ready.at[ring])
             bias = _load(terms.at[0], per_column)
             delta = _load(terms.at[1], per_column)
-            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(bias, shape, [1]))
-            ds = (p * (dp - lax.broadcast_in_dim(delta, shape, [1]))).astype(q_ref.dtype)
+            p = probabilities(s, bias)
+            ds = score_gradient(p, dp, delta)
             p16 = p.astype(q_ref.dtype)
 
             def gradients(refs):
@@ -395,9 +403,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             plgpu.barrier_arrive(free.at[ring])
             return step + 1, dk, dv
 
-        def visit(j, carry, q_start, masked: bool, q_slot):
-            if launch.dkv_paired or fused:
-                return visit_paired(j, carry, q_start, masked, q_slot)
+        def visit_in_turn(j, carry, q_start, masked: bool, q_slot):
             step, dk, dv = carry
             ring = lax.rem(step, stages)
             q_tile, do_tile, terms = q_smem.at[ring], do_smem.at[ring], rows_smem.at[ring]
@@ -411,8 +417,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             if masked:
                 s = mask(s, j, q_start)
             plgpu.barrier_wait(rows_ready.at[ring])
-            bias = _load(terms.at[0], per_column)
-            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(bias, shape, [1]))
+            p = probabilities(s, _load(terms.at[0], per_column))
             p16 = p.astype(q_ref.dtype)
             plgpu.barrier_wait(do_ready.at[ring])
 
@@ -423,8 +428,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
 
             zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
             dv, dp = pl.run_state(values)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
-            delta = _load(terms.at[1], per_column)
-            ds = (p * (dp - lax.broadcast_in_dim(delta, shape, [1]))).astype(q_ref.dtype)
+            ds = score_gradient(p, dp, _load(terms.at[1], per_column))
 
             def gradient(ref):
                 plgpu.wgmma(ref, ds, q_tile)
@@ -432,6 +436,8 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             dk = pl.run_state(gradient)(plgpu.ACC.init(dk))
             plgpu.barrier_arrive(free.at[ring])
             return step + 1, dk, dv
+
+        visit = visit_paired if launch.dkv_paired or fused else visit_in_turn
 
         def visitor(i, carry):
             q_slot, chunk_start = visitor_chunk(i)

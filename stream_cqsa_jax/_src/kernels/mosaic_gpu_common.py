@@ -45,30 +45,19 @@ def run_kernel(body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *
     a copy warpgroup (axis "wg"); its arguments: `tab`, `lens` unless None, `operands`, the outputs
     of `out_type`, the `scratch`. An operand may be a `jax.Ref`, which the kernel may update in
     place."""
+    args = (tab, *(() if lens is None else (lens,)), *operands)
+    layout = dict(grid=grid, grid_names=("heads", "tiles", "batch"), num_threads=3, thread_name="wg")
+    params = plgpu.CompilerParams(approx_math=True)
     if any(isinstance(x, jax.Ref) for x in operands):
         # plgpu.kernel's batching wrapper does not pass Refs through; build its kernel directly.
-        mesh = plgpu.Mesh(grid=grid, grid_names=("heads", "tiles", "batch"), num_threads=3, thread_name="wg")
-
         def with_scratch(*refs):
             pl.run_scoped(functools.partial(body, *refs), *scratch, collective_axes="wg")
 
-        return pl.kernel(
-            with_scratch,
-            out_type=out_type,
-            mesh=mesh,
-            compiler_params=plgpu.CompilerParams(approx_math=True),
-            name=getattr(getattr(body, "func", body), "__name__", "kernel"),
-        )(tab, *(() if lens is None else (lens,)), *operands)
-    return plgpu.kernel(
-        body,
-        out_type=out_type,
-        scratch_types=scratch,
-        grid=grid,
-        grid_names=("heads", "tiles", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(tab, *(() if lens is None else (lens,)), *operands)
+        name = getattr(getattr(body, "func", body), "__name__", "kernel")
+        return pl.kernel(with_scratch, out_type=out_type, mesh=plgpu.Mesh(**layout), compiler_params=params, name=name)(
+            *args
+        )
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, compiler_params=params, **layout)(*args)
 
 
 class QueryBlock:
