@@ -271,9 +271,7 @@ def test_mosaic_fused_dq_matches_float64(case, monkeypatch):
 def test_mosaic_backward_lowers_for_cuda_on_any_machine(case, monkeypatch):
     """The gradient's program holds the Mosaic dq and dk/dv kernels (the portable backward is made to
     fail) and lowers to Mosaic GPU without a GPU, shared-memory sizes included."""
-    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
-    monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
-    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    _pretend_hopper(monkeypatch)
     built = []
     for name in ("_dq", "_dkv"):
         kernel = getattr(mosaic_gpu_backward, name)
@@ -291,19 +289,8 @@ def test_mosaic_backward_lowers_for_cuda_on_any_machine(case, monkeypatch):
 def test_nondeterministic_backward_fuses_dq_at_head_dim_64(head_dim, monkeypatch):
     """`deterministic_backward=False` reaches the kernels: at head dim 64 the gradient lowers for CUDA
     without the dq kernel (forward and dk/dv: two Mosaic calls), at 128 it keeps all three."""
-    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
-    monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
-    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
-    plan = sc.plan(q_len=1024, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
-                   is_causal=True, num_chunks=1, implementation="mosaic_gpu", deterministic_backward=False)
-    q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
-    loss = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan).astype(jnp.float32).sum()
-    jax.clear_caches()
-    try:
-        text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
-    finally:
-        jax.clear_caches()
+    _pretend_hopper(monkeypatch)
+    text = _lower_gradient(head_dim, deterministic_backward=False)
     assert text.count("custom_call @mosaic_gpu") == (2 if head_dim == 64 else 3)
 
 
@@ -312,37 +299,36 @@ def test_vmap_of_the_gradient_lowers_only_for_the_deterministic_backward(determi
     """Under `jax.vmap` the two backward kernels lower for CUDA; the order-varying one (which updates
     dq in place) does not, as docs/hopper_kernel.md says: JAX batches such kernels for a batch of one
     only. If this starts to lower, the limitation is gone and the docs must say so."""
+    _pretend_hopper(monkeypatch)
+    if deterministic:
+        text = _lower_gradient(64, vmapped=3)
+        assert text.count("custom_call @mosaic_gpu") == 3
+    else:
+        with pytest.raises(NotImplementedError, match="batch dimension of 1"):
+            _lower_gradient(64, deterministic_backward=False, vmapped=3)
+
+
+def _pretend_hopper(monkeypatch) -> None:
+    """Both Hopper kernels' checks pass on any machine, and the portable backward fails if it runs."""
     monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
     monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
-    plan = sc.plan(q_len=1024, num_q_heads=4, num_kv_heads=2, head_dim=64, dtype=jnp.bfloat16, is_causal=True,
-                   num_chunks=1, implementation="mosaic_gpu", deterministic_backward=deterministic)
-    q = jax.ShapeDtypeStruct((3, 1, 1024, 4, 64), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((3, 1, 1024, 2, 64), jnp.bfloat16)
-    loss = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan).astype(jnp.float32).sum()
-    grad = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2))))
-    jax.clear_caches()
-    try:
-        if deterministic:
-            text = grad.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
-            assert text.count("custom_call @mosaic_gpu") == 3
-        else:
-            with pytest.raises(NotImplementedError, match="batch dimension of 1"):
-                grad.trace(q, kv, kv).lower(lowering_platforms=("cuda",))
-    finally:
-        jax.clear_caches()
 
 
-def _lower_gradient(head_dim: int) -> None:
-    """Lowers a causal grouped-heads gradient at `head_dim` for CUDA, whatever the machine."""
+def _lower_gradient(head_dim: int, deterministic_backward: bool = True, vmapped: int = 0) -> str:
+    """The text of a causal grouped-heads gradient at `head_dim` lowered for CUDA, whatever the
+    machine; with `vmapped`, under `jax.vmap` over that many calls."""
     plan = sc.plan(q_len=1024, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
-                   is_causal=True, num_chunks=1, implementation="mosaic_gpu")
-    q = jax.ShapeDtypeStruct((1, 1024, 4, head_dim), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 1024, 2, head_dim), jnp.bfloat16)
+                   is_causal=True, num_chunks=1, implementation="mosaic_gpu",
+                   deterministic_backward=deterministic_backward)
+    lead = (vmapped,) if vmapped else ()
+    q = jax.ShapeDtypeStruct(lead + (1, 1024, 4, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct(lead + (1, 1024, 2, head_dim), jnp.bfloat16)
     loss = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan).astype(jnp.float32).sum()
+    grad = jax.grad(loss, argnums=(0, 1, 2))
     jax.clear_caches()  # traced programs are cached per plan, not per launch: none may outlive the test
     try:
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+        return jax.jit(jax.vmap(grad) if vmapped else grad).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
     finally:
         jax.clear_caches()
 
@@ -358,9 +344,7 @@ def _lower_gradient(head_dim: int) -> None:
 ])
 def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
     """Launches other than the default (what a tuning sweep tries) build and fit in shared memory."""
-    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
-    monkeypatch.setattr(mosaic_gpu_backward, "on_hopper", lambda: True)
-    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    _pretend_hopper(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
     _lower_gradient(head_dim)
 
