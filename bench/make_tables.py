@@ -200,13 +200,18 @@ def mosaic_backward_table(files: list[str]) -> str:
             key = tuple(r[f] for f in _KERNEL_FIELDS)
             latest[(r["implementation"],) + key] = (r, base[key], name)
     lines = [
-        "| N | D | causal | cuDNN s | Mosaic s | Mosaic / cuDNN | file | nondeterministic / cuDNN | portable / cuDNN |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| N | D | causal | cuDNN s | Mosaic s | Mosaic / cuDNN | file | nondeterministic / cuDNN | portable / cuDNN "
+        "| temp GiB: cuDNN / Mosaic / nondeterministic |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
     def ratio(implementation, key):
         run = latest.get((implementation, *key))
         return f"{run[1]['seconds'] / run[0]['seconds']:.2f}x" if run else "not run"
+
+    def temp(implementation, key):
+        run = latest.get((implementation, *key))
+        return f"{run[0]['temp_bytes'] / 2**30:.2f}" if run else "-"
 
     cases = sorted({k[1:] for k in latest if k[0] == "mosaic_gpu"}, key=lambda k: (k[0], k[1], not k[2]))
     for key in cases:
@@ -214,7 +219,8 @@ def mosaic_backward_table(files: list[str]) -> str:
         lines.append(
             f"| {_tokens(key[0])} | {key[1]} | {'yes' if key[2] else 'no'} | {c['seconds']:.4f} "
             f"| {m['seconds']:.4f} | {c['seconds'] / m['seconds']:.2f}x | `{name}` "
-            f"| {ratio('mosaic_gpu:nondeterministic', key)} | {ratio('pallas_triton', key)} |"
+            f"| {ratio('mosaic_gpu:nondeterministic', key)} | {ratio('pallas_triton', key)} "
+            f"| {c['temp_bytes'] / 2**30:.2f} / {temp('mosaic_gpu', key)} / {temp('mosaic_gpu:nondeterministic', key)} |"
         )
     return "\n".join(lines)
 
