@@ -3,8 +3,9 @@
 One program per (query tile, batch, head) walks the key tiles of its chunk
 pairs, trimmed to the band; tiles that need no mask take an unmasked path.
 The backward runs two kernels and no atomics, so it is deterministic: one over
-query tiles for ``dq``, one over key tiles (walking the transposed pair lists)
-for ``dk, dv``, summing the query heads of each group.
+query tiles for ``dq``, one over key tiles (walking the transposed pair lists,
+scores formed as [keys, queries]) for ``dk, dv``, summing the query heads of
+each group. Both take each row's ``m + log l`` precomputed.
 
 On GPU, bfloat16/float16 products run on tensor cores with float32
 accumulation (probabilities are rounded to the inputs' dtype before
@@ -78,7 +79,7 @@ def default_tuning(head_dim: int) -> Tuning:
     """Settings measured on an H200 at 64K tokens (bench/tune_triton.py, docs/benchmarks.md)."""
     if head_dim <= 64:
         return Tuning(forward=Launch(4, 3, 128, 128), dq=Launch(4, 3, 64, 64), dkv=Launch(4, 2, 128, 64))
-    return Tuning(forward=Launch(4, 2, 128, 64), dq=Launch(8, 2, 128, 64), dkv=Launch(8, 2, 128, 64))
+    return Tuning(forward=Launch(4, 2, 128, 64), dq=Launch(8, 2, 128, 64), dkv=Launch(4, 2, 64, 64))
 
 
 def _interpret() -> bool:
@@ -91,13 +92,17 @@ def _full_spec(x: jax.Array | None):
     return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _mask(band: Band, q_pos, kv_pos, q_limit, kv_limit, q_ids, kv_ids):
-    """bool [bq, bk]: which (query, key) pairs of a tile are visible."""
+def _visible(band: Band, q, k, q_limit, kv_limit, q_ids, kv_ids):
+    """bool: which (query, key) pairs of a tile are visible.
+
+    `q`, `k` (positions) and `q_ids`, `kv_ids` (segment ids, or None) come
+    shaped to broadcast against each other: [bq, 1] and [1, bk] for a query
+    tile's scores, [1, bq] and [bk, 1] for their transpose.
+    """
     left, right = band.left_bound, band.right_bound
-    q, k = q_pos[:, None], kv_pos[None, :]
     mask = (k < kv_limit) & (q < q_limit) & (k >= q - left) & (k <= q + right)
     if q_ids is not None:
-        mask = mask & (q_ids[:, None] == kv_ids[None, :])
+        mask = mask & (q_ids == kv_ids)
     return mask
 
 
@@ -176,7 +181,10 @@ def _masked(s, cfg: KernelConfig, qt: _QueryTile, q_ids, kv_ids_ref, rows, kv_st
     """Scores `s` [bq, bk] with the pairs the band, lengths or segments hide set to -inf."""
     kv_ids = None if kv_ids_ref is None else kv_ids_ref[rows]
     kv_pos = kv_start + jnp.arange(cfg.block_kv, dtype=jnp.int32)
-    return jnp.where(_mask(cfg.band, qt.pos, kv_pos, qt.q_limit, qt.kv_limit, q_ids, kv_ids), s, -jnp.inf)
+    if q_ids is not None:
+        q_ids, kv_ids = q_ids[:, None], kv_ids[None, :]
+    visible = _visible(cfg.band, qt.pos[:, None], kv_pos[None, :], qt.q_limit, qt.kv_limit, q_ids, kv_ids)
+    return jnp.where(visible, s, -jnp.inf)
 
 
 def _walk_key_tiles(cfg: KernelConfig, lay, tab_ref, qt: _QueryTile, all_masked: bool, tile, init):
@@ -268,19 +276,20 @@ def forward(inp: KernelInputs, cfg: KernelConfig, tuning: Tuning | None = None) 
 # -- backward -------------------------------------------------------------------------
 
 
-def _probabilities(s, m, l, base: float, exp: Callable):
-    """p = exp(s - m) / l from logits `s` (already times `base`) and the global row statistics.
+def _row_bias(m: jax.Array, l: jax.Array, sliced: bool) -> jax.Array:
+    """float32 like `m`: the bias b with p = exp(s - b) for logits `s` in the kernels' units.
 
-    Rows that saw no key give 0.
+    b = m + log l in the exponent's base (see `_exponent`), so a probability
+    costs one subtraction and one exponential. Rows that saw no key get +inf:
+    their probabilities are 0 whatever their logits.
     """
-    m = jnp.where(m == -jnp.inf, 0.0, m * base)
-    inv_l = jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)
-    return exp(s - m[:, None]) * inv_l[:, None]
+    base, _ = _exponent(sliced)
+    log_l = jnp.log(jnp.where(l > 0, l, 1.0)) * (1.0 if sliced else _LOG2E)
+    return jnp.where((l > 0) & (m > -jnp.inf), m * base + log_l, jnp.inf)
 
 
 def _dq_kernel(
-    tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, delta_ref, dq_ref,
-    *, cfg, lay,
+    tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, do_ref, bias_ref, delta_ref, dq_ref, *, cfg, lay
 ):
     bq, bk, ck = cfg.block_q, cfg.block_kv, cfg.kv_chunk
     qt = _query_tile(cfg, lay, tab_ref, lens_ref)
@@ -289,7 +298,7 @@ def _dq_kernel(
     base, exp = _exponent(sliced)
     q = None if sliced else q_ref[...]
     do = None if sliced else do_ref[...]
-    m, l, delta = m_ref[...], l_ref[...], delta_ref[...]
+    bias, delta = bias_ref[...], delta_ref[...]
     q_ids = None if q_ids_ref is None else q_ids_ref[...]
 
     def tile(kt, dq, kv_slot, chunk_start, masked):
@@ -297,7 +306,7 @@ def _dq_kernel(
         s = _qk(q, q_ref, (slice(None),), k_ref, (rows,)) * (cfg.scale * base)
         if masked:
             s = _masked(s, cfg, qt, q_ids, kv_ids_ref, rows, chunk_start + kt * bk)
-        p = _probabilities(s, m, l, base, exp)
+        p = exp(s - bias[:, None])
         ds = p * (_qk(do, do_ref, (slice(None),), v_ref, (rows,)) - delta[:, None])
         k = k_ref[rows, :]
         return dq + plgpu.dot(ds.astype(k.dtype), k)
@@ -307,9 +316,11 @@ def _dq_kernel(
 
 
 def _dkv_kernel(
-    tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, do_ref, m_ref, l_ref, delta_ref, dk_ref, dv_ref,
+    tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, do_ref, bias_ref, delta_ref, dk_ref, dv_ref,
     *, cfg, lay, groups,
 ):
+    """dk, dv of one key tile. Scores are formed transposed, [keys, queries] (k q^T, v do^T), so
+    that p^T and ds^T are the left operands of the products with do and q as they stand."""
     bq, bk, cq, ck = cfg.block_q, cfg.block_kv, cfg.q_chunk, cfg.kv_chunk
     band = cfg.band
     t, bi = pl.program_id(0), pl.program_id(1)
@@ -320,29 +331,29 @@ def _dkv_kernel(
     hp = k_ref.shape[-1]
     sliced = _sliced(k_ref)
     base, exp = _exponent(sliced)
-    k, v = k_ref[...], v_ref[...]
-    kv_ids = None if kv_ids_ref is None else kv_ids_ref[...]
-    kv_pos = kv_start + jnp.arange(bk, dtype=jnp.int32)
+    k = None if sliced else k_ref[...]
+    v = None if sliced else v_ref[...]
+    kv_ids = None if kv_ids_ref is None else kv_ids_ref[...][:, None]
+    kv_pos = (kv_start + jnp.arange(bk, dtype=jnp.int32))[:, None]
     # Queries that see some key of this tile, and those that see all of them (padding keys get
     # no gradient).
     span = block_map.key_span(band, kv_start, bk, q_limit, kv_limit)
 
     def tile(qt, grads, q_slot, chunk_start, masked):
         dk, dv = grads
-        row0 = q_slot * cq + qt * bq
-        rows = pl.ds(row0, bq)
-        q_pos = chunk_start + qt * bq + jnp.arange(bq, dtype=jnp.int32)
-        q_ids = None if q_ids_ref is None else q_ids_ref[rows]
+        rows = pl.ds(q_slot * cq + qt * bq, bq)
+        q_pos = (chunk_start + qt * bq + jnp.arange(bq, dtype=jnp.int32))[None, :]
+        q_ids = None if q_ids_ref is None else q_ids_ref[rows][None, :]
         for gi in range(groups):
             q, do = q_ref[rows, gi, :], do_ref[rows, gi, :]
-            s = _qk(None if sliced else q, q_ref, (rows, gi), k_ref, (slice(None),)) * (cfg.scale * base)
+            st = _qk(k, k_ref, (slice(None),), q_ref, (rows, gi)) * (cfg.scale * base)
             if masked:
-                s = jnp.where(_mask(band, q_pos, kv_pos, q_limit, kv_limit, q_ids, kv_ids), s, -jnp.inf)
-            p = _probabilities(s, m_ref[gi, rows], l_ref[gi, rows], base, exp)
-            dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-            dp = _qk(None if sliced else do, do_ref, (rows, gi), v_ref, (slice(None),))
-            ds = p * (dp - delta_ref[gi, rows][:, None])
-            dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+                st = jnp.where(_visible(band, q_pos, kv_pos, q_limit, kv_limit, q_ids, kv_ids), st, -jnp.inf)
+            pt = exp(st - bias_ref[gi, rows][None, :])
+            dv = dv + plgpu.dot(pt.astype(do.dtype), do)
+            dpt = _qk(v, v_ref, (slice(None),), do_ref, (rows, gi))
+            dst = pt * (dpt - delta_ref[gi, rows][None, :])
+            dk = dk + plgpu.dot(dst.astype(q.dtype), q)
         return dk, dv
 
     def visitor(i, grads):
@@ -371,7 +382,8 @@ def backward(
     tuning = tuning or default_tuning(h)
     tab, lay = block_map.pack(inp)
     lens = block_map.lengths(inp)
-    m, l, delta = (x.astype(jnp.float32) for x in (m, l, delta))
+    bias = _row_bias(m.astype(jnp.float32), l.astype(jnp.float32), _sliced(inp.q))
+    delta = delta.astype(jnp.float32)
     q, k, v, do = (_pad_heads(x, hp) for x in (inp.q, inp.k, inp.v, do))
 
     # dq: one program per (query tile, batch, query head).
@@ -390,13 +402,13 @@ def backward(
         functools.partial(_dq_kernel, cfg=dq_cfg, lay=lay),
         grid=(lq // bq, b, n),
         in_specs=[_full_spec(tab), _full_spec(lens), *ids_specs, q_spec, kv_spec, kv_spec, q_spec]
-        + [row_spec] * 3,
+        + [row_spec] * 2,
         out_specs=q_spec,
         out_shape=jax.ShapeDtypeStruct((b, lq, n, hp), jnp.float32),
         compiler_params=tuning.dq.params(),
         interpret=_interpret(),
         name="stream_cqsa_backward_dq",
-    )(tab, lens, inp.q_segment_ids, inp.kv_segment_ids, q, k, v, do, m, l, delta)
+    )(tab, lens, inp.q_segment_ids, inp.kv_segment_ids, q, k, v, do, bias, delta)
 
     # dk, dv: one program per (key tile, batch, key/value head), over the group's query heads.
     dkv_launch = tuning.dkv
@@ -418,11 +430,11 @@ def backward(
         functools.partial(_dkv_kernel, cfg=dkv_cfg, lay=lay, groups=g),
         grid=(lk // bk, b, kh),
         in_specs=[_full_spec(tab), _full_spec(lens), *ids_specs, group_spec, tile_spec, tile_spec, group_spec]
-        + [stats_spec] * 3,
+        + [stats_spec] * 2,
         out_specs=[tile_spec, tile_spec],
         out_shape=[jax.ShapeDtypeStruct((b, lk, kh, hp), jnp.float32)] * 2,
         compiler_params=dkv_launch.params(),
         interpret=_interpret(),
         name="stream_cqsa_backward_dkv",
-    )(tab, lens, inp.q_segment_ids, inp.kv_segment_ids, q, k, v, do, m, l, delta)
+    )(tab, lens, inp.q_segment_ids, inp.kv_segment_ids, q, k, v, do, bias, delta)
     return dq[..., :h], dk[..., :h], dv[..., :h]
