@@ -42,6 +42,11 @@ MOSAIC_BACKWARD_FILES = [
     "mosaic_bwd_1m_d128_causal.json",
     "mosaic_bwd_1m_d128_nc.json",
     "mosaic_bwd_1m_d64_nondeterministic.json",
+    "mosaic_bwd_16k_256k.json",
+    "mosaic_bwd_1m_d128.json",
+    "pallas_triton_bwd_16k_256k.json",
+    "pallas_triton_bwd_1m_d128.json",
+    "pallas_triton_bwd_1m_d64.json",
 ]
 MOSAIC_GRAD_ACCURACY_FILES = [
     "accuracy_8k_grads_d64.json",
@@ -52,12 +57,17 @@ MOSAIC_GRAD_ACCURACY_FILES = [
 SCALING_BEGIN, SCALING_END = "<!-- generated scaling tables: begin -->", "<!-- generated scaling tables: end -->"
 SCALING_CHART = ROOT / "docs" / "benchmarks_scaling.png"
 SCALING_FILES = ["scaling_4m_fwd.json", "scaling_1m_fwd_bwd.json", "scaling_4m_fwd_bwd.json"]
+# Runs of the portable kernel, oldest first: a later run of the same case replaces an earlier one.
 KERNEL_FILES = [
     "pallas_triton_16k_256k.json",
     "pallas_triton_1m_fwd.json",
     "pallas_triton_1m_fwd_bwd.json",
     "pallas_triton_1m_fwd_bwd_d128.json",
+    "pallas_triton_bwd_16k_256k.json",
+    "pallas_triton_bwd_1m_d128.json",
+    "pallas_triton_bwd_1m_d64.json",
 ]
+KERNEL_GRAD_ACCURACY_FILES = ["accuracy_8k_grads_triton.json"]
 
 
 def _tokens(n: int) -> str:
@@ -97,10 +107,23 @@ def _ratio_chart(ours, base, fields, order, label, path, lines) -> None:
     bar_chart(str(path), list(groups.items()), lines=lines, top=1.1)
 
 
+def _latest_kernel_runs(files: list[str]) -> dict[tuple, tuple[dict, dict, str]]:
+    """(portable kernel row, cuDNN row of the same file, file name) per case; a later file replaces an
+    earlier one."""
+    latest = {}
+    for name in files:
+        ours, base = _ours_and_cudnn([name], _KERNEL_FIELDS, "pallas_triton")
+        for r in ours:
+            key = tuple(r[f] for f in _KERNEL_FIELDS)
+            latest[key] = (r, base[key], name)
+    return latest
+
+
 def kernel_chart(files: list[str], path) -> None:
-    """One group per (head dim, causal, pass)."""
+    """One group per (head dim, causal, pass), the latest run of each case."""
+    runs = _latest_kernel_runs(files).values()
     _ratio_chart(
-        *_ours_and_cudnn(files, _KERNEL_FIELDS), _KERNEL_FIELDS,
+        [r for r, _, _ in runs], {tuple(r[f] for f in _KERNEL_FIELDS): c for r, c, _ in runs}, _KERNEL_FIELDS,
         order=lambda r: (r["direction"], r["head_dim"], not r["causal"], r["seq_len"]),
         label=lambda r: (
             f"D{r['head_dim']} {'C' if r['causal'] else 'NC'} {'FWD' if r['direction'] == 'fwd' else 'F+B'}"
@@ -110,17 +133,17 @@ def kernel_chart(files: list[str], path) -> None:
 
 
 def kernel_table(files: list[str]) -> str:
-    ours, base = _ours_and_cudnn(files, _KERNEL_FIELDS)
+    runs = _latest_kernel_runs(files)
     lines = [
-        "| N | D | causal | pass | cuDNN s | ours s | ours TFLOP/s | ours / cuDNN throughput | ours temp GiB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| N | D | causal | pass | cuDNN s | ours s | ours TFLOP/s | ours / cuDNN throughput | ours temp GiB | file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in sorted(ours, key=lambda r: (r["seq_len"], r["head_dim"], not r["causal"], r["direction"])):
-        c = base[tuple(r[f] for f in _KERNEL_FIELDS)]
+    for key in sorted(runs, key=lambda k: (k[0], k[1], not k[2], k[3])):
+        r, c, name = runs[key]
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['direction']} "
             f"| {c['seconds']:.4f} | {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.2f}x "
-            f"| {r.get('temp_bytes', 0) / 2**30:.2f} |"
+            f"| {r.get('temp_bytes', 0) / 2**30:.2f} | `{name}` |"
         )
     return "\n".join(lines)
 
@@ -146,9 +169,11 @@ def generated() -> str:
         [
             BEGIN,
             "### Kernel speed: one subproblem, all data on the device (B=1, 8 heads, bfloat16)",
-            "Files: `pallas_triton_16k_256k.json` (3 timed runs, median), `pallas_triton_1m_fwd.json`, "
-            "`pallas_triton_1m_fwd_bwd.json` and `pallas_triton_1m_fwd_bwd_d128.json` (1 timed run after a "
-            "warm-up).",
+            "Each row is the latest run of its case (file named), with cuDNN timed in the same run: "
+            "`pallas_triton_16k_256k.json` (3 timed runs after a warm-up, median), `pallas_triton_bwd_16k_256k.json` "
+            "(2), the 1M files (1). The forward plus backward rows come from the `pallas_triton_bwd_*` runs, made "
+            "with the transposed dk/dv kernel (see below); the older `pallas_triton_1m_fwd_bwd*.json` runs are "
+            "kept for the record.",
             kernel_table(KERNEL_FILES),
             f"![ours / cuDNN throughput]({CHART.name})",
             "The chart: ours / cuDNN throughput per group of head dim (D64, D128), causal (C) or not (NC), "
@@ -157,6 +182,10 @@ def generated() -> str:
             "### Accuracy on the device: relative error vs float64 (bfloat16 inputs, 8 heads)",
             "Files: `accuracy_8k.json`, `accuracy_1m.json`.",
             accuracy_table(["accuracy_8k.json", "accuracy_1m.json"]),
+            "### Gradient accuracy on the device: relative error vs float64 (bfloat16 inputs, 8 heads)",
+            "File: `accuracy_8k_grads_triton.json` (every row; gradients for a random bfloat16 cotangent, "
+            "`bench/check_accuracy.py --grads`; the transposed dk/dv kernel).",
+            grad_accuracy_table(KERNEL_GRAD_ACCURACY_FILES, ours="pallas_triton"),
             END,
         ]
     )
@@ -244,22 +273,24 @@ def backward_launch_table(name: str) -> str:
     return "\n".join(lines)
 
 
-def grad_accuracy_table(files: list[str]) -> str:
-    """Relative errors of dq, dk, dv vs float64: the Hopper backward, cuDNN and XLA on the same inputs."""
+def grad_accuracy_table(files: list[str], ours: str = "mosaic_gpu", variants: tuple[str, ...] = ()) -> str:
+    """Relative errors of dq, dk, dv vs float64: our backward (`ours`, then each of `variants`), cuDNN and
+    XLA on the same inputs."""
+    variant_heads = "".join(f" {v} |" for v in variants)
     lines = [
-        "| N | D | causal | rows | gradient | ours (mosaic_gpu) | ours, nondeterministic | cuDNN | XLA kernel |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| N | D | causal | rows | gradient | ours ({ours}) |{variant_heads} cuDNN | XLA kernel |",
+        "| --- " * (8 + len(variants)) + "|",
     ]
     for name in files:
         for r in json.loads((RESULTS / name).read_text())["results"]:
             e = r.get("grad_errors", {})
-            if "mosaic_gpu" not in e or "cudnn" not in e:
+            if ours not in e or "cudnn" not in e:
                 continue  # the run stopped before this case's gradients
             for g in ("dq", "dk", "dv"):
-                cells = [f"{e[i][g]:.4e}" if i in e else "" for i in ("mosaic_gpu:nondeterministic", "cudnn", "xla")]
+                cells = [f"{e[i][g]:.4e}" if i in e else "" for i in (*variants, "cudnn", "xla")]
                 lines.append(
                     f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
-                    f"| {r['rows_checked']} | {g} | {e['mosaic_gpu'][g]:.4e} | {' | '.join(cells)} |"
+                    f"| {r['rows_checked']} | {g} | {e[ours][g]:.4e} | {' | '.join(cells)} |"
                 )
     return "\n".join(lines)
 
@@ -353,13 +384,13 @@ def generated_mosaic() -> str:
             "File: `mosaic_tile_order.json` (bfloat16, 2 timed runs after a warm-up, median).",
             tile_order_table("mosaic_tile_order.json"),
             "### Forward plus backward: one subproblem, all data on the device (B=1, 8 heads, bfloat16)",
-            "Each row is the latest run of its case (file named), with cuDNN timed in the same run: 2 timed "
-            "runs after a warm-up (median) at 64K and 256K, 1 at 1M. Mosaic: the Hopper forward and backward "
+            "Each row is the latest run of its case (file named), with cuDNN timed in the same run: 2 or 3 "
+            "timed runs after a warm-up (median; 3 in `mosaic_bwd_16k_256k.json`) up to 256K, 1 at 1M. Mosaic: the Hopper forward and backward "
             "with its default launch when the run was made (paired dk/dv products at head dim 64 from "
             "`mosaic_bwd_paired_d64.json` on); nondeterministic: the same with `deterministic_backward=False` "
             "(`mosaic_bwd_1m_d64_nondeterministic.json`; at 64K and 256K see the fused dq table below); "
-            "portable: the Triton kernels (`pallas_triton`), from `mosaic_bwd_64k_256k.json`, next to cuDNN in "
-            "that run.",
+            "portable: the Triton kernels (`pallas_triton`), from their latest run (`pallas_triton_bwd_*.json`), "
+            "next to cuDNN in that run.",
             mosaic_backward_table(MOSAIC_BACKWARD_FILES),
             "### Backward launches: forward plus backward without a causal mask",
             "File: `mosaic_bwd_sweep_nc.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in the same "
@@ -387,7 +418,7 @@ def generated_mosaic() -> str:
             "bfloat16 cotangent, `bench/check_accuracy.py --grads`), `accuracy_1m_grads_d64.json`, "
             "`accuracy_1m_grads_d128.json` (256 evenly spaced rows; the cotangent is zero on the other rows, so "
             "every row of dk and dv is checked; at head dim 128 only the causal case finished in its run).",
-            grad_accuracy_table(MOSAIC_GRAD_ACCURACY_FILES),
+            grad_accuracy_table(MOSAIC_GRAD_ACCURACY_FILES, variants=("mosaic_gpu:nondeterministic",)),
             MOSAIC_END,
         ]
     )
