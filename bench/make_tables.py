@@ -107,16 +107,21 @@ def _ratio_chart(ours, base, fields, order, label, path, lines) -> None:
     bar_chart(str(path), list(groups.items()), lines=lines, top=1.1)
 
 
-def _latest_kernel_runs(files: list[str]) -> dict[tuple, tuple[dict, dict, str]]:
-    """(portable kernel row, cuDNN row of the same file, file name) per case; a later file replaces an
-    earlier one."""
+def _latest_runs(files: list[str], fields, implementation: str, prefer=None) -> dict[tuple, tuple[dict, dict, str]]:
+    """(row of `implementation`, cuDNN row of the same file, file name) per case (the values of `fields`);
+    a later file replaces an earlier one, and within a file a row `prefer` ranks higher replaces a lower."""
     latest = {}
     for name in files:
-        ours, base = _ours_and_cudnn([name], _KERNEL_FIELDS, "pallas_triton")
-        for r in ours:
-            key = tuple(r[f] for f in _KERNEL_FIELDS)
+        ours, base = _ours_and_cudnn([name], fields, implementation)
+        for r in sorted(ours, key=prefer or (lambda r: 0)):
+            key = tuple(r[f] for f in fields)
             latest[key] = (r, base[key], name)
     return latest
+
+
+def _latest_kernel_runs(files: list[str]) -> dict[tuple, tuple[dict, dict, str]]:
+    """The latest run of the portable kernel per case (see `_latest_runs`)."""
+    return _latest_runs(files, _KERNEL_FIELDS, "pallas_triton")
 
 
 def kernel_chart(files: list[str], path) -> None:
@@ -192,15 +197,9 @@ def generated() -> str:
 
 
 def _latest_mosaic_runs(files: list[str]) -> dict[tuple, tuple[dict, dict, str]]:
-    """(Mosaic row, cuDNN row of the same file, file name) per case; a later file replaces an earlier one, and
-    within a file the heaviest-first launch (the default) replaces the in-order one."""
-    latest = {}
-    for name in files:
-        ours, base = _ours_and_cudnn([name], _MOSAIC_FIELDS, "mosaic_gpu")
-        for r in sorted(ours, key=lambda r: bool(r.get("heavy_first"))):
-            key = tuple(r[f] for f in _MOSAIC_FIELDS)
-            latest[key] = (r, base[key], name)
-    return latest
+    """The latest Hopper forward run per case (see `_latest_runs`); within a file the heaviest-first launch
+    (the default) replaces the in-order one."""
+    return _latest_runs(files, _MOSAIC_FIELDS, "mosaic_gpu", prefer=lambda r: bool(r.get("heavy_first")))
 
 
 def mosaic_table(files: list[str]) -> str:
