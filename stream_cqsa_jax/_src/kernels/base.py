@@ -24,6 +24,7 @@ padding, band, length and segment masks inside those tiles.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
@@ -82,6 +83,22 @@ class KernelInputs(NamedTuple):
     kv_segment_ids: jax.Array | None = None
     q_lengths: jax.Array | None = None
     kv_lengths: jax.Array | None = None
+
+
+def row_bias(m: jax.Array, l: jax.Array, base2: bool) -> jax.Array:
+    """float32 like `m`: each row's bias b, so that a backward kernel's probability is
+    ``p = exp(s - b)`` (``exp2`` of base-2 logits with `base2`).
+
+    b = m + log l, in base 2 (``m log2 e + log2 l``) with `base2`; +inf for rows
+    that see no key, whose probabilities are then 0 whatever their logits.
+    """
+    m, l = m.astype(jnp.float32), l.astype(jnp.float32)
+    seen = (l > 0) & (m > -jnp.inf)
+    if base2:
+        bias = m * math.log2(math.e) + jnp.log2(jnp.where(seen, l, 1.0))
+    else:
+        bias = m + jnp.log(jnp.where(seen, l, 1.0))
+    return jnp.where(seen, bias, jnp.inf)
 
 
 def accumulator_dtype(dtype) -> jnp.dtype:

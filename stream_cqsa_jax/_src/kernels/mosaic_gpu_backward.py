@@ -51,7 +51,7 @@ from jax.experimental import pallas as pl
 from ..devices import on_hopper
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
 from . import block_map, pallas_triton
-from .base import KernelConfig, KernelInputs
+from .base import KernelConfig, KernelInputs, row_bias
 from .mosaic_gpu_common import LOG2E, QueryBlock, drain, run_kernel, split_refs, stream_kv, visible, walk
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
@@ -115,10 +115,7 @@ def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
 
 def _row_terms(m, l, delta) -> jax.Array:
     """float32 [B, N, 2, Lq]: each row's bias (``m log2 e + log2 l``, +inf where it sees no key) and delta."""
-    m, l, delta = (x.astype(jnp.float32) for x in (m, l, delta))
-    seen = (l > 0) & (m > -jnp.inf)
-    bias = jnp.where(seen, m * LOG2E + jnp.log2(jnp.where(seen, l, 1.0)), jnp.inf)
-    return jnp.stack([bias, delta], axis=2)
+    return jnp.stack([row_bias(m, l, base2=True), delta.astype(jnp.float32)], axis=2)
 
 
 def _load(ref, layout):

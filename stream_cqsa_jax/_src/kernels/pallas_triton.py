@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as plgpu
 from ..masks import Band
 from ..merge import SoftmaxState
 from . import block_map
-from .base import KernelConfig, KernelInputs
+from .base import KernelConfig, KernelInputs, row_bias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,18 +276,6 @@ def forward(inp: KernelInputs, cfg: KernelConfig, tuning: Tuning | None = None) 
 # -- backward -------------------------------------------------------------------------
 
 
-def _row_bias(m: jax.Array, l: jax.Array, sliced: bool) -> jax.Array:
-    """float32 like `m`: the bias b with p = exp(s - b) for logits `s` in the kernels' units.
-
-    b = m + log l in the exponent's base (see `_exponent`), so a probability
-    costs one subtraction and one exponential. Rows that saw no key get +inf:
-    their probabilities are 0 whatever their logits.
-    """
-    base, _ = _exponent(sliced)
-    log_l = jnp.log(jnp.where(l > 0, l, 1.0)) * (1.0 if sliced else _LOG2E)
-    return jnp.where((l > 0) & (m > -jnp.inf), m * base + log_l, jnp.inf)
-
-
 def _dq_kernel(
     tab_ref, lens_ref, q_ids_ref, kv_ids_ref, q_ref, k_ref, v_ref, do_ref, bias_ref, delta_ref, dq_ref, *, cfg, lay
 ):
@@ -382,7 +370,7 @@ def backward(
     tuning = tuning or default_tuning(h)
     tab, lay = block_map.pack(inp)
     lens = block_map.lengths(inp)
-    bias = _row_bias(m.astype(jnp.float32), l.astype(jnp.float32), _sliced(inp.q))
+    bias = row_bias(m, l, base2=not _sliced(inp.q))  # in the exponent's base (`_exponent`)
     delta = delta.astype(jnp.float32)
     q, k, v, do = (_pad_heads(x, hp) for x in (inp.q, inp.k, inp.v, do))
 
