@@ -221,12 +221,10 @@ def mosaic_table(files: list[str]) -> str:
 def mosaic_backward_table(files: list[str]) -> str:
     """Forward plus backward: the latest Hopper run of each case next to cuDNN in the same run, and the
     latest portable run next to cuDNN in its own run."""
-    latest = {}  # (implementation, case) -> (row, cuDNN row of the same file, file name)
-    for name in files:
-        ours, base = _ours_and_cudnn([name], _KERNEL_FIELDS)
-        for r in ours:
-            key = tuple(r[f] for f in _KERNEL_FIELDS)
-            latest[(r["implementation"],) + key] = (r, base[key], name)
+    latest = {  # implementation -> case -> (row, cuDNN row of the same file, file name)
+        implementation: _latest_runs(files, _KERNEL_FIELDS, implementation)
+        for implementation in ("mosaic_gpu", "mosaic_gpu:nondeterministic", "pallas_triton")
+    }
     lines = [
         "| N | D | causal | cuDNN s | Mosaic s | Mosaic / cuDNN | file | nondeterministic / cuDNN | portable / cuDNN "
         "| temp GiB: cuDNN / Mosaic / nondeterministic |",
@@ -234,16 +232,15 @@ def mosaic_backward_table(files: list[str]) -> str:
     ]
 
     def ratio(implementation, key):
-        run = latest.get((implementation, *key))
+        run = latest[implementation].get(key)
         return f"{run[1]['seconds'] / run[0]['seconds']:.2f}x" if run else "not run"
 
     def temp(implementation, key):
-        run = latest.get((implementation, *key))
+        run = latest[implementation].get(key)
         return f"{run[0]['temp_bytes'] / 2**30:.2f}" if run else "-"
 
-    cases = sorted({k[1:] for k in latest if k[0] == "mosaic_gpu"}, key=lambda k: (k[0], k[1], not k[2]))
-    for key in cases:
-        m, c, name = latest["mosaic_gpu", *key]
+    for key in sorted(latest["mosaic_gpu"], key=lambda k: (k[0], k[1], not k[2])):
+        m, c, name = latest["mosaic_gpu"][key]
         lines.append(
             f"| {_tokens(key[0])} | {key[1]} | {'yes' if key[2] else 'no'} | {c['seconds']:.4f} "
             f"| {m['seconds']:.4f} | {c['seconds'] / m['seconds']:.2f}x | `{name}` "
