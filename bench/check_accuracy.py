@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import stream_cqsa_jax as sc
-from stream_cqsa_jax.benchmark import split_variant
+from stream_cqsa_jax.benchmark import Case, attention_for
 
 
 def _head_blocks(q, k, rows, causal, bi, hi):
@@ -86,16 +85,6 @@ def rel(x, ref):
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def _attention(impl: str, n: int, heads: int, head_dim: int, causal: bool):
-    """f(q, k, v) for `impl`: "cudnn", a kernel name, or a kernel name with ":nondeterministic"."""
-    if impl == "cudnn":
-        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
-    kernel, variant = split_variant(impl)
-    p = sc.plan(q_len=n, num_q_heads=heads, head_dim=head_dim, dtype=jnp.bfloat16, is_causal=causal,
-                implementation=kernel, num_chunks=1, deterministic_backward=variant != "nondeterministic")
-    return lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=causal, plan=p)
-
-
 def check(n, heads, head_dim, causal, rows, implementations, grads=False, seed=0):
     keys = jax.random.split(jax.random.key(seed), 4)
     shape = (1, n, heads, head_dim)
@@ -114,7 +103,7 @@ def check(n, heads, head_dim, causal, rows, implementations, grads=False, seed=0
         result["grad_errors"] = {}
     for impl in implementations:
         try:
-            f = _attention(impl, n, heads, head_dim, causal)
+            f = attention_for(impl, Case(n, head_dim, causal, "fwd", heads=heads), num_chunks=1)
             out = np.asarray(jax.jit(f)(q, k, v).astype(jnp.float32), np.float64)
             result["errors"][impl] = rel(out[:, rows], ref)
             if grads:

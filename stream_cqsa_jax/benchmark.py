@@ -59,7 +59,7 @@ def split_variant(impl: str) -> tuple[str, str]:
     return kernel, variant
 
 
-def _attention(impl: str, case: Case, num_chunks: int | None, **plan_options) -> Callable:
+def attention_for(impl: str, case: Case, num_chunks: int | None, **plan_options) -> Callable:
     """f(q, k, v) -> output for implementation `impl` (a baseline or one of this library's kernels)."""
     if impl in BASELINES:
         name = "cudnn" if impl == "cudnn" else "xla"
@@ -81,7 +81,7 @@ def _attention(impl: str, case: Case, num_chunks: int | None, **plan_options) ->
 
 
 def _program(impl: str, case: Case, num_chunks: int | None, **plan_options) -> Callable:
-    f = _attention(impl, case, num_chunks, **plan_options)
+    f = attention_for(impl, case, num_chunks, **plan_options)
     if case.direction == "fwd":
         return jax.jit(f)
     return jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
