@@ -267,9 +267,8 @@ def plan(
         order that varies from run to run where that is faster; today the
         Hopper backward at head dim 64, whose dk/dv kernel then also
         accumulates dq (docs/hopper_kernel.md). The results are as accurate
-        either way. That kernel cannot run under `jax.vmap` (JAX batches
-        kernels that update a buffer in place only for a batch of one): fold
-        a vmapped axis into the batch axis, or keep the default.
+        either way. Under `jax.vmap` that kernel runs the batch one element
+        at a time.
 
     Raises:
       ValueError / TypeError: for malformed arguments, naming the argument;

@@ -52,7 +52,17 @@ from ..devices import on_hopper
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
 from . import block_map, pallas_triton
 from .base import KernelConfig, KernelInputs, row_bias
-from .mosaic_gpu_common import LOG2E, QueryBlock, drain, run_kernel, split_refs, stream_kv, visible, walk
+from .mosaic_gpu_common import (
+    LOG2E,
+    QueryBlock,
+    drain,
+    one_at_a_time_under_vmap,
+    run_kernel,
+    split_refs,
+    stream_kv,
+    visible,
+    walk,
+)
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -280,11 +290,13 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
 
 
 def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
-    """refs: table, lengths (if any), q, k, v, dO, row terms, float32 dq to add into (if
-    `launch.fused_dq`); dk, dv; then the scratch of `_dkv`."""
+    """refs: table, lengths (if any), q, k, v, dO, row terms; dk, dv; then the scratch of `_dkv`.
+    With `launch.fused_dq`, dk and dv come as operands (buffers the kernel writes) after a float32
+    dq to add into, and there are no outputs."""
     fused = launch.fused_dq
-    tab_ref, lens_ref, inputs, (dk_ref, dv_ref), scratch = split_refs(refs, has_lengths, 6 if fused else 5, 2)
-    q_ref, k_ref, v_ref, do_ref, rows_ref, *dq_refs = inputs
+    tab_ref, lens_ref, inputs, outputs, scratch = split_refs(refs, has_lengths, 8 if fused else 5, 0 if fused else 2)
+    q_ref, k_ref, v_ref, do_ref, rows_ref, *dq_refs = inputs[:6] if fused else inputs
+    dk_ref, dv_ref = inputs[6:] if fused else outputs
     (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem, *dq_smem), *barriers = scratch
     k_ready, v_ready, q_ready, do_ready, rows_ready, free, done = barriers
     band, cq, ck, bq, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.dkv_block_q, launch.dkv_stages
@@ -514,12 +526,23 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
         _dkv_kernel, cfg=cfg, lay=lay, launch=launch, groups=inp.q.shape[2] // kh, has_lengths=lens is not None
     )
     grads = jax.ShapeDtypeStruct((b, lk, kh, h), jnp.float32)
-    operands = (inp.q, inp.k, inp.v, do, rows)
+    grid, operands = (kh, lk // BLOCK, b), (inp.q, inp.k, inp.v, do, rows)
     if not launch.fused_dq:
-        return run_kernel(body, (grads, grads), scratch, (kh, lk // BLOCK, b), tab, lens, *operands)
-    dq = jax.new_ref(jnp.zeros(inp.q.shape, jnp.float32))  # the kernel adds into it in place
-    dk, dv = run_kernel(body, (grads, grads), scratch, (kh, lk // BLOCK, b), tab, lens, *operands, dq)
-    return dk, dv, dq[...]
+        return run_kernel(body, (grads, grads), scratch, grid, tab, lens, *operands)
+
+    def fused(tab, lens, *operands):
+        """The kernel on buffers it updates in place (dq added into zeros; dk, dv written), as a pure
+        function: `pl.run_state` keeps the buffers inside."""
+
+        def in_place(refs):
+            run_kernel(body, (), scratch, grid, tab, lens, *operands, *refs)
+
+        dq, dk, dv = pl.run_state(in_place)(
+            (jnp.zeros(operands[0].shape, jnp.float32),) + (jnp.zeros(grads.shape, jnp.float32),) * 2
+        )
+        return dk, dv, dq
+
+    return one_at_a_time_under_vmap(fused)(tab, lens, *operands)
 
 
 def backward(

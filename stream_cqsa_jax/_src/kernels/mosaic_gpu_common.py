@@ -17,7 +17,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import custom_batching, lax
 from jax.experimental import pallas as pl
 
 from ..masks import Band
@@ -40,11 +40,41 @@ def split_refs(refs, has_lengths: bool, inputs: int, outputs: int):
     return tab_ref, lens_ref, rest[:inputs], rest[inputs : inputs + outputs], rest[inputs + outputs :]
 
 
+def one_at_a_time_under_vmap(f):
+    """`f(*args)` (arrays or None -> arrays), batched under `jax.vmap` one element at a time
+    (`lax.map` over the batched arguments): for kernels that update buffers in place, which JAX
+    batches only for a batch of one."""
+
+    def wrapped(*args):
+        leaves, tree = jax.tree.flatten(args)
+
+        @custom_batching.custom_vmap
+        def call(*leaves):
+            return f(*jax.tree.unflatten(tree, leaves))
+
+        @call.def_vmap
+        def rule(axis_size, in_batched, *leaves):
+            mapped = [i for i, batched in enumerate(in_batched) if batched]
+
+            def one(xs):
+                full = list(leaves)
+                for i, x in zip(mapped, xs):
+                    full[i] = x
+                return call(*full)
+
+            out = lax.map(one, [leaves[i] for i in mapped])
+            return out, jax.tree.map(lambda _: True, out)
+
+        return call(*leaves)
+
+    return wrapped
+
+
 def run_kernel(body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *operands):
     """Runs `body` on a grid (heads, tiles, batch) of thread blocks of two compute warpgroups and
     a copy warpgroup (axis "wg"); its arguments: `tab`, `lens` unless None, `operands`, the outputs
-    of `out_type`, the `scratch`. An operand may be a `jax.Ref`, which the kernel may update in
-    place."""
+    of `out_type`, the `scratch`. An operand may be a `jax.Ref` (inside `pl.run_state`), which the
+    kernel may update in place."""
     args = (tab, *(() if lens is None else (lens,)), *operands)
     layout = dict(grid=grid, grid_names=("heads", "tiles", "batch"), num_threads=3, thread_name="wg")
     params = plgpu.CompilerParams(approx_math=True)
