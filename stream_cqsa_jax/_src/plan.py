@@ -267,8 +267,9 @@ def plan(
         order that varies from run to run where that is faster; today the
         Hopper backward at head dim 64, whose dk/dv kernel then also
         accumulates dq (docs/hopper_kernel.md). The results are as accurate
-        either way. Under `jax.vmap` that kernel runs the batch one element
-        at a time.
+        either way. Under `jax.vmap` the deterministic kernels run instead
+        (JAX batches a kernel that updates dq in place only for a batch of
+        one).
 
     Raises:
       ValueError / TypeError: for malformed arguments, naming the argument;

@@ -55,8 +55,8 @@ from .base import KernelConfig, KernelInputs, row_bias
 from .mosaic_gpu_common import (
     LOG2E,
     QueryBlock,
+    batched_as,
     drain,
-    one_at_a_time_under_vmap,
     run_kernel,
     split_refs,
     stream_kv,
@@ -530,19 +530,14 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
     if not launch.fused_dq:
         return run_kernel(body, (grads, grads), scratch, grid, tab, lens, *operands)
 
-    def fused(tab, lens, *operands):
-        """The kernel on buffers it updates in place (dq added into zeros; dk, dv written), as a pure
-        function: `pl.run_state` keeps the buffers inside."""
+    def in_place(refs):
+        run_kernel(body, (), scratch, grid, tab, lens, *operands, *refs)
 
-        def in_place(refs):
-            run_kernel(body, (), scratch, grid, tab, lens, *operands, *refs)
-
-        dq, dk, dv = pl.run_state(in_place)(
-            (jnp.zeros(operands[0].shape, jnp.float32),) + (jnp.zeros(grads.shape, jnp.float32),) * 2
-        )
-        return dk, dv, dq
-
-    return one_at_a_time_under_vmap(fused)(tab, lens, *operands)
+    # The kernel updates buffers in place (dq added into zeros; dk, dv written): `pl.run_state` keeps
+    # them inside, so that this stays a pure function, which `batched_as` in `backward` needs.
+    zeros = lambda shape: jnp.zeros(shape, jnp.float32)
+    dq, dk, dv = pl.run_state(in_place)((zeros(inp.q.shape), zeros(grads.shape), zeros(grads.shape)))
+    return dk, dv, dq
 
 
 def backward(
@@ -557,9 +552,19 @@ def backward(
     lens = block_map.lengths(inp)
     rows = _row_terms(m, l, delta)
     do = do.astype(inp.q.dtype)
-    if launch.fused_dq:
+    two_kernels = dataclasses.replace(launch, fused_dq=False)
+
+    def separate(inp, do, rows, tab, lens):
+        dq = _dq(inp, do, rows, tab, lay, lens, cfg, two_kernels)
+        dk, dv = _dkv(inp, do, rows, tab, lay, lens, cfg, two_kernels)
+        return dq, dk, dv
+
+    if not launch.fused_dq:
+        return separate(inp, do, rows, tab, lens)
+
+    @batched_as(separate)  # the fused kernel adds into dq in place: under vmap, the two kernels run
+    def fused(inp, do, rows, tab, lens):
         dk, dv, dq = _dkv(inp, do, rows, tab, lay, lens, cfg, launch)
         return dq * cfg.scale, dk, dv
-    dq = _dq(inp, do, rows, tab, lay, lens, cfg, launch)
-    dk, dv = _dkv(inp, do, rows, tab, lay, lens, cfg, launch)
-    return dq, dk, dv
+
+    return fused(inp, do, rows, tab, lens)

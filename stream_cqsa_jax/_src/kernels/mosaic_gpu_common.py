@@ -40,34 +40,30 @@ def split_refs(refs, has_lengths: bool, inputs: int, outputs: int):
     return tab_ref, lens_ref, rest[:inputs], rest[inputs : inputs + outputs], rest[inputs + outputs :]
 
 
-def one_at_a_time_under_vmap(f):
-    """`f(*args)` (arrays or None -> arrays), batched under `jax.vmap` one element at a time
-    (`lax.map` over the batched arguments): for kernels that update buffers in place, which JAX
-    batches only for a batch of one."""
+def batched_as(batched):
+    """Decorator: `f(*args)` (arrays or None -> arrays) as it stands, but `jax.vmap(batched)` in its
+    place under `jax.vmap`. For kernels that update buffers in place, which JAX batches only for a
+    batch of one: `batched` computes the same result with kernels JAX can batch."""
 
-    def wrapped(*args):
-        leaves, tree = jax.tree.flatten(args)
+    def decorate(f):
+        def wrapped(*args):
+            leaves, tree = jax.tree.flatten(args)
 
-        @custom_batching.custom_vmap
-        def call(*leaves):
-            return f(*jax.tree.unflatten(tree, leaves))
+            @custom_batching.custom_vmap
+            def call(*leaves):
+                return f(*jax.tree.unflatten(tree, leaves))
 
-        @call.def_vmap
-        def rule(axis_size, in_batched, *leaves):
-            mapped = [i for i, batched in enumerate(in_batched) if batched]
+            @call.def_vmap
+            def rule(axis_size, in_batched, *leaves):
+                axes = [0 if b else None for b in in_batched]
+                out = jax.vmap(lambda *xs: batched(*jax.tree.unflatten(tree, xs)), in_axes=axes)(*leaves)
+                return out, jax.tree.map(lambda _: True, out)
 
-            def one(xs):
-                full = list(leaves)
-                for i, x in zip(mapped, xs):
-                    full[i] = x
-                return call(*full)
+            return call(*leaves)
 
-            out = lax.map(one, [leaves[i] for i in mapped])
-            return out, jax.tree.map(lambda _: True, out)
+        return wrapped
 
-        return call(*leaves)
-
-    return wrapped
+    return decorate
 
 
 def run_kernel(body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *operands):
