@@ -270,8 +270,9 @@ def test_mosaic_fused_dq_matches_float64(case, monkeypatch):
 @hopper
 def test_mosaic_nondeterministic_backward_under_vmap_runs_the_two_kernels(monkeypatch):
     """Under `jax.vmap` the order-varying backward (whose kernel adds into dq in place) gives way to the
-    two deterministic kernels, batched: every gradient is the same bits as each element's own
-    deterministic gradient."""
+    two deterministic kernels, batched: its gradients are the same bits as the vmapped deterministic
+    gradients, and each element's are those of the element on its own up to the last bit of bfloat16
+    (XLA may reduce delta in another order when batched)."""
     q, k, v = random_inputs(12, 3, 1000, 1000, 4, 2, 64, jnp.bfloat16)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
 
@@ -281,11 +282,16 @@ def test_mosaic_nondeterministic_backward_under_vmap_runs_the_two_kernels(monkey
         attend = lambda q, k, v: sc.dot_product_attention(q, k, v, is_causal=True, plan=plan)
         return jax.grad(lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2))
 
-    batched = [np.asarray(g) for g in jax.jit(jax.vmap(grad(False)))(q[:, None], k[:, None], v[:, None])]
+    batched = lambda deterministic: [
+        np.asarray(g, np.float32) for g in jax.jit(jax.vmap(grad(deterministic)))(q[:, None], k[:, None], v[:, None])
+    ]
+    order_varying, deterministic = batched(False), batched(True)
+    for name, a, b in zip(("dq", "dk", "dv"), order_varying, deterministic):
+        np.testing.assert_array_equal(a, b, err_msg=name)
     for i in range(3):
-        own = [np.asarray(g) for g in grad(True)(q[i : i + 1], k[i : i + 1], v[i : i + 1])]
-        for name, b, g in zip(("dq", "dk", "dv"), batched, own):
-            np.testing.assert_array_equal(b[i], g, err_msg=f"{name} of element {i}")
+        own = [np.asarray(g, np.float32) for g in grad(True)(q[i : i + 1], k[i : i + 1], v[i : i + 1])]
+        for name, b, g in zip(("dq", "dk", "dv"), deterministic, own):
+            np.testing.assert_allclose(b[i], g, rtol=2**-7, atol=2**-14, err_msg=f"{name} of element {i}")
 
 
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
