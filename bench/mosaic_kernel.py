@@ -14,7 +14,8 @@ what the decomposition itself costs. ``--portable`` adds the Triton kernel.
 
 With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too), once per backward launch, written ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
-(`mosaic_gpu_backward.Launch`; trailing ``,paired`` and ``,fused`` set ``dkv_paired`` and ``fused_dq``), with the forward's own launch.
+(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused`` and ``,segN`` set ``dkv_paired``,
+``fused_dq`` and ``dq_segment``), with the forward's own launch.
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ def _launch(text: str) -> mosaic_gpu.Launch:
 
 def _backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``, then optionally ``,paired``
-    (`Launch.dkv_paired`) and ``,fused`` (`Launch.fused_dq`)."""
+    (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`) and ``,segN`` (`Launch.dq_segment` = N)."""
     parts = text.split(",")
     dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
     flags = set(parts[4:])
-    if flags - {"paired", "fused"}:
-        raise ValueError(f"backward launch {text!r}: flags after the numbers are 'paired' and 'fused'")
+    segments = [f for f in flags if f.startswith("seg") and f[3:].isdigit()]
+    if flags - {"paired", "fused"} - set(segments) or len(segments) > 1:
+        raise ValueError(f"backward launch {text!r}: flags after the numbers are 'paired', 'fused' and 'segN'")
     return mosaic_gpu_backward.Launch(
-        dq_block_kv, dq_stages, dkv_block_q, dkv_stages, dkv_paired="paired" in flags, fused_dq="fused" in flags
+        dq_block_kv, dq_stages, dkv_block_q, dkv_stages, dkv_paired="paired" in flags, fused_dq="fused" in flags,
+        dq_segment=int(segments[0][3:]) if segments else 0,
     )
 
 

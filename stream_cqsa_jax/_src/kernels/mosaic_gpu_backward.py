@@ -13,8 +13,10 @@ busiest under a causal mask). All three warpgroups walk the forward's
 sequence of key tiles (`Launch.dq_block_kv` keys); per tile a compute warpgroup computes
 ``s = q k^T`` and ``dp = dO v^T`` on the tensor cores (both from shared
 memory), ``ds = p (dp - delta)`` in registers, then ``dq += ds k`` (``ds``
-from registers). Tiles its own rows do not see it skips, keeping only the
-barriers in step. Output: ``dq scale`` [B, Lq, N, H].
+from registers), which the tensor cores add up; every `Launch.dq_segment` steps
+that running sum moves into a float32 total (additions that round to nearest).
+Tiles its own rows do not see it skips, keeping only the barriers in step.
+Output: ``dq scale`` [B, Lq, N, H].
 
 dk/dv: one thread block per (128 keys, key/value head, example); each compute
 warpgroup owns 64 keys, holding k, v [64, H] in shared memory. For every
@@ -87,6 +89,10 @@ class Launch:
     reducing bulk copy; the dq kernel does not run. Five products per tile instead
     of seven, but the order of the additions into dq varies from run to run, and so
     may dq's last bits.
+    dq_segment: every this many steps of its walk, the dq kernel adds the tensor cores'
+    running sum into a float32 total in registers and restarts it from zero (0: never).
+    Summed over a whole long row in the tensor cores' accumulator, dq lost precision:
+    at 1M keys its error was 3% above cuDNN's; the total's additions round to nearest.
     """
 
     dq_block_kv: int = 128
@@ -95,15 +101,23 @@ class Launch:
     dkv_stages: int = 2
     dkv_paired: bool = False
     fused_dq: bool = False
+    dq_segment: int = 0
 
 
 def default_launch(head_dim: int, deterministic: bool = True) -> Launch:
-    """128-key dq tiles and 64-row dk/dv tiles (two [64, H] float32 accumulators stay in registers),
-    2 stages each, for head dims 64 and 128; paired dk/dv products at head dim 64, where they
-    were 3-4% faster (at 128 they were not; docs/hopper_kernel.md). Shared memory per thread block
-    at head dim 128 (64): dq 193 KiB (97), dk/dv 129 KiB (65); a third dq stage would not fit at 128.
-    Without `deterministic`, fused dq at head dim 64 (at 128 it was slower)."""
-    return Launch(dkv_paired=head_dim <= 64, fused_dq=not deterministic and head_dim <= 64)
+    """dq: 1024-key segments (`Launch.dq_segment`) of 128-key tiles at head dim 64, of 64-key
+    tiles at 128 (where the segments' [64, 128] float32 total leaves no registers for
+    128-key scores). dk/dv: 64-row tiles (two [64, H] float32 accumulators stay in registers),
+    paired products at head dim 64, where they were 3-4% faster (at 128 they were not;
+    docs/hopper_kernel.md). 2 stages each. Without `deterministic`, fused dq at head dim 64
+    (at 128 it was slower)."""
+    dq_block_kv = 128 if head_dim <= 64 else 64
+    return Launch(
+        dq_block_kv=dq_block_kv,
+        dkv_paired=head_dim <= 64,
+        fused_dq=not deterministic and head_dim <= 64,
+        dq_segment=1024 // dq_block_kv,
+    )
 
 
 def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
@@ -138,6 +152,20 @@ def _load(ref, layout):
 
 def _iota(shape, dim: int):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+
+def _zeros(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _settle(step, partial, total: tuple, every: int):
+    """(partial, total): `total` holds the float32 sum of the finished segments, or is () when
+    `every` is 0. After steps ``every - 1``, ``2 every - 1``, ... the tensor cores' running sum
+    `partial` is added into it and restarts from zero."""
+    if not every:
+        return partial, total
+    add = lambda: (_zeros(partial.shape), (total[0] + partial,))
+    return lax.cond(lax.rem(step + 1, every) == 0, add, lambda: (partial, total))
 
 
 def _product_pair(shape, first, ready, second):
@@ -215,7 +243,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
             return (carry[0] + 1,) + carry[1:]
 
         def visit(kt, carry, kv_start, masked: bool):
-            step, dq = carry
+            step, dq, *total = carry
             ring = lax.rem(step, stages)
             k_tile, v_tile = k_smem.at[ring], v_smem.at[ring]
             plgpu.barrier_wait(k_ready.at[ring])
@@ -239,10 +267,13 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
 
             dq = pl.run_state(gradient)(plgpu.ACC.init(dq))
             plgpu.barrier_arrive(k_free.at[ring])
-            return step + 1, dq
+            dq, total = _settle(step, dq, tuple(total), launch.dq_segment)
+            return (step + 1, dq, *total)
 
-        zeros = plgpu.layout_cast(jnp.zeros((ROWS, q_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
-        _, dq = block.walk(own, skip, visit, (jnp.int32(0), zeros))
+        zeros = _zeros((ROWS, q_ref.shape[-1]))
+        segments = (zeros,) if launch.dq_segment else ()  # the sum of the finished segments
+        _, dq, *total = block.walk(own, skip, visit, (jnp.int32(0), zeros, *segments))
+        dq = dq + total[0] if total else dq
         _both_done(done)
         _store((dq * cfg.scale, out_smem.at[wg], dq_ref.at[rows]))
 
