@@ -47,6 +47,8 @@ MOSAIC_BACKWARD_FILES = [
     "pallas_triton_bwd_16k_256k.json",
     "pallas_triton_bwd_1m_d128.json",
     "pallas_triton_bwd_1m_d64.json",
+    "mosaic_bwd_dq_segments_256k_d128.json",
+    "mosaic_bwd_dq_segments_256k_d64.json",
 ]
 MOSAIC_GRAD_ACCURACY_FILES = [
     "accuracy_8k_grads_d64.json",
@@ -222,7 +224,8 @@ def mosaic_backward_table(files: list[str]) -> str:
     """Forward plus backward: the latest Hopper run of each case next to cuDNN in the same run, and the
     latest portable run next to cuDNN in its own run."""
     latest = {  # implementation -> case -> (row, cuDNN row of the same file, file name)
-        implementation: _latest_runs(files, _KERNEL_FIELDS, implementation)
+        # within a file, the launch with dq segments (the default) replaces the one without
+        implementation: _latest_runs(files, _KERNEL_FIELDS, implementation, prefer=lambda r: bool(r.get("dq_segment")))
         for implementation in ("mosaic_gpu", "mosaic_gpu:nondeterministic", "pallas_triton")
     }
     lines = [
@@ -260,6 +263,7 @@ def backward_launch_table(name: str) -> str:
     for r in ours:
         c = base[tuple(r[f] for f in _KERNEL_FIELDS)]
         dq = "fused, split" if r.get("fused_dq_split") else "fused" if r.get("fused_dq") else "own kernel"
+        dq += f", {r['dq_segment']}-tile segments" if r.get("dq_segment") else ""
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
             f"| {r['dq_block_kv']}, {r['dq_stages']} | {r['dkv_block_q']}, {r['dkv_stages']} "
@@ -288,6 +292,44 @@ def grad_accuracy_table(files: list[str], ours: str = "mosaic_gpu", variants: tu
                     f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
                     f"| {r['rows_checked']} | {g} | {e[ours][g]:.4e} | {' | '.join(cells)} |"
                 )
+    return "\n".join(lines)
+
+
+def dq_segment_accuracy_table(before: str, after: str) -> str:
+    """Gradient errors vs float64 of the backward before and after dq segments (`Launch.dq_segment`),
+    the same inputs, next to cuDNN's from the `before` run."""
+    lines = [
+        "| N | D | causal | rows | gradient | dq summed in the tensor cores | dq in segments | cuDNN |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    runs = [json.loads((RESULTS / name).read_text())["results"] for name in (before, after)]
+    for old, new in zip(*runs):
+        e_old, e_new = old["grad_errors"], new["grad_errors"]
+        for g in ("dq", "dk", "dv"):
+            lines.append(
+                f"| {_tokens(old['seq_len'])} | {old['head_dim']} | {'yes' if old['causal'] else 'no'} "
+                f"| {old['rows_checked']} | {g} | {e_old['mosaic_gpu'][g]:.4e} | {e_new['mosaic_gpu'][g]:.4e} "
+                f"| {e_old['cudnn'][g]:.4e} |"
+            )
+    return "\n".join(lines)
+
+
+def backward_parts_table(name: str) -> str:
+    """Milliseconds (and TFLOP/s of each part's own products) of the forward and each backward kernel,
+    ours and cuDNN's (`bench/mosaic_backward_parts.py`)."""
+    lines = [
+        "| N | D | causal | block order | cuDNN fwd | cuDNN bwd | fwd | dq | dk/dv | fwd+bwd / cuDNN |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in _load_rows([name]):
+        if "parts" not in r:
+            continue
+        cell = lambda part: f"{r['parts'][part]['ms']:.1f} ms ({r['parts'][part]['tflops']:.0f})"
+        lines.append(
+            f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
+            f"| {r['block_order'].replace('_', ' ')} | {cell('cudnn_fwd')} | {cell('cudnn_bwd')} | {cell('fwd')} "
+            f"| {cell('dq')} | {cell('dkv')} | {r['ratio_vs_cudnn']:.3f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -398,6 +440,20 @@ def generated_mosaic() -> str:
             "\"fused, split\": a variant for head dim 128 in which each warpgroup added half of dq's columns "
             "for both (not kept: no faster than the two kernels).",
             backward_launch_table("mosaic_bwd_fused.json"),
+            "### Where forward plus backward spends its time",
+            "Files: `mosaic_backward_parts.json`, `mosaic_block_order.json` (bfloat16, without a causal mask, "
+            "`bench/mosaic_backward_parts.py`: 3 and 2 timed runs after a warm-up, median; cuDNN in the same run; "
+            "the launches before dq segments). Each cell: milliseconds, then in brackets TFLOP/s of the part's "
+            "own products (forward 2 per score, dq 3, dk/dv 4, cuDNN's backward 5). \"block order\": the thread "
+            "blocks running at once cover every head (heads first, the kernels' own) or one head (tiles first).",
+            backward_parts_table("mosaic_backward_parts.json"),
+            backward_parts_table("mosaic_block_order.json"),
+            "### dq in segments: forward plus backward with and without `Launch.dq_segment`",
+            "Files: `mosaic_bwd_dq_segments_256k_d128.json`, `mosaic_bwd_dq_segments_256k_d64.json` (bfloat16, "
+            "2 timed runs after a warm-up, median; cuDNN in the same run). The rows with segments are the default "
+            "launches.",
+            backward_launch_table("mosaic_bwd_dq_segments_256k_d128.json"),
+            backward_launch_table("mosaic_bwd_dq_segments_256k_d64.json"),
             "### What the decomposition costs: the same call cut into 31 subproblems, all on the device",
             "File: `mosaic_decomposed.json` (bfloat16, 2 timed runs after a warm-up, median).",
             decomposition_table("mosaic_decomposed.json"),
@@ -415,6 +471,11 @@ def generated_mosaic() -> str:
             "`accuracy_1m_grads_d128.json` (256 evenly spaced rows; the cotangent is zero on the other rows, so "
             "every row of dk and dv is checked; at head dim 128 only the causal case finished in its run).",
             grad_accuracy_table(MOSAIC_GRAD_ACCURACY_FILES, variants=("mosaic_gpu:nondeterministic",)),
+            "### dq in segments: gradient accuracy at 1M tokens, head dim 128, without a causal mask",
+            "Files: `accuracy_1m_grads_d128_nc.json` (dq summed over all keys in the tensor cores' accumulator, "
+            "and cuDNN), `accuracy_1m_grads_d128_nc_segments.json` (`Launch.dq_segment`, the default since; the "
+            "same inputs). 256 evenly spaced rows, as above. The rows above were measured before dq segments.",
+            dq_segment_accuracy_table("accuracy_1m_grads_d128_nc.json", "accuracy_1m_grads_d128_nc_segments.json"),
             MOSAIC_END,
         ]
     )

@@ -1,0 +1,137 @@
+"""Where the Hopper forward plus backward spends its time, next to cuDNN's, all on the device.
+
+    PYTHONPATH=. python bench/mosaic_backward_parts.py --seq-lens 65536 262144 --head-dims 64 128 \\
+        --causal no --out bench/results/mosaic_backward_parts.json
+
+Per case it times cuDNN's forward and forward plus backward, then ours four
+ways: the forward, the whole forward plus backward, and the same with the dq
+kernel or the dk/dv kernel replaced by zeros of its outputs' shapes. The
+differences give each backward kernel's time (the XLA work around the
+kernels stays in every variant). Printed as milliseconds and as TFLOP/s of
+each part's own products (the forward 2 per score, dq 3, dk/dv 4; cuDNN's
+backward 5).
+
+``--block-orders heads_first tiles_first`` times ours once per order of the
+thread blocks: the kernels' grid is (heads, tiles, batch), the first axis
+varying fastest, so that the blocks running at once cover every head
+(``heads_first``, the kernels' own); ``tiles_first`` swaps the first two axes,
+so that they all work on one head and read the same key/value tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+from stream_cqsa_jax import benchmark
+from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward, mosaic_gpu_common
+
+_DQ, _DKV = mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv
+_RUN_KERNEL = mosaic_gpu_common.run_kernel
+
+
+def _tiles_first(body, out_type, scratch, grid, *args):
+    """`run_kernel` with the grid's first two axes swapped (the axes are found by name)."""
+    plgpu = mosaic_gpu_common.plgpu
+    layout = dict(grid=(grid[1], grid[0], grid[2]), grid_names=("tiles", "heads", "batch"), num_threads=3,
+                  thread_name="wg")
+    operands = (args[0], *(() if args[1] is None else (args[1],)), *args[2:])
+    params = plgpu.CompilerParams(approx_math=True)
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, compiler_params=params, **layout)(*operands)
+
+
+def _block_order(order: str) -> None:
+    run = {"heads_first": _RUN_KERNEL, "tiles_first": _tiles_first}[order]
+    mosaic_gpu.run_kernel = mosaic_gpu_backward.run_kernel = run
+
+
+def _no_dq(inp, *args, **kwargs):
+    return jnp.zeros(inp.q.shape, jnp.float32)
+
+
+def _no_dkv(inp, *args, **kwargs):
+    zeros = jnp.zeros(inp.k.shape, jnp.float32)
+    return zeros, zeros
+
+
+def _time(impl: str, case: benchmark.Case, iters: int, dq=_DQ, dkv=_DKV) -> float | None:
+    mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv = dq, dkv
+    jax.clear_caches()
+    try:
+        row = benchmark.run_case(impl, case, iters)
+    finally:
+        mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv = _DQ, _DKV
+    if "error" in row:
+        print(row["error"], flush=True)
+    return row.get("seconds")
+
+
+def _parts(t: dict, fwd: benchmark.Case) -> dict:
+    """{"parts": milliseconds and TFLOP/s of each part, "ratio_vs_cudnn": ...} from the timings `t`
+    (empty if one is missing)."""
+    if any(v is None for v in t.values()):
+        return {}
+    unit = fwd.flops() / 2  # the FLOPs of one product per score
+    parts = {
+        "cudnn_fwd": (t["cudnn_fwd"], 2),
+        "cudnn_bwd": (t["cudnn_fwd_bwd"] - t["cudnn_fwd"], 5),
+        "fwd": (t["fwd"], 2),
+        "dq": (t["fwd_bwd"] - t["fwd_bwd_without_dq"], 3),
+        "dkv": (t["fwd_bwd"] - t["fwd_bwd_without_dkv"], 4),
+        "rest_of_bwd": (t["fwd_bwd_without_dq"] + t["fwd_bwd_without_dkv"] - t["fwd_bwd"] - t["fwd"], 0),
+    }
+    return {
+        "parts": {k: {"ms": 1e3 * s, "tflops": unit * p / s / 1e12 if p else None} for k, (s, p) in parts.items()},
+        "ratio_vs_cudnn": t["cudnn_fwd_bwd"] / t["fwd_bwd"],
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[65536])
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--causal", choices=["yes", "no", "both"], default="no")
+    parser.add_argument("--block-orders", nargs="+", choices=["heads_first", "tiles_first"], default=["heads_first"])
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
+    rows = []
+    for n, d, c in itertools.product(args.seq_lens, args.head_dims, causal):
+        fwd, both = benchmark.Case(n, d, c, "fwd"), benchmark.Case(n, d, c, "fwd_bwd")
+        cudnn = {"cudnn_fwd": _time("cudnn", fwd, args.iters), "cudnn_fwd_bwd": _time("cudnn", both, args.iters)}
+        for order in args.block_orders:
+            _block_order(order)
+            try:
+                t = {
+                    **cudnn,
+                    "fwd": _time("mosaic_gpu", fwd, args.iters),
+                    "fwd_bwd": _time("mosaic_gpu", both, args.iters),
+                    "fwd_bwd_without_dq": _time("mosaic_gpu", both, args.iters, dq=_no_dq),
+                    "fwd_bwd_without_dkv": _time("mosaic_gpu", both, args.iters, dkv=_no_dkv),
+                }
+            finally:
+                _block_order("heads_first")
+            row = {"seq_len": n, "head_dim": d, "causal": c, "block_order": order, "seconds": t, **_parts(t, fwd)}
+            rows.append(row)
+            if "parts" in row:
+                text = ", ".join(
+                    f"{k} {v['ms']:.1f} ms" + (f" ({v['tflops']:.0f} TF/s)" if v["tflops"] else "")
+                    for k, v in row["parts"].items()
+                )
+                print(f"N={n} D={d} causal={c} {order}: {row['ratio_vs_cudnn']:.3f}x cuDNN; {text}", flush=True)
+    if args.out:
+        meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d")}
+        with open(args.out, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
