@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from stream_cqsa_jax.benchmark import Case, attention_for
+from stream_cqsa_jax.benchmark import Case, attention_for, write_results
 
 
 def _head_blocks(q, k, rows, causal, bi, hi):
@@ -130,7 +130,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON file, rewritten after every case")
     args = parser.parse_args(argv)
     masks = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
-    meta = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "date": time.strftime("%Y-%m-%d")}
     results = []
     for n in args.seq_lens:
         for d in args.head_dims:
@@ -138,8 +137,7 @@ def main(argv=None) -> int:
                 results.append(check(n, args.heads, d, causal, args.rows, args.implementations, args.grads))
                 print(json.dumps(results[-1]), flush=True)
                 if args.out:
-                    with open(args.out, "w") as f:
-                        json.dump({"meta": meta, "results": results}, f, indent=1)
+                    write_results(args.out, results=results)
     return 0
 
 

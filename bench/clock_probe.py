@@ -17,7 +17,6 @@ import argparse
 import csv
 import io
 import itertools
-import json
 import statistics
 import subprocess
 import sys
@@ -130,9 +129,7 @@ def main(argv=None) -> int:
             flush=True,
         )
     if args.out:
-        meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d")}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "spans": spans, "samples": samples}, f, indent=1)
+        benchmark.write_results(args.out, spans=spans, samples=samples)
     return 0
 
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -127,9 +125,7 @@ def main(argv=None) -> int:
                 )
                 print(f"N={n} D={d} causal={c} {order}: {row['ratio_vs_cudnn']:.3f}x cuDNN; {text}", flush=True)
     if args.out:
-        meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d")}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        benchmark.write_results(args.out, rows=rows)
     return 0
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import sys
-import time
 
 import jax
 
@@ -112,9 +110,7 @@ def main(argv=None) -> int:
                 _report(row, base, f"{label} mosaic_gpu {what}")
     mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch = default_launch, default_backward_launch
     if args.out:
-        meta = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "date": time.strftime("%Y-%m-%d")}
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        benchmark.write_results(args.out, rows=rows)
     return 0
 
 

@@ -128,6 +128,22 @@ def run_case(
     return row
 
 
+def run_meta() -> dict:
+    """What a results file records about its run: JAX version, backend, device kind, date."""
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_results(path: str, **sections) -> None:
+    """Writes ``{"meta": run_meta(), **sections}`` as JSON to `path`."""
+    with open(path, "w") as f:
+        json.dump({"meta": run_meta(), **sections}, f, indent=1)
+
+
 def add_ratios(rows: list[dict]) -> None:
     """Adds `ratio_vs_<baseline>` = baseline seconds / seconds, per case."""
     key = lambda r: (r["seq_len"], r["head_dim"], r["causal"], r["direction"], r["batch"], r["heads"], r["dtype"])
@@ -208,14 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     add_ratios(rows)
     print(format_table(rows))
     if args.out:
-        meta = {
-            "jax": jax.__version__,
-            "backend": jax.default_backend(),
-            "device": str(jax.devices()[0].device_kind),
-            "date": time.strftime("%Y-%m-%d"),
-        }
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_results(args.out, rows=rows)
     return 0 if all("error" not in r for r in rows) else 1
 
 
