@@ -24,33 +24,18 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 
+from mosaic_backward_parts import backward_without
 from stream_cqsa_jax import benchmark
-from stream_cqsa_jax._src.kernels import mosaic_gpu_backward
 
-_DQ, _DKV = mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv
 _FIELDS = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 
 
-def _no_dq(inp, *args, **kwargs):
-    return jnp.zeros(inp.q.shape, jnp.float32)
-
-
-def _no_dkv(inp, *args, **kwargs):
-    zeros = jnp.zeros(inp.k.shape, jnp.float32)
-    return zeros, zeros
-
-
-def _compiled(impl: str, case: benchmark.Case, dq=_DQ, dkv=_DKV):
-    mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv = dq, dkv
-    jax.clear_caches()
-    try:
+def _compiled(impl: str, case: benchmark.Case, without: str | None = None):
+    with backward_without(without):
         program = benchmark._program(impl, case, None)
         args = benchmark._inputs(case, 0)
         compiled = program.lower(*args).compile()
-    finally:
-        mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv = _DQ, _DKV
     jax.block_until_ready(compiled(*args))
     return compiled, args
 
@@ -98,14 +83,14 @@ def main(argv=None) -> int:
             both = benchmark.Case(n, d, args.causal == "yes", "fwd_bwd")
             fwd = benchmark.Case(n, d, args.causal == "yes", "fwd")
             programs = {
-                "cudnn_fwd_bwd": ("cudnn", both, {}),
-                "fwd": ("mosaic_gpu", fwd, {}),
-                "fwd_bwd": ("mosaic_gpu", both, {}),
-                "fwd_bwd_without_dq": ("mosaic_gpu", both, {"dq": _no_dq}),
-                "fwd_bwd_without_dkv": ("mosaic_gpu", both, {"dkv": _no_dkv}),
+                "cudnn_fwd_bwd": ("cudnn", both, None),
+                "fwd": ("mosaic_gpu", fwd, None),
+                "fwd_bwd": ("mosaic_gpu", both, None),
+                "fwd_bwd_without_dq": ("mosaic_gpu", both, "dq"),
+                "fwd_bwd_without_dkv": ("mosaic_gpu", both, "dkv"),
             }
-            for name, (impl, case, patch) in programs.items():
-                compiled, inputs = _compiled(impl, case, **patch)
+            for name, (impl, case, without) in programs.items():
+                compiled, inputs = _compiled(impl, case, without)
                 start, end, calls = _run_for(compiled, inputs, args.seconds)
                 spans.append({"seq_len": n, "head_dim": d, "program": name, "start": start, "end": end, "calls": calls})
                 del compiled, inputs

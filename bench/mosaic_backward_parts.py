@@ -21,6 +21,7 @@ so that they all work on one head and read the same key/value tiles.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import sys
 
@@ -30,7 +31,6 @@ import jax.numpy as jnp
 from stream_cqsa_jax import benchmark
 from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward, mosaic_gpu_common
 
-_DQ, _DKV = mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv
 _RUN_KERNEL = mosaic_gpu_common.run_kernel
 
 
@@ -58,13 +58,25 @@ def _no_dkv(inp, *args, **kwargs):
     return zeros, zeros
 
 
-def _time(impl: str, case: benchmark.Case, iters: int, dq=_DQ, dkv=_DKV) -> float | None:
-    mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv = dq, dkv
+@contextlib.contextmanager
+def backward_without(kernel: str | None):
+    """Within: the Hopper backward with its dq (``"dq"``) or dk/dv (``"dkv"``) kernel replaced by zeros
+    of its outputs' shapes (None: both run). Traced programs are cleared on entry: they are
+    cached per plan, not per kernel."""
+    saved = mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv
+    replacement = {None: {}, "dq": {"_dq": _no_dq}, "dkv": {"_dkv": _no_dkv}}[kernel]
+    for name, f in replacement.items():
+        setattr(mosaic_gpu_backward, name, f)
     jax.clear_caches()
     try:
-        row = benchmark.run_case(impl, case, iters)
+        yield
     finally:
-        mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv = _DQ, _DKV
+        mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv = saved
+
+
+def _time(impl: str, case: benchmark.Case, iters: int, without: str | None = None) -> float | None:
+    with backward_without(without):
+        row = benchmark.run_case(impl, case, iters)
     if "error" in row:
         print(row["error"], flush=True)
     return row.get("seconds")
@@ -111,8 +123,8 @@ def main(argv=None) -> int:
                     **cudnn,
                     "fwd": _time("mosaic_gpu", fwd, args.iters),
                     "fwd_bwd": _time("mosaic_gpu", both, args.iters),
-                    "fwd_bwd_without_dq": _time("mosaic_gpu", both, args.iters, dq=_no_dq),
-                    "fwd_bwd_without_dkv": _time("mosaic_gpu", both, args.iters, dkv=_no_dkv),
+                    "fwd_bwd_without_dq": _time("mosaic_gpu", both, args.iters, without="dq"),
+                    "fwd_bwd_without_dkv": _time("mosaic_gpu", both, args.iters, without="dkv"),
                 }
             finally:
                 _block_order("heads_first")
