@@ -32,19 +32,20 @@ _FIELDS = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reason
 
 
 def _compiled(impl: str, case: benchmark.Case, without: str | None = None):
+    """The program's ``run()`` (`benchmark.prepare_case`), run once to warm up."""
     with backward_without(without):
-        program = benchmark._program(impl, case, None)
-        args = benchmark._inputs(case, 0)
-        compiled = program.lower(*args).compile()
-    jax.block_until_ready(compiled(*args))
-    return compiled, args
+        row, run = benchmark.prepare_case(impl, case)
+    if run is None:
+        raise RuntimeError(f"{impl} {case}: {row['error']}")
+    run()
+    return run
 
 
-def _run_for(compiled, args, seconds: float) -> tuple[float, float, int]:
+def _run_for(run, seconds: float) -> tuple[float, float, int]:
     """(start, end, calls): calls back to back until `seconds` have passed."""
     start, calls = time.time(), 0
     while time.time() - start < seconds:
-        jax.block_until_ready(compiled(*args))
+        run()
         calls += 1
     return start, time.time(), calls
 
@@ -90,10 +91,10 @@ def main(argv=None) -> int:
                 "fwd_bwd_without_dkv": ("mosaic_gpu", both, "dkv"),
             }
             for name, (impl, case, without) in programs.items():
-                compiled, inputs = _compiled(impl, case, without)
-                start, end, calls = _run_for(compiled, inputs, args.seconds)
+                run = _compiled(impl, case, without)
+                start, end, calls = _run_for(run, args.seconds)
                 spans.append({"seq_len": n, "head_dim": d, "program": name, "start": start, "end": end, "calls": calls})
-                del compiled, inputs
+                del run
     finally:
         time.sleep(0.5)
         smi.terminate()

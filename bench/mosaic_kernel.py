@@ -11,6 +11,10 @@ query tiles in reverse order, heaviest first when causal); every launch given is
 single-subproblem plan (kernel speed alone) and, with ``--decomposed C``, on a
 plan forced to ``C`` chunks (C subproblems, all on the device), which measures
 what the decomposition itself costs. ``--portable`` adds the Triton kernel.
+All programs of a case are compiled first, on the same inputs; then each is
+timed after the other, or, with ``--interleave``, in turns
+(`benchmark.run_interleaved`: a long run warms the card, which favours
+whichever runs first).
 
 With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too), once per backward launch, written ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
@@ -53,11 +57,13 @@ def _backward_launch(text: str) -> mosaic_gpu_backward.Launch:
 
 
 def _report(row: dict, base: dict, label: str) -> None:
-    if "seconds" in row and "seconds" in base:
-        row["ratio_vs_cudnn"] = base["seconds"] / row["seconds"]
-        text = f"{row['seconds']:.4f} s, {row['tflops']:.0f} TFLOP/s, {row['ratio_vs_cudnn']:.3f}x cuDNN"
-    else:
+    if "seconds" not in row:
         text = row.get("error", "?")
+    else:
+        text = f"{row['seconds']:.4f} s, {row['tflops']:.0f} TFLOP/s"
+        if "seconds" in base:
+            row["ratio_vs_cudnn"] = base["seconds"] / row["seconds"]
+            text += f", {row['ratio_vs_cudnn']:.3f}x cuDNN"
     print(f"{label}: {text}", flush=True)
 
 
@@ -73,6 +79,8 @@ def main(argv=None) -> int:
                         help="time forward plus backward with these dq_block_kv,dq_stages,dkv_block_q,dkv_stages")
     parser.add_argument("--portable", action="store_true", help="also time the Triton kernel")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the programs of a case in turns (`--iters` rounds; benchmark.run_interleaved)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
@@ -82,33 +90,38 @@ def main(argv=None) -> int:
     for n, d, c, dtype in itertools.product(args.seq_lens, args.head_dims, causal, args.dtypes):
         case = benchmark.Case(n, d, c, direction, dtype=dtype)
         label = f"N={n} D={d} causal={c} {dtype} {direction}"
-        base = benchmark.run_case("cudnn", case, args.iters)
-        rows.append(base)
-        _report(base, base, f"{label} cudnn")
+        inputs = benchmark.case_inputs(case)
+        # (label, row, run) per program; each compiled with its launch patched in
+        programs = [(f"{label} cudnn", *benchmark.prepare_case("cudnn", case, args=inputs))]
         if args.portable:
-            rows.append(benchmark.run_case("pallas_triton", case, args.iters))
-            _report(rows[-1], base, f"{label} pallas_triton")
+            programs.append((f"{label} pallas_triton", *benchmark.prepare_case("pallas_triton", case, args=inputs)))
         if args.backward_launches:
             for launch in map(_backward_launch, args.backward_launches):
                 mosaic_gpu_backward.default_launch = lambda head_dim, deterministic=True, launch=launch: launch
-                jax.clear_caches()
-                row = benchmark.run_case("mosaic_gpu", case, args.iters)
+                jax.clear_caches()  # traced programs are cached per plan, not per launch
+                row, run = benchmark.prepare_case("mosaic_gpu", case, args=inputs)
                 row.update(dataclasses.asdict(launch))
-                rows.append(row)
-                _report(row, base, f"{label} mosaic_gpu backward {launch}")
-            continue
-        launches = [_launch(x) for x in args.launches] if args.launches else [default_launch(d)]
-        for launch in launches:
-            mosaic_gpu.default_launch = lambda head_dim, launch=launch: launch
-            jax.clear_caches()  # compiled programs are cached per plan, not per launch
-            for chunks in (None, args.decomposed) if args.decomposed else (None,):
-                row = benchmark.run_case("mosaic_gpu", case, args.iters, num_chunks=chunks)
-                row.update(block_kv=launch.block_kv, stages=launch.stages, heavy_first=launch.heavy_first)
-                rows.append(row)
-                what = f"{launch.block_kv},{launch.stages}" + (",heavy" if launch.heavy_first else "")
-                what += f" chunks={chunks}" if chunks else ""
-                _report(row, base, f"{label} mosaic_gpu {what}")
-    mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch = default_launch, default_backward_launch
+                programs.append((f"{label} mosaic_gpu backward {launch}", row, run))
+        else:
+            for launch in [_launch(x) for x in args.launches] if args.launches else [default_launch(d)]:
+                mosaic_gpu.default_launch = lambda head_dim, launch=launch: launch
+                jax.clear_caches()
+                for chunks in (None, args.decomposed) if args.decomposed else (None,):
+                    row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
+                    row.update(block_kv=launch.block_kv, stages=launch.stages, heavy_first=launch.heavy_first)
+                    what = f"{launch.block_kv},{launch.stages}" + (",heavy" if launch.heavy_first else "")
+                    programs.append((f"{label} mosaic_gpu {what}" + (f" chunks={chunks}" if chunks else ""), row, run))
+        mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch = default_launch, default_backward_launch
+        prepared = [(row, run) for _, row, run in programs]
+        if args.interleave:
+            benchmark.run_interleaved(prepared, case, args.iters)
+        else:
+            for row, run in prepared:
+                benchmark.time_alone(row, run, case, args.iters)
+        base = programs[0][1]
+        for text, row, _ in programs:
+            _report(row, base, text)
+            rows.append(row)
     if args.out:
         benchmark.write_results(args.out, rows=rows)
     return 0

@@ -7,8 +7,11 @@ Every case builds fresh random inputs on the device, compiles each
 implementation, runs it once to warm up and then `--iters` times, and records
 the median wall time, the throughput (FLOPs counted as 4 B N T S H, halved when
 causal; forward+backward counted as 3.5 forwards) and XLA's memory accounting
-of the compiled program. Ratios are against cuDNN when it runs (GPU), else
-against XLA's dense attention. A kernel name followed by ``:nondeterministic``
+of the compiled program. With ``--interleave`` the implementations of a case
+take turns instead (`run_interleaved`): all compiled first, then one run each
+per round, every other round in reverse order, so that the card warming up
+over a long run does not favour whichever runs first. Ratios are against
+cuDNN when it runs (GPU), else against XLA's dense attention. A kernel name followed by ``:nondeterministic``
 (``mosaic_gpu:nondeterministic``) plans with ``deterministic_backward=False``.
 """
 
@@ -87,45 +90,116 @@ def _program(impl: str, case: Case, num_chunks: int | None, **plan_options) -> C
     return jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))
 
 
-def _inputs(case: Case, seed: int):
+def case_inputs(case: Case, seed: int = 0) -> list:
+    """Fresh random q, k, v (and dO for forward plus backward) of the case, on the device."""
     keys = jax.random.split(jax.random.key(seed), 4)
     shape = (case.batch, case.seq_len, case.heads, case.head_dim)
     arrays = [jax.random.normal(kk, shape, case.dtype) for kk in keys]
     return arrays if case.direction == "fwd_bwd" else arrays[:3]
 
 
-def run_case(
-    impl: str, case: Case, iters: int, num_chunks: int | None = None, seed: int = 0, **plan_options
-) -> dict:
-    """Times one implementation on one case; errors are recorded, not raised.
+def prepare_case(
+    impl: str, case: Case, num_chunks: int | None = None, seed: int = 0, args=None, **plan_options
+) -> tuple[dict, Callable[[], None] | None]:
+    """(row, run): compiles one implementation for one case; ``run()`` runs it once and waits.
 
+    The row holds the case and XLA's memory accounting of the compiled program; on failure it
+    holds ``error`` and `run` is None. `args` are the inputs (default: fresh ones from `seed`);
     `plan_options` (e.g. ``block_q``, ``memory_budget``) go to `stream_cqsa_jax.plan`.
     """
     row = {"implementation": impl, "num_chunks": num_chunks, **dataclasses.asdict(case)}
     try:
-        args = _inputs(case, seed)
-        program = _program(impl, case, num_chunks, **plan_options)
-        compiled = program.lower(*args).compile()
+        args = case_inputs(case, seed) if args is None else args
+        compiled = _program(impl, case, num_chunks, **plan_options).lower(*args).compile()
         mem = compiled.memory_analysis()
         if mem is not None:
             row["temp_bytes"] = int(mem.temp_size_in_bytes)
             row["argument_bytes"] = int(mem.argument_size_in_bytes)
             row["output_bytes"] = int(mem.output_size_in_bytes)
-        jax.block_until_ready(compiled(*args))
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            jax.block_until_ready(compiled(*args))
-            times.append(time.perf_counter() - start)
-        row["seconds"] = statistics.median(times)
-        row["all_seconds"] = times
-        row["tflops"] = case.flops() / row["seconds"] / 1e12
+        return row, lambda: jax.block_until_ready(compiled(*args))
+    except Exception as err:  # a failed case is data, not the end of the run
+        _record_error(row, err)
+        return row, None
+
+
+def _record_error(row: dict, err: Exception) -> None:
+    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+
+
+def _timed(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def _record_times(row: dict, case: Case, times: list[float]) -> None:
+    row["seconds"] = statistics.median(times)
+    row["all_seconds"] = times
+    row["tflops"] = case.flops() / row["seconds"] / 1e12
+
+
+def run_case(
+    impl: str, case: Case, iters: int, num_chunks: int | None = None, seed: int = 0, **plan_options
+) -> dict:
+    """Times one implementation on one case, alone (`time_alone`). Errors are recorded, not
+    raised. See `prepare_case` for the arguments."""
+    return time_alone(*prepare_case(impl, case, num_chunks, seed, **plan_options), case, iters)
+
+
+def time_alone(row: dict, run: Callable[[], None] | None, case: Case, iters: int) -> dict:
+    """Times a prepared program (`prepare_case`): a warm-up run, then `iters` timed runs (median),
+    and the process's peak device memory so far. Returns `row`, filled in."""
+    if run is None:
+        return row
+    try:
+        run()
+        _record_times(row, case, [_timed(run) for _ in range(iters)])
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
             row["process_peak_bytes"] = int(stats["peak_bytes_in_use"])
-    except Exception as err:  # a failed case is data, not the end of the run
-        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    except Exception as err:
+        _record_error(row, err)
     return row
+
+
+def turn_order(count: int, rounds: int) -> list[list[int]]:
+    """The order in which `run_interleaved` runs `count` programs in each of `rounds` rounds: as
+    given, then reversed, and so on (A B C, C B A, A B C, ...)."""
+    forward = list(range(count))
+    return [forward if r % 2 == 0 else forward[::-1] for r in range(rounds)]
+
+
+def run_interleaved(prepared: list[tuple[dict, Callable[[], None] | None]], case: Case, rounds: int) -> list[dict]:
+    """Times prepared programs (`prepare_case`) of one case in turns: each warmed up once, then
+    `rounds` rounds of one run each, every other round in reverse order (`turn_order`). Under a
+    power cap the card's clock drifts as it warms through a long run; in turns, a drift that is
+    linear in time weighs on every program alike over two rounds, where timing them one after
+    the other gives the first a cooler card. Fills each row's median ``seconds``, ``all_seconds``
+    (in round order) and ``tflops``; a program that fails is dropped from later rounds."""
+    live = [i for i, (_, run) in enumerate(prepared) if run is not None]
+    times: dict[int, list[float]] = {i: [] for i in live}
+
+    def attempt(i: int, timed: bool) -> None:
+        row, run = prepared[i]
+        try:
+            if timed:
+                times[i].append(_timed(run))
+            else:
+                run()
+        except Exception as err:
+            _record_error(row, err)
+            live.remove(i)
+
+    for i in list(live):
+        attempt(i, timed=False)
+    for order in turn_order(len(prepared), rounds):
+        for i in order:
+            if i in live:
+                attempt(i, timed=True)
+    for i in live:
+        _record_times(prepared[i][0], case, times[i])
+        prepared[i][0]["interleaved_rounds"] = rounds
+    return [row for row, _ in prepared]
 
 
 def run_meta() -> dict:
@@ -197,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the implementations of a case in turns (`--iters` rounds), not one after another")
     parser.add_argument("--quick", action="store_true", help="a small run that fits a CPU in seconds")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
     args = parser.parse_args(argv)
@@ -217,10 +293,16 @@ def main(argv: list[str] | None = None) -> int:
             for c in causal:
                 for direction in args.directions:
                     case = Case(n, d, c, direction, heads=args.heads, dtype=args.dtype)
-                    for impl in impls:
-                        chunks = None if impl in BASELINES else args.num_chunks
-                        rows.append(run_case(impl, case, args.iters, chunks))
-                        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                    chunks = lambda impl: None if impl in BASELINES else args.num_chunks
+                    if args.interleave:
+                        inputs = case_inputs(case)
+                        prepared = [prepare_case(impl, case, chunks(impl), args=inputs) for impl in impls]
+                        new = run_interleaved(prepared, case, args.iters)
+                    else:
+                        new = [run_case(impl, case, args.iters, chunks(impl)) for impl in impls]
+                    for row in new:
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+                    rows.extend(new)
     add_ratios(rows)
     print(format_table(rows))
     if args.out:
