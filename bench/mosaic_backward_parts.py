@@ -44,7 +44,9 @@ def _tiles_first(body, out_type, scratch, grid, *args):
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, compiler_params=params, **layout)(*operands)
 
 
-def _block_order(order: str) -> None:
+def use_block_order(order: str) -> None:
+    """From now on the Hopper kernels' thread blocks run heads first (``"heads_first"``, their own
+    order) or tiles first (``"tiles_first"``: the blocks running at once cover one head)."""
     run = {"heads_first": _RUN_KERNEL, "tiles_first": _tiles_first}[order]
     mosaic_gpu.run_kernel = mosaic_gpu_backward.run_kernel = run
 
@@ -117,7 +119,7 @@ def main(argv=None) -> int:
         fwd, both = benchmark.Case(n, d, c, "fwd"), benchmark.Case(n, d, c, "fwd_bwd")
         cudnn = {"cudnn_fwd": _time("cudnn", fwd, args.iters), "cudnn_fwd_bwd": _time("cudnn", both, args.iters)}
         for order in args.block_orders:
-            _block_order(order)
+            use_block_order(order)
             try:
                 t = {
                     **cudnn,
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
                     "fwd_bwd_without_dkv": _time("mosaic_gpu", both, args.iters, without="dkv"),
                 }
             finally:
-                _block_order("heads_first")
+                use_block_order("heads_first")
             row = {"seq_len": n, "head_dim": d, "causal": c, "block_order": order, "seconds": t, **_parts(t, fwd)}
             rows.append(row)
             if "parts" in row:
