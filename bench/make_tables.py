@@ -31,6 +31,9 @@ MOSAIC_FILES = [
     "mosaic_tile_order.json",
     "mosaic_fwd_bf16_heavy_64k_256k.json",
     "mosaic_fwd_1m_d64_nc.json",
+    "mosaic_fwd_256k_d64_nc_interleaved.json",
+    "mosaic_fwd_1m_d64_nc_interleaved.json",
+    "mosaic_block_order_1m.json",  # its heads-first rows at B=1, 8 heads (the default launch)
 ]
 # Forward plus backward runs, oldest first: a later run of the same case replaces an earlier one.
 MOSAIC_BACKWARD_FILES = [
@@ -49,6 +52,8 @@ MOSAIC_BACKWARD_FILES = [
     "pallas_triton_bwd_1m_d64.json",
     "mosaic_bwd_dq_segments_256k_d128.json",
     "mosaic_bwd_dq_segments_256k_d64.json",
+    "mosaic_bwd_1m_d64_nc_interleaved.json",
+    "mosaic_bwd_1m_d128_nc_interleaved.json",
 ]
 MOSAIC_GRAD_ACCURACY_FILES = [
     "accuracy_8k_grads_d64.json",
@@ -109,13 +114,16 @@ def _ratio_chart(ours, base, fields, order, label, path, lines) -> None:
     bar_chart(str(path), list(groups.items()), lines=lines, top=1.1)
 
 
-def _latest_runs(files: list[str], fields, implementation: str, prefer=None) -> dict[tuple, tuple[dict, dict, str]]:
+def _latest_runs(
+    files: list[str], fields, implementation: str, prefer=None, keep=None
+) -> dict[tuple, tuple[dict, dict, str]]:
     """(row of `implementation`, cuDNN row of the same file, file name) per case (the values of `fields`);
-    a later file replaces an earlier one, and within a file a row `prefer` ranks higher replaces a lower."""
+    a later file replaces an earlier one, and within a file a row `prefer` ranks higher replaces a lower.
+    With `keep`, only our rows for which it is true count."""
     latest = {}
     for name in files:
         ours, base = _ours_and_cudnn([name], fields, implementation)
-        for r in sorted(ours, key=prefer or (lambda r: 0)):
+        for r in sorted(filter(keep, ours), key=prefer or (lambda r: 0)):
             key = tuple(r[f] for f in fields)
             latest[key] = (r, base[key], name)
     return latest
@@ -198,10 +206,20 @@ def generated() -> str:
     )
 
 
+def _heavy_first(r: dict) -> bool:
+    """Whether a forward row ran heaviest query tiles first; rows of `bench/forward_shapes.py` (they name
+    a block order) ran the default launch, which does."""
+    return bool(r.get("heavy_first", "block_order" in r))
+
+
 def _latest_mosaic_runs(files: list[str]) -> dict[tuple, tuple[dict, dict, str]]:
-    """The latest Hopper forward run per case (see `_latest_runs`); within a file the heaviest-first launch
-    (the default) replaces the in-order one."""
-    return _latest_runs(files, _MOSAIC_FIELDS, "mosaic_gpu", prefer=lambda r: bool(r.get("heavy_first")))
+    """The latest Hopper forward run per case at B=1, 8 heads, in the kernels' own block order (see
+    `_latest_runs`); within a file the heaviest-first launch (the default) replaces the in-order one."""
+    runs = _latest_runs(
+        files, _MOSAIC_FIELDS + ("batch", "heads"), "mosaic_gpu", prefer=_heavy_first,
+        keep=lambda r: r.get("block_order", "heads_first") == "heads_first",
+    )
+    return {key[:4]: run for key, run in runs.items() if key[4:] == (1, 8)}
 
 
 def mosaic_table(files: list[str]) -> str:
@@ -214,7 +232,7 @@ def mosaic_table(files: list[str]) -> str:
         r, c, name = runs[key]
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} "
-            f"| {'heaviest first' if r.get('heavy_first') else 'in order'} | {c['seconds']:.4f} "
+            f"| {'heaviest first' if _heavy_first(r) else 'in order'} | {c['seconds']:.4f} "
             f"| {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.2f}x | `{name}` |"
         )
     return "\n".join(lines)
@@ -368,6 +386,25 @@ def tile_order_table(name: str) -> str:
     return "\n".join(lines)
 
 
+def shapes_table(files: list[str]) -> str:
+    """The forward without a causal mask at other shapes, in turns with cuDNN (`bench/forward_shapes.py`)."""
+    lines = [
+        "| N | heads | batch | D | K and V GiB each | block order | cuDNN s | ours s | ours / cuDNN throughput | file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in files:
+        ours, base = _ours_and_cudnn([name], _MOSAIC_FIELDS + ("batch", "heads"), "mosaic_gpu")
+        for r in ours:
+            c = base[tuple(r[f] for f in _MOSAIC_FIELDS + ("batch", "heads"))]
+            gib = r["seq_len"] * r["heads"] * r["batch"] * r["head_dim"] * 2 / 2**30
+            lines.append(
+                f"| {_tokens(r['seq_len'])} | {r['heads']} | {r['batch']} | {r['head_dim']} | {gib:g} "
+                f"| {r.get('block_order', 'heads first').replace('_', ' ')} | {c['seconds']:.4f} "
+                f"| {r['seconds']:.4f} | {c['seconds'] / r['seconds']:.3f}x | `{name}` |"
+            )
+    return "\n".join(lines)
+
+
 def mosaic_chart(files: list[str], path) -> None:
     """One group per (dtype, head dim, causal), the latest run of each case."""
     runs = _latest_mosaic_runs(files).values()
@@ -411,7 +448,9 @@ def generated_mosaic() -> str:
             MOSAIC_BEGIN,
             "### Forward speed: one subproblem, all data on the device (B=1, 8 heads)",
             "Each row is the latest run of its case, with cuDNN timed in the same run (2 timed runs after a "
-            "warm-up, median; 5 in `mosaic_f16_64k_d128_repeat.json`). \"query tiles\": heaviest first "
+            "warm-up, median; 5 in `mosaic_f16_64k_d128_repeat.json`; in turns with cuDNN, `--interleave`, "
+            "6, 4 and 3 rounds in `mosaic_fwd_256k_d64_nc_interleaved.json`, `mosaic_fwd_1m_d64_nc_interleaved.json` "
+            "and `mosaic_block_order_1m.json`). \"query tiles\": heaviest first "
             "(`Launch.heavy_first`, the default) or in order (runs made before it was the default; without a "
             "causal mask the order changes nothing).",
             mosaic_table(MOSAIC_FILES),
@@ -421,9 +460,16 @@ def generated_mosaic() -> str:
             "### Query tile order: causal forward, heaviest query tiles first (the default) or in order",
             "File: `mosaic_tile_order.json` (bfloat16, 2 timed runs after a warm-up, median).",
             tile_order_table("mosaic_tile_order.json"),
+            "### Forward without a causal mask at other shapes: what the 1M head dim 64 gap follows",
+            "Files: `mosaic_fwd_footprint_d64_nc.json`, `mosaic_block_order_1m.json` (`bench/forward_shapes.py`, "
+            "bfloat16, 3 rounds in turns with cuDNN after a warm-up, median). The first three rows do the same "
+            "FLOPs. \"block order\": the thread blocks running at once cover every head (heads first, the "
+            "kernels' own) or one head (tiles first).",
+            shapes_table(["mosaic_fwd_footprint_d64_nc.json", "mosaic_block_order_1m.json"]),
             "### Forward plus backward: one subproblem, all data on the device (B=1, 8 heads, bfloat16)",
             "Each row is the latest run of its case (file named), with cuDNN timed in the same run: 2 or 3 "
-            "timed runs after a warm-up (median; 3 in `mosaic_bwd_16k_256k.json`) up to 256K, 1 at 1M. Mosaic: the Hopper forward and backward "
+            "timed runs after a warm-up (median; 3 in `mosaic_bwd_16k_256k.json`) up to 256K, 1 at 1M (2 rounds in "
+            "turns with cuDNN, `--interleave`, in `mosaic_bwd_1m_d*_nc_interleaved.json`). Mosaic: the Hopper forward and backward "
             "with its default launch when the run was made (paired dk/dv products at head dim 64 from "
             "`mosaic_bwd_paired_d64.json` on); nondeterministic: the same with `deterministic_backward=False` "
             "(`mosaic_bwd_1m_d64_nondeterministic.json`; at 64K and 256K see the fused dq table below); "
@@ -449,11 +495,13 @@ def generated_mosaic() -> str:
             backward_parts_table("mosaic_backward_parts.json"),
             backward_parts_table("mosaic_block_order.json"),
             "### dq in segments: forward plus backward with and without `Launch.dq_segment`",
-            "Files: `mosaic_bwd_dq_segments_256k_d128.json`, `mosaic_bwd_dq_segments_256k_d64.json` (bfloat16, "
-            "2 timed runs after a warm-up, median; cuDNN in the same run). The rows with segments are the default "
-            "launches.",
+            "Files: `mosaic_bwd_dq_segments_256k_d128.json`, `mosaic_bwd_dq_segments_256k_d64.json`, "
+            "`mosaic_bwd_dq128_segments_256k_d128.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in "
+            "the same run). The rows with 16-tile segments at head dim 128 and 8-tile segments at 64 are the "
+            "default launches; 128-key dq tiles with segments at head dim 128 (third table) were slower.",
             backward_launch_table("mosaic_bwd_dq_segments_256k_d128.json"),
             backward_launch_table("mosaic_bwd_dq_segments_256k_d64.json"),
+            backward_launch_table("mosaic_bwd_dq128_segments_256k_d128.json"),
             "### What the decomposition costs: the same call cut into 31 subproblems, all on the device",
             "File: `mosaic_decomposed.json` (bfloat16, 2 timed runs after a warm-up, median).",
             decomposition_table("mosaic_decomposed.json"),
@@ -471,11 +519,13 @@ def generated_mosaic() -> str:
             "`accuracy_1m_grads_d128.json` (256 evenly spaced rows; the cotangent is zero on the other rows, so "
             "every row of dk and dv is checked; at head dim 128 only the causal case finished in its run).",
             grad_accuracy_table(MOSAIC_GRAD_ACCURACY_FILES, variants=("mosaic_gpu:nondeterministic",)),
-            "### dq in segments: gradient accuracy at 1M tokens, head dim 128, without a causal mask",
-            "Files: `accuracy_1m_grads_d128_nc.json` (dq summed over all keys in the tensor cores' accumulator, "
-            "and cuDNN), `accuracy_1m_grads_d128_nc_segments.json` (`Launch.dq_segment`, the default since; the "
-            "same inputs). 256 evenly spaced rows, as above. The rows above were measured before dq segments.",
+            "### dq in segments: gradient accuracy at 1M tokens, head dim 128",
+            "Files: `accuracy_1m_grads_d128_nc.json` and `accuracy_1m_grads_d128.json` (dq summed over all keys "
+            "in the tensor cores' accumulator, and cuDNN), `accuracy_1m_grads_d128_nc_segments.json` and "
+            "`accuracy_1m_grads_d128_causal_segments.json` (`Launch.dq_segment`, the default since; the same "
+            "inputs). 256 evenly spaced rows, as above. The rows above were measured before dq segments.",
             dq_segment_accuracy_table("accuracy_1m_grads_d128_nc.json", "accuracy_1m_grads_d128_nc_segments.json"),
+            dq_segment_accuracy_table("accuracy_1m_grads_d128.json", "accuracy_1m_grads_d128_causal_segments.json"),
             MOSAIC_END,
         ]
     )
