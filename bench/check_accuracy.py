@@ -11,7 +11,8 @@ also of the gradients (`grad_errors`) for a random bfloat16 cotangent that is
 zero outside the checked rows: dq on those rows, and every row of dk and dv
 (which then sum over the checked rows only, so the reference stays exact).
 An implementation named ``mosaic_gpu:nondeterministic`` (any kernel name
-works) runs with ``deterministic_backward=False``.
+works) runs with ``deterministic_backward=False``. ``--backward-launch``
+sets the Hopper backward's launch (written as in `mosaic_kernel.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mosaic_kernel import backward_launch
+from stream_cqsa_jax._src.kernels import mosaic_gpu_backward
 from stream_cqsa_jax.benchmark import Case, attention_for, write_results
 
 
@@ -128,13 +131,20 @@ def main(argv=None) -> int:
     parser.add_argument("--grads", action="store_true", help="also check dq, dk and dv")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     parser.add_argument("--out", default=None, help="JSON file, rewritten after every case")
+    parser.add_argument("--backward-launch", default=None,
+                        help="the Hopper backward's launch, e.g. 64,2,64,2,seg16,dkvseg16 (default: its own)")
     args = parser.parse_args(argv)
+    if args.backward_launch:
+        launch = backward_launch(args.backward_launch)
+        mosaic_gpu_backward.default_launch = lambda head_dim, deterministic=True: launch
     masks = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
     results = []
     for n in args.seq_lens:
         for d in args.head_dims:
             for causal in masks:
                 results.append(check(n, args.heads, d, causal, args.rows, args.implementations, args.grads))
+                if args.backward_launch:
+                    results[-1]["backward_launch"] = args.backward_launch
                 print(json.dumps(results[-1]), flush=True)
                 if args.out:
                     write_results(args.out, results=results)

@@ -18,8 +18,8 @@ whichever runs first).
 
 With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too), once per backward launch, written ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
-(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused`` and ``,segN`` set ``dkv_paired``,
-``fused_dq`` and ``dq_segment``), with the forward's own launch.
+(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN`` and ``,dkvsegN`` set
+``dkv_paired``, ``fused_dq``, ``dq_segment`` and ``dkv_segment``), with the forward's own launch.
 """
 
 from __future__ import annotations
@@ -41,18 +41,27 @@ def _launch(text: str) -> mosaic_gpu.Launch:
     return mosaic_gpu.Launch(block_kv=int(parts[0]), stages=int(parts[1]), heavy_first=parts[2:] == ["heavy"])
 
 
-def _backward_launch(text: str) -> mosaic_gpu_backward.Launch:
+def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``, then optionally ``,paired``
-    (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`) and ``,segN`` (`Launch.dq_segment` = N)."""
+    (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N) and
+    ``,dkvsegN`` (`Launch.dkv_segment` = N)."""
     parts = text.split(",")
     dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
     flags = set(parts[4:])
-    segments = [f for f in flags if f.startswith("seg") and f[3:].isdigit()]
-    if flags - {"paired", "fused"} - set(segments) or len(segments) > 1:
-        raise ValueError(f"backward launch {text!r}: flags after the numbers are 'paired', 'fused' and 'segN'")
+    counts = {}
+    for prefix in ("seg", "dkvseg"):
+        given = [f for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
+        flags -= set(given)
+        if len(given) > 1:
+            raise ValueError(f"backward launch {text!r}: '{prefix}N' given twice")
+        counts[prefix] = int(given[0][len(prefix):]) if given else 0
+    if flags - {"paired", "fused"}:
+        raise ValueError(
+            f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'segN' and 'dkvsegN'"
+        )
     return mosaic_gpu_backward.Launch(
         dq_block_kv, dq_stages, dkv_block_q, dkv_stages, dkv_paired="paired" in flags, fused_dq="fused" in flags,
-        dq_segment=int(segments[0][3:]) if segments else 0,
+        dq_segment=counts["seg"], dkv_segment=counts["dkvseg"],
     )
 
 
@@ -96,7 +105,7 @@ def main(argv=None) -> int:
         if args.portable:
             programs.append((f"{label} pallas_triton", *benchmark.prepare_case("pallas_triton", case, args=inputs)))
         if args.backward_launches:
-            for launch in map(_backward_launch, args.backward_launches):
+            for launch in map(backward_launch, args.backward_launches):
                 mosaic_gpu_backward.default_launch = lambda head_dim, deterministic=True, launch=launch: launch
                 jax.clear_caches()  # traced programs are cached per plan, not per launch
                 row, run = benchmark.prepare_case("mosaic_gpu", case, args=inputs)
