@@ -9,6 +9,7 @@ included) and that plans fall back as documented.
 """
 
 import dataclasses
+import functools
 import types
 import zlib
 
@@ -436,6 +437,42 @@ def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeyp
     _pretend_hopper(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
     _lower_gradient(head_dim)
+
+
+def _use_lowering_semantics(monkeypatch, name: str) -> None:
+    """From now on the Hopper kernels lower with Mosaic GPU's `name` semantics ("Lane", the default
+    in jax 0.10, or "Warpgroup", the default in jax 0.11)."""
+    plgpu = mosaic_gpu.plgpu
+    params = getattr(plgpu.CompilerParams, "func", plgpu.CompilerParams)
+    chosen = functools.partial(params, lowering_semantics=getattr(plgpu.LoweringSemantics, name))
+    monkeypatch.setattr(plgpu, "CompilerParams", chosen)
+
+
+@pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
+@pytest.mark.parametrize("head_dim,launch", [
+    (64, None),  # the defaults
+    (128, None),
+    (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=16, dkv_segment=16)),
+    (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_segment=4)),
+])
+def test_mosaic_gradient_lowers_with_either_lowering_semantics(head_dim, launch, semantics, monkeypatch):
+    """The gradient (the forward and both backward kernels) lowers for CUDA with the lowering semantics
+    of jax 0.10 and of jax 0.11, whichever JAX runs the test."""
+    _pretend_hopper(monkeypatch)
+    if launch is not None:
+        monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
+    _use_lowering_semantics(monkeypatch, semantics)
+    _lower_gradient(head_dim)
+
+
+def test_lowering_semantics_choice_reaches_the_kernels(monkeypatch):
+    """The test above is not vacuous: the two semantics give different programs."""
+    _pretend_hopper(monkeypatch)
+    texts = []
+    for name in ("Lane", "Warpgroup"):
+        _use_lowering_semantics(monkeypatch, name)
+        texts.append(_lower_gradient(64))
+    assert texts[0] != texts[1]
 
 
 def test_mosaic_backward_launch_too_big_for_shared_memory_is_refused(monkeypatch):
