@@ -11,8 +11,9 @@ of the compiled program. With ``--interleave`` the implementations of a case
 take turns instead (`run_interleaved`): all compiled first, then one run each
 per round, every other round in reverse order, so that the card warming up
 over a long run does not favour whichever runs first. Ratios are against
-cuDNN when it runs (GPU), else against XLA's dense attention. A kernel name followed by ``:nondeterministic``
-(``mosaic_gpu:nondeterministic``) plans with ``deterministic_backward=False``.
+cuDNN when it runs (GPU), else against XLA's dense attention. A kernel name
+followed by ``:nondeterministic`` (``mosaic_gpu:nondeterministic``) plans with
+``deterministic_backward=False``.
 """
 
 from __future__ import annotations
