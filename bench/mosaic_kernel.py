@@ -17,7 +17,8 @@ timed after the other, or, with ``--interleave``, in turns
 whichever runs first).
 
 With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
-too), once per backward launch, written ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
+too; with ``--decomposed``, on both plans), once per backward launch, written
+``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
 (`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN`` and ``,dkvsegN`` set
 ``dkv_paired``, ``fused_dq``, ``dq_segment`` and ``dkv_segment``), with the forward's own launch.
 """
@@ -108,9 +109,11 @@ def main(argv=None) -> int:
             for launch in map(backward_launch, args.backward_launches):
                 mosaic_gpu_backward.default_launch = lambda head_dim, deterministic=True, launch=launch: launch
                 jax.clear_caches()  # traced programs are cached per plan, not per launch
-                row, run = benchmark.prepare_case("mosaic_gpu", case, args=inputs)
-                row.update(dataclasses.asdict(launch))
-                programs.append((f"{label} mosaic_gpu backward {launch}", row, run))
+                for chunks in (None, args.decomposed) if args.decomposed else (None,):
+                    row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
+                    row.update(dataclasses.asdict(launch))
+                    what = f" chunks={chunks}" if chunks else ""
+                    programs.append((f"{label} mosaic_gpu backward {launch}{what}", row, run))
         else:
             for launch in [_launch(x) for x in args.launches] if args.launches else [default_launch(d)]:
                 mosaic_gpu.default_launch = lambda head_dim, launch=launch: launch
