@@ -282,6 +282,8 @@ def backward_launch_table(name: str) -> str:
         c = base[tuple(r[f] for f in _KERNEL_FIELDS)]
         dq = "fused, split" if r.get("fused_dq_split") else "fused" if r.get("fused_dq") else "own kernel"
         dq += f", {r['dq_segment']}-tile segments" if r.get("dq_segment") else ""
+        dq += " in memory" if r.get("dq_segment") and r.get("dq_flush") else ""
+        dq += f", dk/dv {r['dkv_segment']}-step segments" if r.get("dkv_segment") else ""
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
             f"| {r['dq_block_kv']}, {r['dq_stages']} | {r['dkv_block_q']}, {r['dkv_stages']} "

@@ -19,8 +19,9 @@ whichever runs first).
 With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too; with ``--decomposed``, on both plans), once per backward launch, written
 ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
-(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN`` and ``,dkvsegN`` set
-``dkv_paired``, ``fused_dq``, ``dq_segment`` and ``dkv_segment``), with the forward's own launch.
+(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN``, ``,flush`` and
+``,dkvsegN`` set ``dkv_paired``, ``fused_dq``, ``dq_segment``, ``dq_flush`` and ``dkv_segment``),
+with the forward's own launch.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def _launch(text: str) -> mosaic_gpu.Launch:
 
 def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``, then optionally ``,paired``
-    (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N) and
-    ``,dkvsegN`` (`Launch.dkv_segment` = N)."""
+    (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N),
+    ``,flush`` (`Launch.dq_flush`) and ``,dkvsegN`` (`Launch.dkv_segment` = N)."""
     parts = text.split(",")
     dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
     flags = set(parts[4:])
@@ -56,13 +57,13 @@ def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
         if len(given) > 1:
             raise ValueError(f"backward launch {text!r}: '{prefix}N' given twice")
         counts[prefix] = int(given[0][len(prefix):]) if given else 0
-    if flags - {"paired", "fused"}:
+    if flags - {"paired", "fused", "flush"}:
         raise ValueError(
-            f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'segN' and 'dkvsegN'"
+            f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'segN', 'flush' and 'dkvsegN'"
         )
     return mosaic_gpu_backward.Launch(
         dq_block_kv, dq_stages, dkv_block_q, dkv_stages, dkv_paired="paired" in flags, fused_dq="fused" in flags,
-        dq_segment=counts["seg"], dkv_segment=counts["dkvseg"],
+        dq_segment=counts["seg"], dq_flush="flush" in flags, dkv_segment=counts["dkvseg"],
     )
 
 

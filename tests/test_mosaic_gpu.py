@@ -269,13 +269,14 @@ def test_mosaic_fused_dq_matches_float64(case, monkeypatch):
 
 
 @hopper
-@pytest.mark.parametrize("segment", [0, 1, 3])
+@pytest.mark.parametrize("segment,flush", [(0, False), (1, False), (3, False), (1, True), (3, True)])
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "window", "gqa_lengths_head128"])
-def test_mosaic_dq_segments_match_float64(case, segment, monkeypatch):
-    """dq summed in segments of `segment` key tiles (`Launch.dq_segment`; 0: one sum) is within 1.5x of
-    the XLA kernel's error and zero for rows that see no key; dk, dv are the same bits as the default
+def test_mosaic_dq_segments_match_float64(case, segment, flush, monkeypatch):
+    """dq summed in segments of `segment` key tiles (`Launch.dq_segment`; 0: one sum), totalled in
+    registers or, with `flush` (`Launch.dq_flush`), in device memory, is within 1.5x of the XLA
+    kernel's error and zero for rows that see no key; dk, dv are the same bits as the default
     launch's (segments touch only the dq kernel). Short segments make every few tiles a segment's end,
-    including ends on tiles a warpgroup skips (the window)."""
+    including ends on tiles a warpgroup skips (the window). Flushed, dq is the same bits twice."""
     c = _float64_case(BACKWARD_CASES[case], case)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
 
@@ -286,9 +287,13 @@ def test_mosaic_dq_segments_match_float64(case, segment, monkeypatch):
         return [np.asarray(g) for g in vjp(c.do)]
 
     plain = grads()
-    launch = dataclasses.replace(mosaic_gpu_backward.default_launch(c.q.shape[-1]), dq_segment=segment)
+    launch = dataclasses.replace(
+        mosaic_gpu_backward.default_launch(c.q.shape[-1]), dq_segment=segment, dq_flush=flush
+    )
     monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
     dq, dk, dv = grads()
+    if flush:
+        np.testing.assert_array_equal(grads()[0], dq)
     jax.clear_caches()
     assert rel_error(as64(dq), c.ref_grads[0]) <= 1.5 * c.base_grads[0]
     assert np.all(dq[~c.vis.any(-1)] == 0)  # rows that see no key
@@ -431,6 +436,8 @@ def _lower_gradient(head_dim: int, deterministic_backward: bool = True, vmapped:
     (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=16, dkv_segment=16)),
     (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dkv_paired=True, dkv_segment=1)),
     (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_segment=4)),
+    (128, mosaic_gpu_backward.Launch(dq_block_kv=128, dq_segment=8, dq_flush=True)),  # dq segments in memory
+    (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=1, dq_flush=True)),
 ])
 def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
     """Launches other than the default (what a tuning sweep tries) build and fit in shared memory."""
@@ -454,6 +461,7 @@ def _use_lowering_semantics(monkeypatch, name: str) -> None:
     (128, None),
     (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=16, dkv_segment=16)),
     (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_segment=4)),
+    (128, mosaic_gpu_backward.Launch(dq_block_kv=128, dq_segment=8, dq_flush=True)),
 ])
 def test_mosaic_gradient_lowers_with_either_lowering_semantics(head_dim, launch, semantics, monkeypatch):
     """The gradient (the forward and both backward kernels) lowers for CUDA with the lowering semantics

@@ -95,6 +95,9 @@ class Launch:
     running sum into a float32 total in registers and restarts it from zero (0: never).
     Summed over a whole long row in the tensor cores' accumulator, dq lost precision:
     at 1M keys, head dim 128, its error was 3% above cuDNN's; the total's additions round to nearest.
+    dq_flush: dq's segments go to device memory instead of a register total, in the way of
+    `dkv_segment` (in [64, 64] column blocks, which at head dim 128 fit beside 128-key tiles in
+    shared memory); frees the total's registers.
     dkv_segment: every this many steps of its walk, the dk/dv kernel moves its running sums dk and
     dv into device memory (copied by the first such flush, added onto what is there by later ones,
     each finished before the next starts, so the additions keep their order and the bits repeat)
@@ -110,6 +113,7 @@ class Launch:
     dkv_paired: bool = False
     fused_dq: bool = False
     dq_segment: int = 0
+    dq_flush: bool = False
     dkv_segment: int = 0
 
 
@@ -225,7 +229,10 @@ def _copy_or_add(smem, gmem, onto) -> None:
 def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
     """refs: table, lengths (if any), q, k, v, dO, row terms; dq; then the scratch of `_dq`."""
     tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dq_ref,), scratch = split_refs(refs, has_lengths, 5, 1)
-    ((qdo_smem, out_smem), rows_smem, k_smem, v_smem), q_ready, do_ready, rows_ready, *ring_barriers, done = scratch
+    ((qdo_smem, out_smem), rows_smem, k_smem, v_smem, *stage_smem), q_ready, do_ready, rows_ready, *ring_barriers, done = (
+        scratch
+    )
+    flushes = bool(launch.dq_segment and launch.dq_flush)  # segments go to device memory
     k_ready, v_ready, k_free, v_free = ring_barriers
     band, bk, stages = cfg.band, launch.dq_block_kv, launch.dq_stages
     head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
@@ -286,15 +293,39 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
 
             dq = pl.run_state(gradient)(plgpu.ACC.init(dq))
             plgpu.barrier_arrive(k_free.at[ring])
-            dq, total = _settle(step, dq, tuple(total), launch.dq_segment)
+            if flushes:
+                at_end = lax.rem(step + 1, launch.dq_segment) == 0
+                dq, *total = lax.cond(at_end, lambda: flush(dq, total[0]), lambda: (dq, *total))
+            else:
+                dq, total = _settle(step, dq, tuple(total), launch.dq_segment)
             return (step + 1, dq, *total)
 
-        zeros = _zeros((ROWS, q_ref.shape[-1]))
-        segments = (zeros,) if launch.dq_segment else ()  # the sum of the finished segments
-        _, dq, *total = block.walk(own, skip, visit, (jnp.int32(0), zeros, *segments))
-        dq = dq + total[0] if total else dq
+        def flush(dq, flushed):
+            """(zeros, 1): dq's running sum, scaled, copied into device memory by the first flush and
+            added onto it by later ones, in [64, 64] column blocks through the staging tile, each
+            flush waiting for the previous one to land (the additions keep their order)."""
+            stage, width = stage_smem[0].at[wg], stage_smem[0].shape[-1]
+            plgpu.wait_smem_to_gmem(0)
+            scaled = dq * cfg.scale
+            for col in range(0, hd, width):
+                if col:
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block has left the stage
+                stage[...] = scaled if width == hd else scaled[:, col : col + width]
+                plgpu.commit_smem()
+                _copy_or_add(stage, dq_ref.at[bi, pl.ds(row0, ROWS), head, pl.ds(col, width)], flushed)
+            return zeros, jnp.int32(1)
+
+        hd = q_ref.shape[-1]
+        zeros = _zeros((ROWS, hd))
+        # the sum of the finished segments in registers, or the flag that device memory holds it
+        extra = ((jnp.int32(0),) if flushes else (zeros,)) if launch.dq_segment else ()
+        _, dq, *total = block.walk(own, skip, visit, (jnp.int32(0), zeros, *extra))
+        if flushes:
+            plgpu.wait_smem_to_gmem(0)
+        elif total:
+            dq = dq + total[0]
         _both_done(done)
-        _store((dq * cfg.scale, out_smem.at[wg], dq_ref.at[rows]))
+        _store((dq * cfg.scale, out_smem.at[wg], dq_ref.at[rows]), onto=total[0] if flushes else None)
 
     @pl.when(wg == 2)
     def _memory():
@@ -318,6 +349,8 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
         plgpu.SMEM((stages, bk, h), dtype, transforms=swizzled),
         plgpu.SMEM((stages, bk, h), dtype, transforms=swizzled),
     )
+    if launch.dq_segment and launch.dq_flush:
+        smem += (plgpu.SMEM((2, ROWS, min(h, 64)), jnp.float32),)  # each warpgroup's flushes of dq
     scratch = (
         smem,
         plgpu.Barrier(num_barriers=2),  # query tile landed
