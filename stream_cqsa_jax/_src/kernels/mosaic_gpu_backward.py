@@ -229,9 +229,8 @@ def _copy_or_add(smem, gmem, onto) -> None:
 def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
     """refs: table, lengths (if any), q, k, v, dO, row terms; dq; then the scratch of `_dq`."""
     tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dq_ref,), scratch = split_refs(refs, has_lengths, 5, 1)
-    ((qdo_smem, out_smem), rows_smem, k_smem, v_smem, *stage_smem), q_ready, do_ready, rows_ready, *ring_barriers, done = (
-        scratch
-    )
+    smem, q_ready, do_ready, rows_ready, *ring_barriers, done = scratch
+    (qdo_smem, out_smem), rows_smem, k_smem, v_smem, *stage_smem = smem
     flushes = bool(launch.dq_segment and launch.dq_flush)  # segments go to device memory
     k_ready, v_ready, k_free, v_free = ring_barriers
     band, bk, stages = cfg.band, launch.dq_block_kv, launch.dq_stages
