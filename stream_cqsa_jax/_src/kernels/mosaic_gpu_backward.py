@@ -214,6 +214,20 @@ def _store(*tiles, onto=None):
     plgpu.wait_smem_to_gmem(0)
 
 
+def _flush(stage, blocks, onto) -> None:
+    """Moves register tiles into device memory one after another through one float32 staging tile:
+    `blocks` is a sequence of (value, device-memory ref); copied there while `onto` is 0, added onto
+    device memory after. Waits first for the previous flush to land, so that the additions into the
+    same memory keep their order (and the bits repeat)."""
+    plgpu.wait_smem_to_gmem(0)
+    for i, (value, gmem) in enumerate(blocks):
+        if i:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block has left the staging tile
+        stage[...] = value
+        plgpu.commit_smem()
+        _copy_or_add(stage, gmem, onto)
+
+
 def _copy_or_add(smem, gmem, onto) -> None:
     """A bulk copy of `smem` to `gmem`; with `onto` nonzero, one that adds onto `gmem` instead."""
     if onto is None:
@@ -300,18 +314,16 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
             return (step + 1, dq, *total)
 
         def flush(dq, flushed):
-            """(zeros, 1): dq's running sum, scaled, copied into device memory by the first flush and
-            added onto it by later ones, in [64, 64] column blocks through the staging tile, each
-            flush waiting for the previous one to land (the additions keep their order)."""
-            stage, width = stage_smem[0].at[wg], stage_smem[0].shape[-1]
-            plgpu.wait_smem_to_gmem(0)
+            """(zeros, 1): dq's running sum, scaled, into device memory (`_flush`) in [64, 64] column
+            blocks through the staging tile."""
+            width = stage_smem[0].shape[-1]
             scaled = dq * cfg.scale
-            for col in range(0, hd, width):
-                if col:
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last block has left the stage
-                stage[...] = scaled if width == hd else scaled[:, col : col + width]
-                plgpu.commit_smem()
-                _copy_or_add(stage, dq_ref.at[bi, pl.ds(row0, ROWS), head, pl.ds(col, width)], flushed)
+            blocks = [
+                (scaled if width == hd else scaled[:, col : col + width],
+                 dq_ref.at[bi, pl.ds(row0, ROWS), head, pl.ds(col, width)])
+                for col in range(0, hd, width)
+            ]
+            _flush(stage_smem[0].at[wg], blocks, flushed)
             return zeros, jnp.int32(1)
 
         hd = q_ref.shape[-1]
@@ -465,18 +477,9 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             plgpu.copy_smem_to_gmem(dq_tile, dq_ref.at[rows], reduction_op="add")
 
         def flush(dk, dv, flushed):
-            """Moves the running sums into device memory (`Launch.dkv_segment`) through this
-            warpgroup's staging tile: copied by the first flush, added onto device memory by later
-            ones. Returns zeros to restart from, and the flag that device memory holds sums."""
-            stage = stage_smem.at[wg]
-            plgpu.wait_smem_to_gmem(0)  # the previous flush has landed: the additions keep their order
-            stage[...] = dk * cfg.scale
-            plgpu.commit_smem()
-            _copy_or_add(stage, dk_ref.at[keys], flushed)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # dk has left the staging tile
-            stage[...] = dv
-            plgpu.commit_smem()
-            _copy_or_add(stage, dv_ref.at[keys], flushed)
+            """(zeros, zeros, 1): the running sums into device memory (`Launch.dkv_segment`,
+            `_flush`) through this warpgroup's staging tile."""
+            _flush(stage_smem.at[wg], [(dk * cfg.scale, dk_ref.at[keys]), (dv, dv_ref.at[keys])], flushed)
             return zeros, zeros, jnp.int32(1)
 
         def segment_end(step, dk, dv, flag: tuple) -> tuple:
