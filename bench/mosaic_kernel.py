@@ -19,8 +19,8 @@ whichever runs first).
 With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too; with ``--decomposed``, on both plans), once per backward launch, written
 ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
-(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN``, ``,flush`` and
-``,dkvsegN`` set ``dkv_paired``, ``fused_dq``, ``dq_segment``, ``dq_flush`` and ``dkv_segment``),
+(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN`` and ``,flush`` set
+``dkv_paired``, ``fused_dq``, ``dq_segment`` and ``dq_flush``),
 with the forward's own launch.
 """
 
@@ -45,25 +45,19 @@ def _launch(text: str) -> mosaic_gpu.Launch:
 
 def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``, then optionally ``,paired``
-    (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N),
-    ``,flush`` (`Launch.dq_flush`) and ``,dkvsegN`` (`Launch.dkv_segment` = N)."""
+    (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N) and
+    ``,flush`` (`Launch.dq_flush`)."""
     parts = text.split(",")
     dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
     flags = set(parts[4:])
-    counts = {}
-    for prefix in ("seg", "dkvseg"):
-        given = [f for f in flags if f.startswith(prefix) and f[len(prefix):].isdigit()]
-        flags -= set(given)
-        if len(given) > 1:
-            raise ValueError(f"backward launch {text!r}: '{prefix}N' given twice")
-        counts[prefix] = int(given[0][len(prefix):]) if given else 0
-    if flags - {"paired", "fused", "flush"}:
+    segments = [f for f in flags if f.startswith("seg") and f[3:].isdigit()]
+    if flags - {"paired", "fused", "flush"} - set(segments) or len(segments) > 1:
         raise ValueError(
-            f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'segN', 'flush' and 'dkvsegN'"
+            f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'flush' and one 'segN'"
         )
     return mosaic_gpu_backward.Launch(
         dq_block_kv, dq_stages, dkv_block_q, dkv_stages, dkv_paired="paired" in flags, fused_dq="fused" in flags,
-        dq_segment=counts["seg"], dq_flush="flush" in flags, dkv_segment=counts["dkvseg"],
+        dq_segment=int(segments[0][3:]) if segments else 0, dq_flush="flush" in flags,
     )
 
 

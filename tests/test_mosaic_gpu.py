@@ -268,15 +268,24 @@ def test_mosaic_fused_dq_matches_float64(case, monkeypatch):
     np.testing.assert_array_equal(dv, plain[2])
 
 
+DQ_SEGMENT_RUNS = [
+    (case, segment, flush, None)
+    for case in ("causal_gqa_odd", "window", "gqa_lengths_head128")
+    for segment, flush in ((0, False), (1, False), (3, False), (1, True), (3, True))
+] + [  # 128-key dq tiles at head dim 128, whose segments only fit in memory
+    ("gqa_lengths_head128", 1, True, 128), ("gqa_lengths_head128", 3, True, 128), ("cross_causal_gqa_head128", 3, True, 128)
+]
+
+
 @hopper
-@pytest.mark.parametrize("segment,flush", [(0, False), (1, False), (3, False), (1, True), (3, True)])
-@pytest.mark.parametrize("case", ["causal_gqa_odd", "window", "gqa_lengths_head128"])
-def test_mosaic_dq_segments_match_float64(case, segment, flush, monkeypatch):
-    """dq summed in segments of `segment` key tiles (`Launch.dq_segment`; 0: one sum), totalled in
-    registers or, with `flush` (`Launch.dq_flush`), in device memory, is within 1.5x of the XLA
-    kernel's error and zero for rows that see no key; dk, dv are the same bits as the default
-    launch's (segments touch only the dq kernel). Short segments make every few tiles a segment's end,
-    including ends on tiles a warpgroup skips (the window). Flushed, dq is the same bits twice."""
+@pytest.mark.parametrize("case,segment,flush,dq_block_kv", DQ_SEGMENT_RUNS)
+def test_mosaic_dq_segments_match_float64(case, segment, flush, dq_block_kv, monkeypatch):
+    """dq summed in segments of `segment` key tiles (`Launch.dq_segment`; 0: one sum) of `dq_block_kv`
+    keys (None: the default's), totalled in registers or, with `flush` (`Launch.dq_flush`), in device
+    memory, is within 1.5x of the XLA kernel's error and zero for rows that see no key; dk, dv are the
+    same bits as the default launch's (segments touch only the dq kernel). Short segments make every few
+    tiles a segment's end, including ends on tiles a warpgroup skips (the window). Flushed, dq is the
+    same bits twice."""
     c = _float64_case(BACKWARD_CASES[case], case)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
 
@@ -290,6 +299,8 @@ def test_mosaic_dq_segments_match_float64(case, segment, flush, monkeypatch):
     launch = dataclasses.replace(
         mosaic_gpu_backward.default_launch(c.q.shape[-1]), dq_segment=segment, dq_flush=flush
     )
+    if dq_block_kv:
+        launch = dataclasses.replace(launch, dq_block_kv=dq_block_kv)
     monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
     dq, dk, dv = grads()
     if flush:
@@ -299,37 +310,6 @@ def test_mosaic_dq_segments_match_float64(case, segment, flush, monkeypatch):
     assert np.all(dq[~c.vis.any(-1)] == 0)  # rows that see no key
     np.testing.assert_array_equal(dk, plain[1])
     np.testing.assert_array_equal(dv, plain[2])
-
-
-@hopper
-@pytest.mark.parametrize("segment", [1, 3])
-@pytest.mark.parametrize("case", ["causal_gqa_odd", "window", "gqa_lengths_head128"])
-def test_mosaic_dkv_segments_match_float64(case, segment, monkeypatch):
-    """dk, dv flushed to device memory every `segment` steps (`Launch.dkv_segment`) are within 1.5x of
-    the XLA kernel's error, zero for keys that no row sees, and the same bits on a second run (the
-    flushes' additions keep their order); dq is the same bits as the default launch's."""
-    c = _float64_case(BACKWARD_CASES[case], case)
-    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
-    f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, **c.structured, **c.extra)
-
-    def grads():
-        return [np.asarray(g) for g in jax.vjp(f, c.q, c.k, c.v)[1](c.do)]
-
-    jax.clear_caches()  # traced programs are cached per plan, not per launch
-    plain = grads()
-    launch = dataclasses.replace(mosaic_gpu_backward.default_launch(c.q.shape[-1]), dkv_segment=segment)
-    monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
-    jax.clear_caches()
-    dq, dk, dv = grads()
-    again = grads()
-    jax.clear_caches()
-    for name, g, r, base in zip("kv", (dk, dv), c.ref_grads[1:], c.base_grads[1:]):
-        assert rel_error(as64(g), r) <= 1.5 * base, name
-    unseen = ~c.vis.any(1)  # [B, S]: keys no row sees
-    assert np.all(dk[unseen] == 0) and np.all(dv[unseen] == 0)
-    np.testing.assert_array_equal(dq, plain[0])
-    for g, h in zip((dq, dk, dv), again):
-        np.testing.assert_array_equal(g, h)
 
 
 @hopper
@@ -432,10 +412,6 @@ def _lower_gradient(head_dim: int, deterministic_backward: bool = True, vmapped:
     (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=0)),
     (64, mosaic_gpu_backward.Launch(fused_dq=True)),
     (128, mosaic_gpu_backward.Launch(fused_dq=True)),
-    (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dkv_segment=16)),  # dk, dv in segments
-    (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=16, dkv_segment=16)),
-    (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dkv_paired=True, dkv_segment=1)),
-    (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_segment=4)),
     (128, mosaic_gpu_backward.Launch(dq_block_kv=128, dq_segment=8, dq_flush=True)),  # dq segments in memory
     (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=1, dq_flush=True)),
 ])
@@ -459,8 +435,7 @@ def _use_lowering_semantics(monkeypatch, name: str) -> None:
 @pytest.mark.parametrize("head_dim,launch", [
     (64, None),  # the defaults
     (128, None),
-    (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=16, dkv_segment=16)),
-    (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_segment=4)),
+    (64, mosaic_gpu_backward.Launch(fused_dq=True)),
     (128, mosaic_gpu_backward.Launch(dq_block_kv=128, dq_segment=8, dq_flush=True)),
 ])
 def test_mosaic_gradient_lowers_with_either_lowering_semantics(head_dim, launch, semantics, monkeypatch):

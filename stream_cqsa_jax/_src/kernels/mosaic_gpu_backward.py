@@ -14,7 +14,8 @@ sequence of key tiles (`Launch.dq_block_kv` keys); per tile a compute warpgroup 
 ``s = q k^T`` and ``dp = dO v^T`` on the tensor cores (both from shared
 memory), ``ds = p (dp - delta)`` in registers, then ``dq += ds k`` (``ds``
 from registers), which the tensor cores add up; every `Launch.dq_segment` steps
-that running sum moves into a float32 total (additions that round to nearest).
+that running sum moves into a float32 total (additions that round to nearest),
+in registers or, with `Launch.dq_flush`, in device memory.
 Tiles its own rows do not see it skips, keeping only the barriers in step.
 Output: ``dq scale`` [B, Lq, N, H].
 
@@ -28,8 +29,6 @@ warpgroup streams q, dO [block_q, H] and the rows' bias and delta. Per step:
 ``ds^T = p^T (dp^T - delta)``, ``dk += ds^T q``, all on the tensor cores
 (`Launch.dkv_paired`, the default at head dim 64, issues ``s^T`` with ``dp^T``
 and then ``dv`` with ``dk``, one wait per pair).
-With `Launch.dkv_segment` the running sums move into device memory every so many steps
-(copied first, then added onto in order) and restart from zero.
 Padding keys and rows see nothing, so they get and give no gradient.
 Output: ``dk scale``, ``dv`` [B, Lk, K, H]. With `Launch.fused_dq` (what
 ``deterministic_backward=False`` picks at head dim 64) it also adds each step's
@@ -95,15 +94,10 @@ class Launch:
     running sum into a float32 total in registers and restarts it from zero (0: never).
     Summed over a whole long row in the tensor cores' accumulator, dq lost precision:
     at 1M keys, head dim 128, its error was 3% above cuDNN's; the total's additions round to nearest.
-    dq_flush: dq's segments go to device memory instead of a register total, in the way of
-    `dkv_segment` (in [64, 64] column blocks, which at head dim 128 fit beside 128-key tiles in
-    shared memory); frees the total's registers.
-    dkv_segment: every this many steps of its walk, the dk/dv kernel moves its running sums dk and
-    dv into device memory (copied by the first such flush, added onto what is there by later ones,
-    each finished before the next starts, so the additions keep their order and the bits repeat)
-    and restarts them from zero (0: never). There are not enough registers for float32 totals
-    beside dk and dv at head dim 128, and shared memory takes one [64, H] float32 tile per
-    warpgroup to stage the flushes.
+    dq_flush: dq's segments go to device memory instead of a register total, through a float32
+    staging tile in [64, 64] column blocks (which at head dim 128 fit beside 128-key tiles in shared
+    memory): copied by the first flush, added onto what is there by later ones, each finished before
+    the next starts, so the additions keep their order and the bits repeat. Frees the total's registers.
     """
 
     dq_block_kv: int = 128
@@ -114,7 +108,6 @@ class Launch:
     fused_dq: bool = False
     dq_segment: int = 0
     dq_flush: bool = False
-    dkv_segment: int = 0
 
 
 def default_launch(head_dim: int, deterministic: bool = True) -> Launch:
@@ -391,9 +384,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
     tab_ref, lens_ref, inputs, outputs, scratch = split_refs(refs, has_lengths, 8 if fused else 5, 0 if fused else 2)
     q_ref, k_ref, v_ref, do_ref, rows_ref, *dq_refs = inputs[:6] if fused else inputs
     dk_ref, dv_ref = inputs[6:] if fused else outputs
-    (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem, *extra_smem), *barriers = scratch
-    every = launch.dkv_segment
-    dq_smem, stage_smem = (extra_smem[:-1], extra_smem[-1]) if every else (extra_smem, None)
+    (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem, *dq_smem), *barriers = scratch
     k_ready, v_ready, q_ready, do_ready, rows_ready, free, done = barriers
     band, cq, ck, bq, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.dkv_block_q, launch.dkv_stages
     tiles = cq // bq
@@ -476,21 +467,8 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             rows = (bi, pl.ds(row0, bq), head)
             plgpu.copy_smem_to_gmem(dq_tile, dq_ref.at[rows], reduction_op="add")
 
-        def flush(dk, dv, flushed):
-            """(zeros, zeros, 1): the running sums into device memory (`Launch.dkv_segment`,
-            `_flush`) through this warpgroup's staging tile."""
-            _flush(stage_smem.at[wg], [(dk * cfg.scale, dk_ref.at[keys]), (dv, dv_ref.at[keys])], flushed)
-            return zeros, zeros, jnp.int32(1)
-
-        def segment_end(step, dk, dv, flag: tuple) -> tuple:
-            """(dk, dv, *flag) after step `step`; at the end of a segment the sums are flushed."""
-            if not every:
-                return dk, dv
-            at_end = lax.rem(step + 1, every) == 0
-            return lax.cond(at_end, lambda: flush(dk, dv, flag[0]), lambda: (dk, dv, flag[0]))
-
         def visit_paired(j, carry, q_start, masked: bool, q_slot):
-            step, dk, dv, *flag = carry
+            step, dk, dv = carry
             ring = lax.rem(step, stages)
             q_tile, do_tile, terms = q_smem.at[ring], do_smem.at[ring], rows_smem.at[ring]
             plgpu.barrier_wait(q_ready.at[ring])
@@ -519,10 +497,10 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             if fused:
                 add_dq(j, ds, q_slot)
             plgpu.barrier_arrive(free.at[ring])
-            return step + 1, *segment_end(step, dk, dv, flag)
+            return step + 1, dk, dv
 
         def visit_in_turn(j, carry, q_start, masked: bool, q_slot):
-            step, dk, dv, *flag = carry
+            step, dk, dv = carry
             ring = lax.rem(step, stages)
             q_tile, do_tile, terms = q_smem.at[ring], do_smem.at[ring], rows_smem.at[ring]
             plgpu.barrier_wait(q_ready.at[ring])
@@ -553,7 +531,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
 
             dk = pl.run_state(gradient)(plgpu.ACC.init(dk))
             plgpu.barrier_arrive(free.at[ring])
-            return step + 1, *segment_end(step, dk, dv, flag)
+            return step + 1, dk, dv
 
         visit = visit_paired if launch.dkv_paired or fused else visit_in_turn
 
@@ -566,13 +544,11 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             return walk(first, last, mine, skip, masked, plain, carry)
 
         zeros = plgpu.layout_cast(jnp.zeros((ROWS, k_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
-        flag = (jnp.int32(0),) if every else ()  # nonzero once a flush has put sums in device memory
-        _, dk, dv, *flag = lax.fori_loop(0, visitors, visitor, (jnp.int32(0), zeros, zeros, *flag))
-        if fused or every:
+        _, dk, dv = lax.fori_loop(0, visitors, visitor, (jnp.int32(0), zeros, zeros))
+        if fused:
             plgpu.wait_smem_to_gmem(0)
         _both_done(done)
-        tiles = (dk * cfg.scale, out_smem.at[wg, 0], dk_ref.at[keys]), (dv, out_smem.at[wg, 1], dv_ref.at[keys])
-        _store(*tiles, onto=flag[0] if every else None)
+        _store((dk * cfg.scale, out_smem.at[wg, 0], dk_ref.at[keys]), (dv, out_smem.at[wg, 1], dv_ref.at[keys]))
 
     @pl.when(wg == 2)
     def _memory():
@@ -623,8 +599,6 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
             plgpu.SMEM((2, ROWS, bq), dtype, transforms=swizzled),  # ds^T of each warpgroup
             plgpu.SMEM((2, bq, h), jnp.float32),  # its share of dq, on its way to device memory
         )
-    if launch.dkv_segment:
-        smem += (plgpu.SMEM((2, ROWS, h), jnp.float32),)  # each warpgroup's flushes of dk, dv
     scratch = (
         smem,
         plgpu.Barrier(num_barriers=2),  # key tile landed
