@@ -12,13 +12,15 @@ zero outside the checked rows: dq on those rows, and every row of dk and dv
 (which then sum over the checked rows only, so the reference stays exact).
 An implementation named ``mosaic_gpu:nondeterministic`` (any kernel name
 works) runs with ``deterministic_backward=False``. ``--backward-launch``
-sets the Hopper backward's launch (written as in `mosaic_kernel.py`).
+sets the Hopper backward's launch (written as in `mosaic_kernel.py`). `--seeds` repeats
+each case on other random inputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import sys
 import time
@@ -101,7 +103,7 @@ def check(n, heads, head_dim, causal, rows, implementations, grads=False, seed=0
     ref_grads = reference_grads(q64, k64, v64, do64, rows, causal) if grads else None
     ref_seconds = time.perf_counter() - start
     result = {"seq_len": n, "heads": heads, "head_dim": head_dim, "causal": causal, "rows_checked": len(rows),
-              "reference_seconds": ref_seconds, "errors": {}}
+              "seed": seed, "reference_seconds": ref_seconds, "errors": {}}
     if grads:
         result["grad_errors"] = {}
     for impl in implementations:
@@ -130,9 +132,11 @@ def main(argv=None) -> int:
     parser.add_argument("--implementations", nargs="+", default=["pallas_triton", "xla", "cudnn"])
     parser.add_argument("--grads", action="store_true", help="also check dq, dk and dv")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="random keys of the inputs, one case each (results files without a seed used 0)")
     parser.add_argument("--out", default=None, help="JSON file, rewritten after every case")
     parser.add_argument("--backward-launch", default=None,
-                        help="the Hopper backward's launch, e.g. 64,2,64,2,seg16,dkvseg16 (default: its own)")
+                        help="the Hopper backward's launch, e.g. 128,2,64,2,seg8,flush (default: its own)")
     args = parser.parse_args(argv)
     if args.backward_launch:
         launch = backward_launch(args.backward_launch)
@@ -141,8 +145,8 @@ def main(argv=None) -> int:
     results = []
     for n in args.seq_lens:
         for d in args.head_dims:
-            for causal in masks:
-                results.append(check(n, args.heads, d, causal, args.rows, args.implementations, args.grads))
+            for causal, seed in itertools.product(masks, args.seeds):
+                results.append(check(n, args.heads, d, causal, args.rows, args.implementations, args.grads, seed))
                 if args.backward_launch:
                     results[-1]["backward_launch"] = args.backward_launch
                 print(json.dumps(results[-1]), flush=True)
