@@ -54,6 +54,8 @@ MOSAIC_BACKWARD_FILES = [
     "mosaic_bwd_dq_segments_256k_d64.json",
     "mosaic_bwd_1m_d64_nc_interleaved.json",
     "mosaic_bwd_1m_d128_nc_interleaved.json",
+    "mosaic_decomposed_bwd_d64.json",  # their rows of one subproblem
+    "mosaic_decomposed_bwd_d128.json",
 ]
 MOSAIC_GRAD_ACCURACY_FILES = [
     "accuracy_8k_grads_d64.json",
@@ -243,7 +245,10 @@ def mosaic_backward_table(files: list[str]) -> str:
     latest portable run next to cuDNN in its own run."""
     latest = {  # implementation -> case -> (row, cuDNN row of the same file, file name)
         # within a file, the launch with dq segments (the default) replaces the one without
-        implementation: _latest_runs(files, _KERNEL_FIELDS, implementation, prefer=lambda r: bool(r.get("dq_segment")))
+        implementation: _latest_runs(
+            files, _KERNEL_FIELDS, implementation, prefer=lambda r: bool(r.get("dq_segment")),
+            keep=lambda r: not r.get("num_chunks"),
+        )
         for implementation in ("mosaic_gpu", "mosaic_gpu:nondeterministic", "pallas_triton")
     }
     lines = [
@@ -315,21 +320,23 @@ def grad_accuracy_table(files: list[str], ours: str = "mosaic_gpu", variants: tu
     return "\n".join(lines)
 
 
-def dq_segment_accuracy_table(before: str, after: str) -> str:
-    """Gradient errors vs float64 of the backward before and after dq segments (`Launch.dq_segment`),
-    the same inputs, next to cuDNN's from the `before` run."""
+def launch_accuracy_table(before: str, variants: list[tuple[str, str]]) -> str:
+    """Gradient errors vs float64 of the backward with dq summed in the tensor cores (the `before` run)
+    and with each of `variants` ((column heading, file) of runs on the same inputs), next to cuDNN's
+    from the `before` run."""
+    headings = "".join(f" {heading} |" for heading, _ in variants)
     lines = [
-        "| N | D | causal | rows | gradient | dq summed in the tensor cores | dq in segments | cuDNN |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| N | D | causal | rows | gradient | dq summed in the tensor cores |{headings} cuDNN |",
+        "| --- " * (7 + len(variants)) + "|",
     ]
-    runs = [json.loads((RESULTS / name).read_text())["results"] for name in (before, after)]
-    for old, new in zip(*runs):
-        e_old, e_new = old["grad_errors"], new["grad_errors"]
+    load = lambda name: json.loads((RESULTS / name).read_text())["results"]
+    for old, *new in zip(load(before), *(load(name) for _, name in variants)):
+        e_old = old["grad_errors"]
         for g in ("dq", "dk", "dv"):
+            cells = "".join(f" {r['grad_errors']['mosaic_gpu'][g]:.4e} |" for r in new)
             lines.append(
                 f"| {_tokens(old['seq_len'])} | {old['head_dim']} | {'yes' if old['causal'] else 'no'} "
-                f"| {old['rows_checked']} | {g} | {e_old['mosaic_gpu'][g]:.4e} | {e_new['mosaic_gpu'][g]:.4e} "
-                f"| {e_old['cudnn'][g]:.4e} |"
+                f"| {old['rows_checked']} | {g} | {e_old['mosaic_gpu'][g]:.4e} |{cells} {e_old['cudnn'][g]:.4e} |"
             )
     return "\n".join(lines)
 
@@ -353,20 +360,27 @@ def backward_parts_table(name: str) -> str:
     return "\n".join(lines)
 
 
-def decomposition_table(name: str) -> str:
-    ours, base = _ours_and_cudnn([name], _MOSAIC_FIELDS, "mosaic_gpu")
-    single = {(r["seq_len"], r["head_dim"], r["causal"]): r for r in ours if not r["num_chunks"]}
+def decomposition_table(files: list[str]) -> str:
+    """The same call as one subproblem and cut into subproblems (`num_chunks`), both on the device, with
+    cuDNN in the same run; one row per case and pass."""
+    fields = _KERNEL_FIELDS + ("dtype",)
     lines = [
-        "| N | D | causal | cuDNN s | one subproblem s | 31 subproblems s | 31 / one (time) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| N | D | causal | pass | cuDNN s | one subproblem s | 31 subproblems s | 31 / one (time) "
+        "| temp GiB: one / 31 | file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in sorted((r for r in ours if r["num_chunks"]), key=lambda r: (r["head_dim"], not r["causal"])):
-        one = single[(r["seq_len"], r["head_dim"], r["causal"])]
-        c = base[tuple(r[f] for f in _MOSAIC_FIELDS)]
-        lines.append(
-            f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {c['seconds']:.4f} "
-            f"| {one['seconds']:.4f} | {r['seconds']:.4f} | {r['seconds'] / one['seconds']:.2f}x |"
-        )
+    for name in files:
+        ours, base = _ours_and_cudnn([name], fields, "mosaic_gpu")
+        single = {tuple(r[f] for f in fields): r for r in ours if not r["num_chunks"]}
+        for r in sorted((r for r in ours if r["num_chunks"]), key=lambda r: (r["head_dim"], not r["causal"])):
+            key = tuple(r[f] for f in fields)
+            one, c = single[key], base[key]
+            lines.append(
+                f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
+                f"| {r['direction'].replace('_', '+')} | {c['seconds']:.4f} | {one['seconds']:.4f} "
+                f"| {r['seconds']:.4f} | {r['seconds'] / one['seconds']:.2f}x "
+                f"| {one['temp_bytes'] / 2**30:.2f} / {r['temp_bytes'] / 2**30:.2f} | `{name}` |"
+            )
     return "\n".join(lines)
 
 
@@ -504,9 +518,20 @@ def generated_mosaic() -> str:
             backward_launch_table("mosaic_bwd_dq_segments_256k_d128.json"),
             backward_launch_table("mosaic_bwd_dq_segments_256k_d64.json"),
             backward_launch_table("mosaic_bwd_dq128_segments_256k_d128.json"),
+            "### dq and dk/dv in segments at head dim 128, in turns",
+            "File: `mosaic_bwd_segments_256k_d128_interleaved.json` (bfloat16, 2 rounds in turns with cuDNN after "
+            "a warm-up, median). The first row of each case is the default launch; \"dk/dv N-step segments\": "
+            "dk and dv moved into device memory every N steps (a launch option since removed: slower, and no "
+            "more accurate, see the accuracy tables below).",
+            backward_launch_table("mosaic_bwd_segments_256k_d128_interleaved.json"),
             "### What the decomposition costs: the same call cut into 31 subproblems, all on the device",
-            "File: `mosaic_decomposed.json` (bfloat16, 2 timed runs after a warm-up, median).",
-            decomposition_table("mosaic_decomposed.json"),
+            "Files: `mosaic_decomposed.json` (forward, bfloat16, 2 timed runs after a warm-up, median), "
+            "`mosaic_decomposed_bwd_d64.json` and `mosaic_decomposed_bwd_d128.json` (forward plus backward with "
+            "the default launches, 2 rounds in turns with cuDNN after a warm-up, median). \"temp GiB\": XLA's "
+            "temporary buffers of the compiled program.",
+            decomposition_table(
+                ["mosaic_decomposed.json", "mosaic_decomposed_bwd_d64.json", "mosaic_decomposed_bwd_d128.json"]
+            ),
             "### Accuracy on the device: relative error vs float64 (bfloat16 inputs, 8 heads)",
             "Files: `accuracy_8k_mosaic.json` (every row) and the outputs of the 1M gradient runs below "
             "(`accuracy_1m_grads_d64.json`, `accuracy_1m_grads_d128.json`: 256 rows; an earlier causal head dim "
@@ -524,10 +549,22 @@ def generated_mosaic() -> str:
             "### dq in segments: gradient accuracy at 1M tokens, head dim 128",
             "Files: `accuracy_1m_grads_d128_nc.json` and `accuracy_1m_grads_d128.json` (dq summed over all keys "
             "in the tensor cores' accumulator, and cuDNN), `accuracy_1m_grads_d128_nc_segments.json` and "
-            "`accuracy_1m_grads_d128_causal_segments.json` (`Launch.dq_segment`, the default since; the same "
-            "inputs). 256 evenly spaced rows, as above. The rows above were measured before dq segments.",
-            dq_segment_accuracy_table("accuracy_1m_grads_d128_nc.json", "accuracy_1m_grads_d128_nc_segments.json"),
-            dq_segment_accuracy_table("accuracy_1m_grads_d128.json", "accuracy_1m_grads_d128_causal_segments.json"),
+            "`accuracy_1m_grads_d128_causal_segments.json` (`Launch.dq_segment`, 1024-key segments of 64-key "
+            "tiles, the default since), `accuracy_1m_grads_d128_causal_dkv_segments.json` (the same, and dk, dv "
+            "moved into device memory every 16 steps) and `accuracy_1m_grads_d128_causal_dq128_flush.json` "
+            "(1024-key segments of 128-key tiles, added up in device memory, `Launch.dq_flush`); all on the "
+            "same inputs. 256 evenly spaced rows, as above. The rows above were measured before dq segments.",
+            launch_accuracy_table(
+                "accuracy_1m_grads_d128_nc.json", [("dq in segments", "accuracy_1m_grads_d128_nc_segments.json")]
+            ),
+            launch_accuracy_table(
+                "accuracy_1m_grads_d128.json",
+                [
+                    ("dq in segments", "accuracy_1m_grads_d128_causal_segments.json"),
+                    ("and dk/dv in 16-step segments", "accuracy_1m_grads_d128_causal_dkv_segments.json"),
+                    ("128-key dq tiles, segments in memory", "accuracy_1m_grads_d128_causal_dq128_flush.json"),
+                ],
+            ),
             MOSAIC_END,
         ]
     )
