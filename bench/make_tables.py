@@ -521,8 +521,8 @@ def generated_mosaic() -> str:
             "### dq and dk/dv in segments at head dim 128, in turns",
             "File: `mosaic_bwd_segments_256k_d128_interleaved.json` (bfloat16, 2 rounds in turns with cuDNN after "
             "a warm-up, median). The first row of each case is the default launch; \"dk/dv N-step segments\": "
-            "dk and dv moved into device memory every N steps (a launch option since removed: slower, and no "
-            "more accurate, see the accuracy tables below).",
+            "dk and dv moved into device memory every N steps (a launch option since removed as too slow; "
+            "docs/hopper_kernel.md).",
             backward_launch_table("mosaic_bwd_segments_256k_d128_interleaved.json"),
             "### What the decomposition costs: the same call cut into 31 subproblems, all on the device",
             "Files: `mosaic_decomposed.json` (forward, bfloat16, 2 timed runs after a warm-up, median), "
