@@ -13,7 +13,9 @@ zero outside the checked rows: dq on those rows, and every row of dk and dv
 An implementation named ``mosaic_gpu:nondeterministic`` (any kernel name
 works) runs with ``deterministic_backward=False``. ``--backward-launch``
 sets the Hopper backward's launch (written as in `mosaic_kernel.py`). `--seeds` repeats
-each case on other random inputs.
+each case on other random inputs. ``--reference device`` checks every row, with a
+full cotangent, against a float64 reference computed on the device
+(`device_reference.py`; for long sequences a GPU with float64 tensor cores).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import device_reference
 from mosaic_kernel import backward_launch
 from stream_cqsa_jax._src.kernels import mosaic_gpu_backward
 from stream_cqsa_jax.benchmark import Case, attention_for, write_results
@@ -90,10 +93,44 @@ def rel(x, ref):
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
-def check(n, heads, head_dim, causal, rows, implementations, grads=False, seed=0):
+def _inputs(n, heads, head_dim, seed):
+    """q, k, v, do: standard normal bfloat16 [1, n, heads, head_dim] from `seed`."""
     keys = jax.random.split(jax.random.key(seed), 4)
-    shape = (1, n, heads, head_dim)
-    q, k, v, do = (jax.random.normal(kk, shape, jnp.bfloat16) for kk in keys)
+    return tuple(jax.random.normal(kk, (1, n, heads, head_dim), jnp.bfloat16) for kk in keys)
+
+
+def _run(impl, q, k, v, do, causal, grads):
+    """`impl`'s output and, with `grads`, its (dq, dk, dv) for cotangent `do`."""
+    n, heads, head_dim = q.shape[1:]
+    f = attention_for(impl, Case(n, head_dim, causal, "fwd", heads=heads), num_chunks=1)
+    out = jax.jit(f)(q, k, v)
+    return (out, *jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))(q, k, v, do)) if grads else (out,)
+
+
+def check_every_row(n, heads, head_dim, causal, implementations, grads=False, seed=0):
+    """Like `check` for every row, against the float64 reference on the device (`device_reference`):
+    dk and dv then sum over every query row, as in training."""
+    q, k, v, do = _inputs(n, heads, head_dim, seed)
+    result = {"seq_len": n, "heads": heads, "head_dim": head_dim, "causal": causal, "rows_checked": n,
+              "seed": seed, "reference": "device", "errors": {}}
+    got = {}
+    for impl in implementations:
+        try:
+            got[impl] = [x.block_until_ready() for x in _run(impl, q, k, v, do, causal, grads)]
+        except Exception as err:
+            result["errors"][impl] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    start = time.perf_counter()
+    errors = device_reference.relative_errors(q, k, v, do, causal, got)
+    result["reference_seconds"] = time.perf_counter() - start
+    for impl, e in errors.items():
+        result["errors"][impl] = e.pop("out")
+        if grads:
+            result.setdefault("grad_errors", {})[impl] = e
+    return result
+
+
+def check(n, heads, head_dim, causal, rows, implementations, grads=False, seed=0):
+    q, k, v, do = _inputs(n, heads, head_dim, seed)
     rows = np.arange(n) if rows is None or rows >= n else np.linspace(0, n - 1, rows).astype(int)
     if len(rows) < n:  # the cotangent lives on the checked rows only
         do = jnp.zeros_like(do).at[:, rows].set(do[:, rows])
@@ -108,12 +145,9 @@ def check(n, heads, head_dim, causal, rows, implementations, grads=False, seed=0
         result["grad_errors"] = {}
     for impl in implementations:
         try:
-            f = attention_for(impl, Case(n, head_dim, causal, "fwd", heads=heads), num_chunks=1)
-            out = np.asarray(jax.jit(f)(q, k, v).astype(jnp.float32), np.float64)
+            out, *got = (np.asarray(x.astype(jnp.float32), np.float64) for x in _run(impl, q, k, v, do, causal, grads))
             result["errors"][impl] = rel(out[:, rows], ref)
             if grads:
-                got = jax.jit(lambda q, k, v, do: jax.vjp(f, q, k, v)[1](do))(q, k, v, do)
-                got = [np.asarray(g.astype(jnp.float32), np.float64) for g in got]
                 result["grad_errors"][impl] = {
                     "dq": rel(got[0][:, rows], ref_grads[0]), "dk": rel(got[1], ref_grads[1]),
                     "dv": rel(got[2], ref_grads[2]),
@@ -132,12 +166,16 @@ def main(argv=None) -> int:
     parser.add_argument("--implementations", nargs="+", default=["pallas_triton", "xla", "cudnn"])
     parser.add_argument("--grads", action="store_true", help="also check dq, dk and dv")
     parser.add_argument("--causal", choices=("both", "yes", "no"), default="both")
+    parser.add_argument("--reference", choices=("host", "device"), default="host",
+                        help="host: float64 in NumPy on --rows rows; device: float64 on the device, every row")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="random keys of the inputs, one case each (results files without a seed used 0)")
     parser.add_argument("--out", default=None, help="JSON file, rewritten after every case")
     parser.add_argument("--backward-launch", default=None,
                         help="the Hopper backward's launch, e.g. 128,2,64,2,seg8,flush (default: its own)")
     args = parser.parse_args(argv)
+    if args.reference == "device" and args.rows is not None:
+        parser.error("--rows: the device reference checks every row; leave --rows out")
     if args.backward_launch:
         launch = backward_launch(args.backward_launch)
         mosaic_gpu_backward.default_launch = lambda head_dim, deterministic=True: launch
@@ -146,7 +184,10 @@ def main(argv=None) -> int:
     for n in args.seq_lens:
         for d in args.head_dims:
             for causal, seed in itertools.product(masks, args.seeds):
-                results.append(check(n, args.heads, d, causal, args.rows, args.implementations, args.grads, seed))
+                if args.reference == "device":
+                    results.append(check_every_row(n, args.heads, d, causal, args.implementations, args.grads, seed))
+                else:
+                    results.append(check(n, args.heads, d, causal, args.rows, args.implementations, args.grads, seed))
                 if args.backward_launch:
                     results[-1]["backward_launch"] = args.backward_launch
                 print(json.dumps(results[-1]), flush=True)
