@@ -29,26 +29,15 @@ import jax
 import jax.numpy as jnp
 
 from stream_cqsa_jax import benchmark
-from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward, mosaic_gpu_common
-
-_RUN_KERNEL = mosaic_gpu_common.run_kernel
-
-
-def _tiles_first(body, out_type, scratch, grid, *args):
-    """`run_kernel` with the grid's first two axes swapped (the axes are found by name)."""
-    plgpu = mosaic_gpu_common.plgpu
-    layout = dict(grid=(grid[1], grid[0], grid[2]), grid_names=("tiles", "heads", "batch"), num_threads=3,
-                  thread_name="wg")
-    operands = (args[0], *(() if args[1] is None else (args[1],)), *args[2:])
-    params = plgpu.CompilerParams(approx_math=True)
-    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, compiler_params=params, **layout)(*operands)
-
+from stream_cqsa_jax._src.kernels import mosaic_gpu_backward, mosaic_gpu_common
 
 def use_block_order(order: str) -> None:
     """From now on the Hopper kernels' thread blocks run heads first (``"heads_first"``, their own
-    order) or tiles first (``"tiles_first"``: the blocks running at once cover one head)."""
-    run = {"heads_first": _RUN_KERNEL, "tiles_first": _tiles_first}[order]
-    mosaic_gpu.run_kernel = mosaic_gpu_backward.run_kernel = run
+    order) or tiles first (``"tiles_first"``: the blocks running at once cover one head), through
+    `mosaic_gpu_common.GRID_ORDER`."""
+    mosaic_gpu_common.GRID_ORDER = {
+        "heads_first": ("heads", "tiles", "batch"), "tiles_first": ("tiles", "heads", "batch")
+    }[order]
 
 
 def _no_dq(inp, *args, **kwargs):

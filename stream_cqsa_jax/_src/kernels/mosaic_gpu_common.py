@@ -66,13 +66,20 @@ def batched_as(batched):
     return decorate
 
 
+# The order in which the grid's named axes are laid out, the first varying fastest: the thread blocks
+# running at once cover every head. `bench/mosaic_backward_parts.py` swaps the first two to measure
+# the other order; the kernels find their axes by name either way.
+GRID_ORDER = ("heads", "tiles", "batch")
+
+
 def run_kernel(body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *operands):
     """Runs `body` on a grid (heads, tiles, batch) of thread blocks of two compute warpgroups and
-    a copy warpgroup (axis "wg"); its arguments: `tab`, `lens` unless None, `operands`, the outputs
-    of `out_type`, the `scratch`. An operand may be a `jax.Ref` (inside `pl.run_state`), which the
-    kernel may update in place."""
+    a copy warpgroup (axis "wg"), laid out in `GRID_ORDER`; its arguments: `tab`, `lens` unless None,
+    `operands`, the outputs of `out_type`, the `scratch`. An operand may be a `jax.Ref` (inside
+    `pl.run_state`), which the kernel may update in place."""
     args = (tab, *(() if lens is None else (lens,)), *operands)
-    layout = dict(grid=grid, grid_names=("heads", "tiles", "batch"), num_threads=3, thread_name="wg")
+    size = dict(zip(("heads", "tiles", "batch"), grid))
+    layout = dict(grid=tuple(size[a] for a in GRID_ORDER), grid_names=GRID_ORDER, num_threads=3, thread_name="wg")
     params = plgpu.CompilerParams(approx_math=True)
     if any(isinstance(x, jax.Ref) for x in operands):
         # plgpu.kernel's batching wrapper does not pass Refs through; build its kernel directly.
