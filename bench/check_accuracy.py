@@ -34,7 +34,7 @@ import numpy as np
 import device_reference
 from mosaic_kernel import backward_launch
 from stream_cqsa_jax._src.kernels import mosaic_gpu_backward
-from stream_cqsa_jax.benchmark import Case, attention_for, write_results
+from stream_cqsa_jax.benchmark import Case, attention_for, error_text, write_results
 
 
 def _head_blocks(q, k, rows, causal, bi, hi):
@@ -118,7 +118,7 @@ def check_every_row(n, heads, head_dim, causal, implementations, grads=False, se
         try:
             got[impl] = [x.block_until_ready() for x in _run(impl, q, k, v, do, causal, grads)]
         except Exception as err:
-            result["errors"][impl] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            result["errors"][impl] = error_text(err)
     start = time.perf_counter()
     errors = device_reference.relative_errors(q, k, v, do, causal, got) if got else {}
     result["reference_seconds"] = time.perf_counter() - start
@@ -153,7 +153,7 @@ def check(n, heads, head_dim, causal, rows, implementations, grads=False, seed=0
                     "dv": rel(got[2], ref_grads[2]),
                 }
         except Exception as err:
-            result["errors"][impl] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            result["errors"][impl] = error_text(err)
     return result
 
 

@@ -123,8 +123,13 @@ def prepare_case(
         return row, None
 
 
+def error_text(err: Exception) -> str:
+    """How a failure is recorded in results: the exception's type and the first line of its message."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+
+
 def _record_error(row: dict, err: Exception) -> None:
-    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    row["error"] = error_text(err)
 
 
 def _timed(run: Callable[[], None]) -> float:
