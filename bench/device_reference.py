@@ -118,14 +118,16 @@ def relative_errors(q, k, v, do, causal: bool, results: dict, block: int = 4096)
     """``||x - ref|| / ||ref||`` over every row and head of the output and of each gradient, per entry
     of `results` (name -> (out, dq, dk, dv) or (out,) [1, N, heads, H], any float dtype), against the float64
     reference of q, k, v and cotangent do [1, N, heads, H], computed one head at a time."""
-    sums = {name: {} for name in results}  # name -> quantity -> [squared error, squared reference]
+    names = ("out", "dq", "dk", "dv")
+    ref_squares = dict.fromkeys(names, 0.0)
+    error_squares = {name: dict.fromkeys(names[: len(arrays)], 0.0) for name, arrays in results.items()}
     with float64():
         for hi in range(q.shape[2]):
             ref = head_reference(q[0, :, hi], k[0, :, hi], v[0, :, hi], do[0, :, hi], causal, block)
+            for g, r in zip(names, ref):
+                ref_squares[g] += float(jnp.vdot(r, r))
             for name, arrays in results.items():
-                for g, x, r in zip(("out", "dq", "dk", "dv"), arrays, ref):
+                for g, x, r in zip(names, arrays, ref):
                     diff = jnp.asarray(x)[0, :, hi].astype(jnp.float64) - r
-                    total = sums[name].setdefault(g, [0.0, 0.0])
-                    total[0] += float(jnp.vdot(diff, diff))
-                    total[1] += float(jnp.vdot(r, r))
-    return {name: {g: (a / b) ** 0.5 for g, (a, b) in per.items()} for name, per in sums.items()}
+                    error_squares[name][g] += float(jnp.vdot(diff, diff))
+    return {name: {g: (e / ref_squares[g]) ** 0.5 for g, e in per.items()} for name, per in error_squares.items()}
