@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     default_launch, default_backward_launch = mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch
     direction = "fwd_bwd" if args.backward_launches else "fwd"
     rows = []
+    chunk_counts = (None, args.decomposed) if args.decomposed else (None,)  # None: one subproblem
     for n, d, c, dtype in itertools.product(args.seq_lens, args.head_dims, causal, args.dtypes):
         case = benchmark.Case(n, d, c, direction, dtype=dtype)
         label = f"N={n} D={d} causal={c} {dtype} {direction}"
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
             for launch in map(backward_launch, args.backward_launches):
                 mosaic_gpu_backward.default_launch = lambda head_dim, deterministic=True, launch=launch: launch
                 jax.clear_caches()  # traced programs are cached per plan, not per launch
-                for chunks in (None, args.decomposed) if args.decomposed else (None,):
+                for chunks in chunk_counts:
                     row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
                     row.update(dataclasses.asdict(launch))
                     what = f" chunks={chunks}" if chunks else ""
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
             for launch in [_launch(x) for x in args.launches] if args.launches else [default_launch(d)]:
                 mosaic_gpu.default_launch = lambda head_dim, launch=launch: launch
                 jax.clear_caches()
-                for chunks in (None, args.decomposed) if args.decomposed else (None,):
+                for chunks in chunk_counts:
                     row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
                     row.update(block_kv=launch.block_kv, stages=launch.stages, heavy_first=launch.heavy_first)
                     what = f"{launch.block_kv},{launch.stages}" + (",heavy" if launch.heavy_first else "")

@@ -109,6 +109,11 @@ class Launch:
     dq_segment: int = 0
     dq_flush: bool = False
 
+    @property
+    def dq_in_memory(self) -> bool:
+        """Whether dq's segments go to device memory (`dq_flush` with a `dq_segment`)."""
+        return bool(self.dq_segment and self.dq_flush)
+
 
 def default_launch(head_dim: int, deterministic: bool = True) -> Launch:
     """dq: 1024-key segments (`Launch.dq_segment`) of 128-key tiles at head dim 64, of 64-key
@@ -238,7 +243,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
     tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dq_ref,), scratch = split_refs(refs, has_lengths, 5, 1)
     smem, q_ready, do_ready, rows_ready, *ring_barriers, done = scratch
     (qdo_smem, out_smem), rows_smem, k_smem, v_smem, *stage_smem = smem
-    flushes = bool(launch.dq_segment and launch.dq_flush)  # segments go to device memory
+    flushes = launch.dq_in_memory
     k_ready, v_ready, k_free, v_free = ring_barriers
     band, bk, stages = cfg.band, launch.dq_block_kv, launch.dq_stages
     head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
@@ -353,7 +358,7 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
         plgpu.SMEM((stages, bk, h), dtype, transforms=swizzled),
         plgpu.SMEM((stages, bk, h), dtype, transforms=swizzled),
     )
-    if launch.dq_segment and launch.dq_flush:
+    if launch.dq_in_memory:
         smem += (plgpu.SMEM((2, ROWS, min(h, 64)), jnp.float32),)  # each warpgroup's flushes of dq
     scratch = (
         smem,
