@@ -56,6 +56,8 @@ MOSAIC_BACKWARD_FILES = [
     "mosaic_bwd_1m_d128_nc_interleaved.json",
     "mosaic_decomposed_bwd_d64.json",  # their rows of one subproblem
     "mosaic_decomposed_bwd_d128.json",
+    "mosaic_bwd_d128_flush_default.json",  # 128-key dq tiles, segments in memory: the head dim 128 default
+    "mosaic_bwd_1m_d128_nc_flush_default.json",
 ]
 MOSAIC_GRAD_ACCURACY_FILES = [
     "accuracy_8k_grads_d64.json",
@@ -341,6 +343,38 @@ def launch_accuracy_table(before: str, variants: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def launch_error_table(runs: list[tuple[str, str]]) -> str:
+    """Errors vs float64 (output, dq, dk, dv) per case, one column per launch: `runs` are (file, heading of
+    the launch its ``mosaic_gpu`` ran with); cuDNN's from whichever file has them; the rightmost launch a
+    case has / cuDNN."""
+    headings = list(dict.fromkeys(heading for _, heading in runs))
+    cases = {}  # (N, heads, D, causal, seed, rows) -> {heading or "cudnn": {"out", "dq", "dk", "dv"}}
+    for name, heading in runs:
+        for r in json.loads((RESULTS / name).read_text())["results"]:
+            key = (r["seq_len"], r["heads"], r["head_dim"], r["causal"], r.get("seed", 0), r["rows_checked"])
+            case = cases.setdefault(key, {})
+            for impl, column in (("mosaic_gpu", heading), ("cudnn", "cudnn")):
+                if impl in r.get("grad_errors", {}):
+                    case[column] = {"out": r["errors"][impl], **r["grad_errors"][impl]}
+    lines = [
+        "| N | heads | D | causal | seed | rows | error of |" + "".join(f" {h} |" for h in headings)
+        + " cuDNN | rightmost / cuDNN |",
+        "| --- " * (9 + len(headings)) + "|",
+    ]
+    for (n, heads, d, causal, seed, rows), case in cases.items():
+        for g in ("out", "dq", "dk", "dv"):
+            cells = "".join(f" {case[h][g]:.4e} |" if h in case else " - |" for h in headings)
+            last = next((case[h] for h in reversed(headings) if h in case), None)
+            base = case.get("cudnn")
+            base_cell = f"{base[g]:.4e}" if base else "-"
+            ratio = f"{last[g] / base[g]:.4f}" if last and base else "-"
+            lines.append(
+                f"| {_tokens(n)} | {heads} | {d} | {'yes' if causal else 'no'} | {seed} | {rows} | {g} |{cells} "
+                f"{base_cell} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
 def backward_parts_table(name: str) -> str:
     """Milliseconds (and TFLOP/s of each part's own products) of the forward and each backward kernel,
     ours and cuDNN's (`bench/mosaic_backward_parts.py`)."""
@@ -484,10 +518,12 @@ def generated_mosaic() -> str:
             shapes_table(["mosaic_fwd_footprint_d64_nc.json", "mosaic_block_order_1m.json"]),
             "### Forward plus backward: one subproblem, all data on the device (B=1, 8 heads, bfloat16)",
             "Each row is the latest run of its case (file named), with cuDNN timed in the same run: 2 or 3 "
-            "timed runs after a warm-up (median; 3 in `mosaic_bwd_16k_256k.json`) up to 256K, 1 at 1M (2 rounds in "
-            "turns with cuDNN, `--interleave`, in `mosaic_bwd_1m_d*_nc_interleaved.json`). Mosaic: the Hopper forward and backward "
-            "with its default launch when the run was made (paired dk/dv products at head dim 64 from "
-            "`mosaic_bwd_paired_d64.json` on); nondeterministic: the same with `deterministic_backward=False` "
+            "timed runs after a warm-up (median; 3 in `mosaic_bwd_16k_256k.json`) up to 256K, 1 at 1M (in turns "
+            "with cuDNN, `--interleave`: 2 rounds in `mosaic_bwd_1m_d*_nc_interleaved.json` and "
+            "`mosaic_bwd_1m_d128_nc_flush_default.json`, 3 in `mosaic_bwd_d128_flush_default.json`). Mosaic: "
+            "the Hopper forward and backward with its default launch when the run was made (paired dk/dv "
+            "products at head dim 64 from `mosaic_bwd_paired_d64.json` on; 128-key dq tiles with segments in "
+            "memory at head dim 128 from `mosaic_bwd_d128_flush_default.json` on); nondeterministic: the same with `deterministic_backward=False` "
             "(`mosaic_bwd_1m_d64_nondeterministic.json`; at 64K and 256K see the fused dq table below); "
             "portable: the Triton kernels (`pallas_triton`), from their latest run (`pallas_triton_bwd_*.json`), "
             "next to cuDNN in that run.",
@@ -524,6 +560,10 @@ def generated_mosaic() -> str:
             "dk and dv moved into device memory every N steps (a launch option since removed as too slow; "
             "docs/hopper_kernel.md).",
             backward_launch_table("mosaic_bwd_segments_256k_d128_interleaved.json"),
+            "### 128-key dq tiles with segments in memory, the head dim 128 default, at 64K",
+            "File: `mosaic_bwd_64k_d128_flush_ab.json` (bfloat16, 5 rounds in turns with cuDNN after a warm-up, "
+            "median): the default before (64-key dq tiles, 16-tile segments in registers) and now.",
+            backward_launch_table("mosaic_bwd_64k_d128_flush_ab.json"),
             "### What the decomposition costs: the same call cut into 31 subproblems, all on the device",
             "Files: `mosaic_decomposed.json` (forward, bfloat16, 2 timed runs after a warm-up, median), "
             "`mosaic_decomposed_bwd_d64.json` and `mosaic_decomposed_bwd_d128.json` (forward plus backward with "
@@ -564,6 +604,33 @@ def generated_mosaic() -> str:
                     ("and dk/dv in 16-step segments", "accuracy_1m_grads_d128_causal_dkv_segments.json"),
                     ("128-key dq tiles, segments in memory", "accuracy_1m_grads_d128_causal_dq128_flush.json"),
                 ],
+            ),
+            "The same check on two more seeds (`accuracy_1m_grads_d128_causal_seeds12.json`, 64-key dq tiles, "
+            "the head dim 128 default when it ran); seed 0 is the run above.",
+            launch_error_table(
+                [
+                    ("accuracy_1m_grads_d128_causal_segments.json", "64-key dq tiles"),
+                    ("accuracy_1m_grads_d128_causal_seeds12.json", "64-key dq tiles"),
+                    ("accuracy_1m_grads_d128_causal_dq128_flush.json", "128-key dq tiles, in memory"),
+                ]
+            ),
+            "### Every row: gradient accuracy against a float64 reference on the device, head dim 128",
+            "Files: `accuracy_64k_every_row_d128_causal.json`, `accuracy_64k_every_row_d128_causal_flush.json`, "
+            "`accuracy_256k_every_row_d128_causal.json`, `accuracy_1m_every_row_d128_causal.json`, "
+            "`accuracy_1m_every_row_d128_nc.json` (`check_accuracy.py --reference device`, bfloat16 inputs). "
+            "Every row is checked, with a random bfloat16 cotangent on every row, so each key's dk and dv sum "
+            "over every query row that sees it, as in training. \"64-key dq tiles\": segments in registers "
+            "(the head dim 128 default before); \"128-key dq tiles, in memory\": `Launch.dq_flush`, the default "
+            "now. The float64 reference took 3 s (64K, 2 heads), 8 s (256K, 2 heads), 85 s (1M, 2 heads, "
+            "causal) and 82 s (1M, 1 head, no mask).",
+            launch_error_table(
+                [
+                    ("accuracy_64k_every_row_d128_causal.json", "64-key dq tiles"),
+                    ("accuracy_64k_every_row_d128_causal_flush.json", "128-key dq tiles, in memory"),
+                    ("accuracy_256k_every_row_d128_causal.json", "128-key dq tiles, in memory"),
+                    ("accuracy_1m_every_row_d128_causal.json", "128-key dq tiles, in memory"),
+                    ("accuracy_1m_every_row_d128_nc.json", "128-key dq tiles, in memory"),
+                ]
             ),
             MOSAIC_END,
         ]

@@ -269,10 +269,10 @@ def test_mosaic_fused_dq_matches_float64(case, monkeypatch):
 
 
 DQ_SEGMENT_RUNS = [
-    (case, segment, flush, None)
-    for case in ("causal_gqa_odd", "window", "gqa_lengths_head128")
+    (case, segment, flush, dq_block_kv)
+    for case, dq_block_kv in (("causal_gqa_odd", None), ("window", None), ("gqa_lengths_head128", 64))
     for segment, flush in ((0, False), (1, False), (3, False), (1, True), (3, True))
-] + [  # 128-key dq tiles at head dim 128, whose segments only fit in memory
+] + [  # 128-key dq tiles at head dim 128 (the default there), whose segments only fit in memory
     ("gqa_lengths_head128", 1, True, 128), ("gqa_lengths_head128", 3, True, 128), ("cross_causal_gqa_head128", 3, True, 128)
 ]
 
@@ -412,7 +412,7 @@ def _lower_gradient(head_dim: int, deterministic_backward: bool = True, vmapped:
     (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=0)),
     (64, mosaic_gpu_backward.Launch(fused_dq=True)),
     (128, mosaic_gpu_backward.Launch(fused_dq=True)),
-    (128, mosaic_gpu_backward.Launch(dq_block_kv=128, dq_segment=8, dq_flush=True)),  # dq segments in memory
+    (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=16)),  # dq segments in registers
     (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=1, dq_flush=True)),
 ])
 def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
@@ -436,7 +436,7 @@ def _use_lowering_semantics(monkeypatch, name: str) -> None:
     (64, None),  # the defaults
     (128, None),
     (64, mosaic_gpu_backward.Launch(fused_dq=True)),
-    (128, mosaic_gpu_backward.Launch(dq_block_kv=128, dq_segment=8, dq_flush=True)),
+    (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=16)),  # dq segments in registers
 ])
 def test_mosaic_gradient_lowers_with_either_lowering_semantics(head_dim, launch, semantics, monkeypatch):
     """The gradient (the forward and both backward kernels) lowers for CUDA with the lowering semantics

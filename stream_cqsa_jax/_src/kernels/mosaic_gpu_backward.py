@@ -15,7 +15,7 @@ sequence of key tiles (`Launch.dq_block_kv` keys); per tile a compute warpgroup 
 memory), ``ds = p (dp - delta)`` in registers, then ``dq += ds k`` (``ds``
 from registers), which the tensor cores add up; every `Launch.dq_segment` steps
 that running sum moves into a float32 total (additions that round to nearest),
-in registers or, with `Launch.dq_flush`, in device memory.
+in registers or, with `Launch.dq_flush` (the default at head dim 128), in device memory.
 Tiles its own rows do not see it skips, keeping only the barriers in step.
 Output: ``dq scale`` [B, Lq, N, H].
 
@@ -116,18 +116,17 @@ class Launch:
 
 
 def default_launch(head_dim: int, deterministic: bool = True) -> Launch:
-    """dq: 1024-key segments (`Launch.dq_segment`) of 128-key tiles at head dim 64, of 64-key
-    tiles at 128 (where the segments' [64, 128] float32 total leaves no registers for
-    128-key scores). dk/dv: 64-row tiles (two [64, H] float32 accumulators stay in registers),
-    paired products at head dim 64, where they were 3-4% faster (at 128 they were not;
-    docs/hopper_kernel.md). 2 stages each. Without `deterministic`, fused dq at head dim 64
-    (at 128 it was slower)."""
-    dq_block_kv = 128 if head_dim <= 64 else 64
+    """dq: 128-key tiles in 1024-key segments (`Launch.dq_segment`), totalled in registers at head
+    dim 64 and in device memory at 128 (`Launch.dq_flush`: a [64, 128] float32 register total
+    leaves no registers for 128-key scores). dk/dv: 64-row tiles (two [64, H] float32 accumulators
+    stay in registers), paired products at head dim 64, where they were 3-4% faster (at 128 they
+    were not; docs/hopper_kernel.md). 2 stages each. Without `deterministic`, fused dq at head dim
+    64 (at 128 it was slower)."""
     return Launch(
-        dq_block_kv=dq_block_kv,
         dkv_paired=head_dim <= 64,
         fused_dq=not deterministic and head_dim <= 64,
-        dq_segment=1024 // dq_block_kv,
+        dq_segment=1024 // Launch.dq_block_kv,
+        dq_flush=head_dim > 64,
     )
 
 
