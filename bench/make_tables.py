@@ -523,8 +523,8 @@ def generated_mosaic() -> str:
             "`mosaic_bwd_1m_d128_nc_flush_default.json`, 3 in `mosaic_bwd_d128_flush_default.json`). Mosaic: "
             "the Hopper forward and backward with its default launch when the run was made (paired dk/dv "
             "products at head dim 64 from `mosaic_bwd_paired_d64.json` on; 128-key dq tiles with segments in "
-            "memory at head dim 128 from `mosaic_bwd_d128_flush_default.json` on); nondeterministic: the same with `deterministic_backward=False` "
-            "(`mosaic_bwd_1m_d64_nondeterministic.json`; at 64K and 256K see the fused dq table below); "
+            "memory at head dim 128 from `mosaic_bwd_d128_flush_default.json` on); nondeterministic: the same "
+            "with `deterministic_backward=False` (`mosaic_bwd_1m_d64_nondeterministic.json`; at 64K and 256K see the fused dq table below); "
             "portable: the Triton kernels (`pallas_triton`), from their latest run (`pallas_triton_bwd_*.json`), "
             "next to cuDNN in that run.",
             mosaic_backward_table(MOSAIC_BACKWARD_FILES),

@@ -1,5 +1,6 @@
 """docs/benchmarks.md stays what bench/make_tables.py generates from bench/results/."""
 
+import json
 import os
 import sys
 
@@ -24,7 +25,6 @@ def test_generated_sections_match_the_results(tmp_path):
 def test_launch_error_table_puts_each_launch_in_its_column(tmp_path, monkeypatch):
     """One row per case and error; a launch a case did not run shows "-", cuDNN's errors come from whichever
     file has them, and the ratio is the rightmost launch the case has over cuDNN."""
-    import json
 
     def result(seed, errors):
         grads = {impl: {"dq": e * 2, "dk": e * 3, "dv": e * 4} for impl, e in errors.items()}
