@@ -549,14 +549,15 @@ def generated_mosaic() -> str:
             "### dq in segments: forward plus backward with and without `Launch.dq_segment`",
             "Files: `mosaic_bwd_dq_segments_256k_d128.json`, `mosaic_bwd_dq_segments_256k_d64.json`, "
             "`mosaic_bwd_dq128_segments_256k_d128.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in "
-            "the same run). The rows with 16-tile segments at head dim 128 and 8-tile segments at 64 are the "
-            "default launches; 128-key dq tiles with segments at head dim 128 (third table) were slower.",
+            "the same run). The rows with 16-tile segments at head dim 128 and 8-tile segments at 64 were the "
+            "default launches then; 128-key dq tiles with segments in registers at head dim 128 (third table) "
+            "were slower.",
             backward_launch_table("mosaic_bwd_dq_segments_256k_d128.json"),
             backward_launch_table("mosaic_bwd_dq_segments_256k_d64.json"),
             backward_launch_table("mosaic_bwd_dq128_segments_256k_d128.json"),
             "### dq and dk/dv in segments at head dim 128, in turns",
             "File: `mosaic_bwd_segments_256k_d128_interleaved.json` (bfloat16, 2 rounds in turns with cuDNN after "
-            "a warm-up, median). The first row of each case is the default launch; \"dk/dv N-step segments\": "
+            "a warm-up, median). The first row of each case was the default launch then; \"dk/dv N-step segments\": "
             "dk and dv moved into device memory every N steps (a launch option since removed as too slow; "
             "docs/hopper_kernel.md).",
             backward_launch_table("mosaic_bwd_segments_256k_d128_interleaved.json"),
@@ -590,7 +591,7 @@ def generated_mosaic() -> str:
             "Files: `accuracy_1m_grads_d128_nc.json` and `accuracy_1m_grads_d128.json` (dq summed over all keys "
             "in the tensor cores' accumulator, and cuDNN), `accuracy_1m_grads_d128_nc_segments.json` and "
             "`accuracy_1m_grads_d128_causal_segments.json` (`Launch.dq_segment`, 1024-key segments of 64-key "
-            "tiles, the default since), `accuracy_1m_grads_d128_causal_dkv_segments.json` (the same, and dk, dv "
+            "tiles, the default until `Launch.dq_flush`), `accuracy_1m_grads_d128_causal_dkv_segments.json` (the same, and dk, dv "
             "moved into device memory every 16 steps) and `accuracy_1m_grads_d128_causal_dq128_flush.json` "
             "(1024-key segments of 128-key tiles, added up in device memory, `Launch.dq_flush`); all on the "
             "same inputs. 256 evenly spaced rows, as above. The rows above were measured before dq segments.",
