@@ -607,7 +607,8 @@ def generated_mosaic() -> str:
                 ],
             ),
             "The same check on two more seeds (`accuracy_1m_grads_d128_causal_seeds12.json`, 64-key dq tiles, "
-            "the head dim 128 default when it ran); seed 0 is the run above.",
+            "the head dim 128 default when it ran); seed 0 is the run above. \"rightmost / cuDNN\": the error of "
+            "the rightmost launch that ran the case, over cuDNN's.",
             launch_error_table(
                 [
                     ("accuracy_1m_grads_d128_causal_segments.json", "64-key dq tiles"),
