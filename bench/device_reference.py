@@ -41,10 +41,10 @@ def _scores(q_blk, k_blk, rows, cols, n: int, causal: bool, scale: float):
     return jnp.where(visible, s, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "causal", "block"))
-def _head(q, k, v, do, *, n: int, causal: bool, block: int):
+@functools.partial(jax.jit, static_argnames=("n", "causal", "block", "grads"))
+def _head(q, k, v, do, *, n: int, causal: bool, block: int, grads: bool):
     """(out, dq, dk, dv) float64 [P, H] of one head from q, k, v, do float64 [P, H] (P: n padded
-    to a multiple of `block`; padded rows of `do` are zero)."""
+    to a multiple of `block`; padded rows of `do` are zero); without `grads`, (out,) alone."""
     scale = 1.0 / jnp.sqrt(jnp.float64(q.shape[-1]))
     blocks = q.shape[0] // block
     tile = lambda x, i: lax.dynamic_slice_in_dim(x, i * block, block)
@@ -67,6 +67,8 @@ def _head(q, k, v, do, *, n: int, causal: bool, block: int):
 
     out, lse = lax.map(forward, jnp.arange(blocks))
     out, lse = out.reshape(q.shape), lse.reshape(-1)
+    if not grads:
+        return (out,)
     delta = (do * out).sum(axis=1)
 
     def probabilities(r, c):
@@ -97,10 +99,11 @@ def _head(q, k, v, do, *, n: int, causal: bool, block: int):
     return out, dq, dk.reshape(q.shape), dv.reshape(q.shape)
 
 
-def head_reference(q, k, v, do, causal: bool, block: int = 4096):
+def head_reference(q, k, v, do, causal: bool, block: int = 4096, grads: bool = True):
     """float64 (out, dq, dk, dv) [N, H] of one head of self-attention from q, k, v, do [N, H]
-    (any float dtype; converted exactly), with the default scale 1/sqrt(H). The results are float64
-    arrays: use them inside `float64()` (outside it, JAX computes in float32)."""
+    (any float dtype; converted exactly), with the default scale 1/sqrt(H); without `grads`, (out,)
+    alone. The results are float64 arrays: use them inside `float64()` (outside it, JAX computes in
+    float32)."""
     n = q.shape[0]
     if not k.shape[0] == v.shape[0] == do.shape[0] == n:
         raise ValueError(
@@ -110,20 +113,22 @@ def head_reference(q, k, v, do, causal: bool, block: int = 4096):
     padded = -(-n // block) * block
     with float64():
         pad = lambda x: jnp.pad(jnp.asarray(x).astype(jnp.float64), ((0, padded - n), (0, 0)))
-        grads = _head(pad(q), pad(k), pad(v), pad(do), n=n, causal=causal, block=block)
-        return tuple(g[:n] for g in grads)
+        ref = _head(pad(q), pad(k), pad(v), pad(do), n=n, causal=causal, block=block, grads=grads)
+        return tuple(x[:n] for x in ref)
 
 
 def relative_errors(q, k, v, do, causal: bool, results: dict, block: int = 4096) -> dict[str, dict[str, float]]:
     """``||x - ref|| / ||ref||`` over every row and head of the output and of each gradient, per entry
     of `results` (name -> (out, dq, dk, dv) or (out,) [1, N, heads, H], any float dtype), against the float64
-    reference of q, k, v and cotangent do [1, N, heads, H], computed one head at a time."""
+    reference of q, k, v and cotangent do [1, N, heads, H], computed one head at a time (its gradients
+    only when some entry has them)."""
     names = ("out", "dq", "dk", "dv")
+    grads = any(len(arrays) > 1 for arrays in results.values())
     ref_squares = dict.fromkeys(names, 0.0)
     error_squares = {name: dict.fromkeys(names[: len(arrays)], 0.0) for name, arrays in results.items()}
     with float64():
         for hi in range(q.shape[2]):
-            ref = head_reference(q[0, :, hi], k[0, :, hi], v[0, :, hi], do[0, :, hi], causal, block)
+            ref = head_reference(q[0, :, hi], k[0, :, hi], v[0, :, hi], do[0, :, hi], causal, block, grads)
             for g, r in zip(names, ref):
                 ref_squares[g] += float(jnp.vdot(r, r))
             for name, arrays in results.items():

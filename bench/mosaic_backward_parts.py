@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from stream_cqsa_jax import benchmark
 from stream_cqsa_jax._src.kernels import mosaic_gpu_backward, mosaic_gpu_common
 
+
 def use_block_order(order: str) -> None:
     """From now on the Hopper kernels' thread blocks run heads first (``"heads_first"``, their own
     order) or tiles first (``"tiles_first"``: the blocks running at once cover one head), through

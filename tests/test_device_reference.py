@@ -29,6 +29,24 @@ def test_blocked_reference_matches_the_dense_one(n, block, causal):
         np.testing.assert_allclose(np.asarray(g), r[0, :, 0], rtol=1e-9, atol=1e-11, err_msg=name)
 
 
+def test_output_alone_skips_the_gradients(monkeypatch):
+    """Without gradients to check, the reference is the output alone, the same as with them."""
+    rng = np.random.default_rng(1)
+    q, k, v, do = (rng.standard_normal((100, 8)) for _ in range(4))
+    full = device_reference.head_reference(q, k, v, do, True, 32)
+    alone = device_reference.head_reference(q, k, v, do, True, 32, grads=False)
+    assert len(alone) == 1
+    np.testing.assert_allclose(np.asarray(alone[0]), np.asarray(full[0]), rtol=1e-14, atol=0)
+    asked = []
+    reference = device_reference.head_reference
+    monkeypatch.setattr(device_reference, "head_reference", lambda *a: asked.append(a[-1]) or reference(*a))
+    errors = device_reference.relative_errors(*(x[None, :, None] for x in (q, k, v, do)), True,
+                                              {"out only": (full[0][None, :, None],)}, block=32)
+    assert asked == [False]  # the one head's reference, without gradients
+    assert list(errors) == ["out only"] and list(errors["out only"]) == ["out"]
+    assert errors["out only"]["out"] < 1e-14
+
+
 def test_relative_errors_over_every_head():
     """Errors of the exact answer are 0; of a perturbed one, the perturbation's relative size, summed
     over heads in squares."""
