@@ -34,6 +34,32 @@ MOSAIC_FILES = [
     "mosaic_fwd_256k_d64_nc_interleaved.json",
     "mosaic_fwd_1m_d64_nc_interleaved.json",
     "mosaic_block_order_1m.json",  # its heads-first rows at B=1, 8 heads (the default launch)
+    "cluster_64k_256k.json",  # single blocks and pairs (`Launch.cluster`): the default's choice is shown
+    "cluster_1m_d64_nc.json",
+    "cluster_1m_d128_nc.json",
+    "cluster_512k_d64.json",
+    "cluster_1m_d64_causal.json",
+    "cluster_1m_d128_causal.json",
+    "mosaic_fwd_1m_d64_nc_default.json",
+]
+# Forward runs of single thread blocks next to pairs (`Launch.cluster`), in the order of the table.
+CLUSTER_FILES = [
+    "cluster_64k_256k.json",
+    "cluster_512k_d64.json",
+    "cluster_1m_d64_causal.json",
+    "cluster_1m_d64_nc.json",
+    "cluster_1m_d128_causal.json",
+    "cluster_1m_d128_nc.json",
+]
+# Forward plus backward runs of the dq kernel's single thread blocks next to pairs (`Launch.dq_cluster`).
+DQ_CLUSTER_FILES = [
+    "cluster_bwd_64k_d64.json",
+    "cluster_bwd_64k_d128.json",
+    "cluster_bwd_256k_d64_causal.json",
+    "cluster_bwd_256k_d64_nc.json",
+    "cluster_bwd_256k_d128_causal.json",
+    "cluster_bwd_256k_d128_nc.json",
+    "cluster_bwd_1m_d64_nc.json",
 ]
 # Forward plus backward runs, oldest first: a later run of the same case replaces an earlier one.
 MOSAIC_BACKWARD_FILES = [
@@ -58,6 +84,7 @@ MOSAIC_BACKWARD_FILES = [
     "mosaic_decomposed_bwd_d128.json",
     "mosaic_bwd_d128_flush_default.json",  # 128-key dq tiles, segments in memory: the head dim 128 default
     "mosaic_bwd_1m_d128_nc_flush_default.json",
+    *DQ_CLUSTER_FILES,  # only their rows that ran today's default launches count (`_default_now`)
 ]
 MOSAIC_GRAD_ACCURACY_FILES = [
     "accuracy_8k_grads_d64.json",
@@ -210,6 +237,31 @@ def generated() -> str:
     )
 
 
+def _default_clusters(r: dict) -> tuple[int, int]:
+    """(forward `Launch.cluster`, dq `Launch.dq_cluster`) that today's default launches pick for the case of
+    row `r` (one subproblem of the whole sequence)."""
+    from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
+    from stream_cqsa_jax._src.masks import Band
+
+    n, d = r["seq_len"], r["head_dim"]
+    forward = mosaic_gpu.default_launch(d, n, Band.of(n, n, r["causal"], None))
+    return forward.cluster, mosaic_gpu_backward.default_launch(d).dq_cluster
+
+
+def _forward_cluster(r: dict) -> int:
+    """Thread blocks per cluster of the forward that ran row `r` (1 in runs made before pairs existed)."""
+    if "forward_launch" in r:
+        return 2 if r["forward_launch"].endswith("cluster2") else 1
+    return r.get("cluster", 1)
+
+
+def _default_now(r: dict) -> bool:
+    """Whether a forward plus backward row of a pairs sweep ran what the default launches pick today."""
+    if "forward_launch" not in r:
+        return True  # rows of runs that time the default launch of their day
+    return (_forward_cluster(r), r.get("dq_cluster", 1)) == _default_clusters(r)
+
+
 def _heavy_first(r: dict) -> bool:
     """Whether a forward row ran heaviest query tiles first; rows of `bench/forward_shapes.py` (they name
     a block order) ran the default launch, which does."""
@@ -220,7 +272,8 @@ def _latest_mosaic_runs(files: list[str]) -> dict[tuple, tuple[dict, dict, str]]
     """The latest Hopper forward run per case at B=1, 8 heads, in the kernels' own block order (see
     `_latest_runs`); within a file the heaviest-first launch (the default) replaces the in-order one."""
     runs = _latest_runs(
-        files, _MOSAIC_FIELDS + ("batch", "heads"), "mosaic_gpu", prefer=_heavy_first,
+        files, _MOSAIC_FIELDS + ("batch", "heads"), "mosaic_gpu",
+        prefer=lambda r: (_heavy_first(r), _forward_cluster(r) == _default_clusters(r)[0]),
         keep=lambda r: r.get("block_order", "heads_first") == "heads_first",
     )
     return {key[:4]: run for key, run in runs.items() if key[4:] == (1, 8)}
@@ -228,15 +281,17 @@ def _latest_mosaic_runs(files: list[str]) -> dict[tuple, tuple[dict, dict, str]]
 
 def mosaic_table(files: list[str]) -> str:
     lines = [
-        "| N | D | causal | dtype | query tiles | cuDNN s | ours s | ours TFLOP/s | ours / cuDNN throughput | file |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| N | D | causal | dtype | query tiles | blocks | cuDNN s | ours s | ours TFLOP/s | ours / cuDNN throughput "
+        "| file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     runs = _latest_mosaic_runs(files)
     for key in sorted(runs, key=lambda k: (k[3], k[0], k[1], not k[2])):
         r, c, name = runs[key]
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} "
-            f"| {'heaviest first' if _heavy_first(r) else 'in order'} | {c['seconds']:.4f} "
+            f"| {'heaviest first' if _heavy_first(r) else 'in order'} "
+            f"| {'pairs' if _forward_cluster(r) == 2 else 'single'} | {c['seconds']:.4f} "
             f"| {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.2f}x | `{name}` |"
         )
     return "\n".join(lines)
@@ -249,7 +304,7 @@ def mosaic_backward_table(files: list[str]) -> str:
         # within a file, the launch with dq segments (the default) replaces the one without
         implementation: _latest_runs(
             files, _KERNEL_FIELDS, implementation, prefer=lambda r: bool(r.get("dq_segment")),
-            keep=lambda r: not r.get("num_chunks"),
+            keep=lambda r: not r.get("num_chunks") and _default_now(r),
         )
         for implementation in ("mosaic_gpu", "mosaic_gpu:nondeterministic", "pallas_triton")
     }
@@ -291,6 +346,7 @@ def backward_launch_table(name: str) -> str:
         dq += f", {r['dq_segment']}-tile segments" if r.get("dq_segment") else ""
         dq += " in memory" if r.get("dq_segment") and r.get("dq_flush") else ""
         dq += f", dk/dv {r['dkv_segment']}-step segments" if r.get("dkv_segment") else ""
+        dq += ", blocks in pairs" if r.get("dq_cluster", 1) == 2 else ""
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
             f"| {r['dq_block_kv']}, {r['dq_stages']} | {r['dkv_block_q']}, {r['dkv_stages']} "
@@ -418,6 +474,71 @@ def decomposition_table(files: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _single_and_pairs(files: list[str], fields: tuple[str, ...], launch_field: str):
+    """(file, case, row with single thread blocks, row with pairs, cuDNN seconds) per case of each file,
+    the blocks per cluster read from `launch_field` of our rows; cases in order of N, D, causal first."""
+    for name in files:
+        ours, base = _ours_and_cudnn([name], fields, "mosaic_gpu")
+        by_case = {}
+        for r in ours:
+            by_case.setdefault(tuple(r[f] for f in fields), {})[r[launch_field]] = r
+        for key in sorted(by_case, key=lambda k: (k[0], k[1], not k[2])):
+            yield name, key, by_case[key][1], by_case[key][2], base[key]["seconds"]
+
+
+def cluster_table(files: list[str]) -> str:
+    """The forward with single thread blocks and with pairs (`Launch.cluster`), in turns with cuDNN."""
+    lines = [
+        "| N | D | causal | cuDNN s | single s | pairs s | single / cuDNN | pairs / cuDNN | default | file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, key, single, pairs, c in _single_and_pairs(files, _MOSAIC_FIELDS, "cluster"):
+        lines.append(
+            f"| {_tokens(key[0])} | {key[1]} | {'yes' if key[2] else 'no'} | {c:.4f} | {single['seconds']:.4f} "
+            f"| {pairs['seconds']:.4f} | {c / single['seconds']:.3f}x | {c / pairs['seconds']:.3f}x "
+            f"| {'pairs' if _default_clusters(single)[0] == 2 else 'single'} | `{name}` |"
+        )
+    return "\n".join(lines)
+
+
+def dq_cluster_table(files: list[str]) -> str:
+    """Forward plus backward with the dq kernel's single thread blocks and with pairs (`Launch.dq_cluster`),
+    the rest of the launch the same, in turns with cuDNN."""
+    lines = [
+        "| N | D | causal | forward blocks | cuDNN s | dq single s | dq pairs s | single / cuDNN | pairs / cuDNN "
+        "| file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, key, single, pairs, c in _single_and_pairs(files, _KERNEL_FIELDS, "dq_cluster"):
+        lines.append(
+            f"| {_tokens(key[0])} | {key[1]} | {'yes' if key[2] else 'no'} "
+            f"| {'pairs' if _forward_cluster(single) == 2 else 'single'} | {c:.4f} | {single['seconds']:.4f} "
+            f"| {pairs['seconds']:.4f} | {c / single['seconds']:.3f}x | {c / pairs['seconds']:.3f}x | `{name}` |"
+        )
+    return "\n".join(lines)
+
+
+def ncu_table(name: str) -> str:
+    """Hardware counters of each attention kernel (`bench/ncu_metrics.py`)."""
+    lines = [
+        "| N | D | causal | implementation | grid | seconds | DRAM read TB | DRAM % of peak | L2 hit % "
+        "| L2 read TB | SM clock MHz |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in _load_rows([name]):
+        for k in r.get("kernels", []):
+            m = k["metrics"]
+            lines.append(
+                f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
+                f"| {r['implementation']} | {k['grid']} | {m['gpu__time_duration.sum'] / 1e9:.4f} "
+                f"| {m['dram__bytes_read.sum'] / 1e12:.3f} "
+                f"| {m['dram__throughput.avg.pct_of_peak_sustained_elapsed']:.1f} "
+                f"| {m['lts__t_sector_hit_rate.pct']:.1f} | {m['lts__t_sectors_op_read.sum'] * 32 / 1e12:.2f} "
+                f"| {m['sm__cycles_elapsed.avg.per_second'] / 1e6:.0f} |"
+            )
+    return "\n".join(lines)
+
+
 def tile_order_table(name: str) -> str:
     """The causal forward with query tiles in order and heaviest first (`Launch.heavy_first`)."""
     ours, base = _ours_and_cudnn([name], _MOSAIC_FIELDS, "mosaic_gpu")
@@ -500,9 +621,14 @@ def generated_mosaic() -> str:
             "Each row is the latest run of its case, with cuDNN timed in the same run (2 timed runs after a "
             "warm-up, median; 5 in `mosaic_f16_64k_d128_repeat.json`; in turns with cuDNN, `--interleave`, "
             "6, 4 and 3 rounds in `mosaic_fwd_256k_d64_nc_interleaved.json`, `mosaic_fwd_1m_d64_nc_interleaved.json` "
-            "and `mosaic_block_order_1m.json`). \"query tiles\": heaviest first "
+            "and `mosaic_block_order_1m.json`; 3 and 2 rounds in the `cluster_*.json` runs, 1 in "
+            "`mosaic_fwd_1m_d64_nc_default.json`). \"query tiles\": heaviest first "
             "(`Launch.heavy_first`, the default) or in order (runs made before it was the default; without a "
-            "causal mask the order changes nothing).",
+            "causal mask the order changes nothing). \"blocks\": single thread blocks or pairs "
+            "(`Launch.cluster`); of a run with both, the one the default picks today. At 64K the single blocks "
+            "ran slower in the `cluster_64k_256k.json` run than in the runs before it (head dim 128 without a "
+            "mask: 0.0316 s against 0.0273 s in `mosaic_fwd_bf16_heavy_64k_256k.json`, cuDNN 0.0283 s against "
+            "0.0275 s), a spread between runs we have not explained.",
             mosaic_table(MOSAIC_FILES),
             f"![Mosaic / cuDNN forward throughput]({MOSAIC_CHART.name})",
             "The chart: Mosaic / cuDNN forward throughput per group of dtype (BF16, F16), head dim (D64, D128) "
@@ -513,9 +639,21 @@ def generated_mosaic() -> str:
             "### Forward without a causal mask at other shapes: what the 1M head dim 64 gap follows",
             "Files: `mosaic_fwd_footprint_d64_nc.json`, `mosaic_block_order_1m.json` (`bench/forward_shapes.py`, "
             "bfloat16, 3 rounds in turns with cuDNN after a warm-up, median). The first three rows do the same "
-            "FLOPs. \"block order\": the thread blocks running at once cover every head (heads first, the "
-            "kernels' own) or one head (tiles first).",
+            "FLOPs. \"block order\": the outermost axis of the kernels' grid, heads (the kernels' own: the "
+            "thread blocks running at once are query tiles of one head) or tiles (they cover every head); "
+            "see `bench/mosaic_backward_parts.py`.",
             shapes_table(["mosaic_fwd_footprint_d64_nc.json", "mosaic_block_order_1m.json"]),
+            "### Hardware counters of the forward without a mask, head dim 64",
+            "File: `ncu_fwd_d64_nc.json` (`bench/ncu_metrics.py`: Nsight Compute 2025.3.1 on one run after a "
+            "warm-up, the clocks left to the card; B=1, 8 heads, bfloat16; single thread blocks, the default "
+            "then). \"L2 read TB\": sectors read from L2 times 32 bytes. cuDNN's kernel is persistent (132 "
+            "thread blocks, one per multiprocessor); ours runs a thread block per 128 query rows and head.",
+            ncu_table("ncu_fwd_d64_nc.json"),
+            "### Thread blocks in pairs: the forward with single blocks and with pairs (`Launch.cluster`)",
+            "Files: as named (bfloat16, B=1, 8 heads, in turns with cuDNN after a warm-up, median of 3 rounds "
+            "in `cluster_64k_256k.json`, 2 in the others). \"default\": what `mosaic_gpu.default_launch` picks "
+            "for the case.",
+            cluster_table(CLUSTER_FILES),
             "### Forward plus backward: one subproblem, all data on the device (B=1, 8 heads, bfloat16)",
             "Each row is the latest run of its case (file named), with cuDNN timed in the same run: 2 or 3 "
             "timed runs after a warm-up (median; 3 in `mosaic_bwd_16k_256k.json`) up to 256K, 1 at 1M (in turns "
@@ -523,7 +661,9 @@ def generated_mosaic() -> str:
             "`mosaic_bwd_1m_d128_nc_flush_default.json`, 3 in `mosaic_bwd_d128_flush_default.json`). Mosaic: "
             "the Hopper forward and backward with its default launch when the run was made (paired dk/dv "
             "products at head dim 64 from `mosaic_bwd_paired_d64.json` on; 128-key dq tiles with segments in "
-            "memory at head dim 128 from `mosaic_bwd_d128_flush_default.json` on); nondeterministic: the same "
+            "memory at head dim 128 from `mosaic_bwd_d128_flush_default.json` on; thread blocks in pairs as the "
+            "defaults pick them from the `cluster_bwd_*.json` runs on, in turns with cuDNN, 5 rounds at 64K, 3 "
+            "at 256K, 1 at 1M, only their rows that ran today's defaults); nondeterministic: the same "
             "with `deterministic_backward=False` (`mosaic_bwd_1m_d64_nondeterministic.json`; at 64K and 256K see the fused dq table below); "
             "portable: the Triton kernels (`pallas_triton`), from their latest run (`pallas_triton_bwd_*.json`), "
             "next to cuDNN in that run.",
@@ -542,10 +682,17 @@ def generated_mosaic() -> str:
             "Files: `mosaic_backward_parts.json`, `mosaic_block_order.json` (bfloat16, without a causal mask, "
             "`bench/mosaic_backward_parts.py`: 3 and 2 timed runs after a warm-up, median; cuDNN in the same run; "
             "the launches before dq segments). Each cell: milliseconds, then in brackets TFLOP/s of the part's "
-            "own products (forward 2 per score, dq 3, dk/dv 4, cuDNN's backward 5). \"block order\": the thread "
-            "blocks running at once cover every head (heads first, the kernels' own) or one head (tiles first).",
+            "own products (forward 2 per score, dq 3, dk/dv 4, cuDNN's backward 5). \"block order\": the "
+            "outermost axis of the grid, heads (the kernels' own: the blocks running at once are query tiles of "
+            "one head) or tiles (they cover every head).",
             backward_parts_table("mosaic_backward_parts.json"),
             backward_parts_table("mosaic_block_order.json"),
+            "### The dq kernel's thread blocks in pairs: forward plus backward (`Launch.dq_cluster`)",
+            "Files: as named (bfloat16, B=1, 8 heads, in turns with cuDNN after a warm-up, median of 5 rounds at "
+            "64K, 3 at 256K, 1 at 1M). Each case ran one forward launch (\"forward blocks\") and the default "
+            "backward launch of its head dim with the dq kernel's blocks single or in pairs. At 256K, head dim "
+            "64, without a mask, the forward ran in pairs, which the default does not pick there.",
+            dq_cluster_table(DQ_CLUSTER_FILES),
             "### dq in segments: forward plus backward with and without `Launch.dq_segment`",
             "Files: `mosaic_bwd_dq_segments_256k_d128.json`, `mosaic_bwd_dq_segments_256k_d64.json`, "
             "`mosaic_bwd_dq128_segments_256k_d128.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in "

@@ -12,10 +12,13 @@ each part's own products (the forward 2 per score, dq 3, dk/dv 4; cuDNN's
 backward 5).
 
 ``--block-orders heads_first tiles_first`` times ours once per order of the
-thread blocks: the kernels' grid is (heads, tiles, batch), the first axis
-varying fastest, so that the blocks running at once cover every head
-(``heads_first``, the kernels' own); ``tiles_first`` swaps the first two axes,
-so that they all work on one head and read the same key/value tiles.
+thread blocks, named by the outermost axis of the kernels' grid: (heads,
+tiles, batch) (``heads_first``, the kernels' own) or (tiles, heads, batch)
+(``tiles_first``). The last axis varies fastest (Mosaic GPU lays the grid out
+for CUDA in reverse; Nsight Compute reports the forward's grid at 1M tokens,
+8 heads as (1, 8192, 8)), so under ``heads_first`` the blocks running at once
+are query tiles of one head, which read the same key/value tiles, and under
+``tiles_first`` they cover every head.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from stream_cqsa_jax._src.kernels import mosaic_gpu_backward, mosaic_gpu_common
 
 
 def use_block_order(order: str) -> None:
-    """From now on the Hopper kernels' thread blocks run heads first (``"heads_first"``, their own
-    order) or tiles first (``"tiles_first"``: the blocks running at once cover one head), through
-    `mosaic_gpu_common.GRID_ORDER`."""
+    """From now on the Hopper kernels' grid is (heads, tiles, batch) (``"heads_first"``, their own
+    order: the blocks running at once are query tiles of one head) or (tiles, heads, batch)
+    (``"tiles_first"``: they cover every head), through `mosaic_gpu_common.GRID_ORDER`."""
     mosaic_gpu_common.GRID_ORDER = {
         "heads_first": ("heads", "tiles", "batch"), "tiles_first": ("tiles", "heads", "batch")
     }[order]

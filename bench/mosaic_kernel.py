@@ -7,7 +7,8 @@
     PYTHONPATH=. python bench/mosaic_kernel.py --seq-lens 65536 --backward-launches 128,2,64,2 64,2,64,2 ...
 
 Each launch is written ``block_kv,stages`` (``block_kv,stages,heavy`` takes the
-query tiles in reverse order, heaviest first when causal); every launch given is timed on the
+query tiles in reverse order, heaviest first when causal; a trailing ``,cluster2`` pairs
+thread blocks that share their key and value copies); every launch given is timed on the
 single-subproblem plan (kernel speed alone) and, with ``--decomposed C``, on a
 plan forced to ``C`` chunks (C subproblems, all on the device), which measures
 what the decomposition itself costs. ``--portable`` adds the Triton kernel.
@@ -19,9 +20,9 @@ whichever runs first).
 With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too; with ``--decomposed``, on both plans), once per backward launch, written
 ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
-(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN`` and ``,flush`` set
-``dkv_paired``, ``fused_dq``, ``dq_segment`` and ``dq_flush``),
-with the forward's own launch.
+(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN``, ``,flush`` and
+``,cluster2`` set ``dkv_paired``, ``fused_dq``, ``dq_segment``, ``dq_flush`` and ``dq_cluster``),
+with the forward's own launch or ``--forward-launch``.
 """
 
 from __future__ import annotations
@@ -35,29 +36,39 @@ import jax
 
 from stream_cqsa_jax import benchmark
 from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
+from stream_cqsa_jax._src.masks import Band
 
 
 def _launch(text: str) -> mosaic_gpu.Launch:
-    """``block_kv,stages`` or ``block_kv,stages,heavy`` (query tiles in reverse order)."""
+    """``block_kv,stages``, then optionally ``,heavy`` (query tiles in reverse order) and
+    ``,cluster2`` (`Launch.cluster` = 2)."""
     parts = text.split(",")
-    return mosaic_gpu.Launch(block_kv=int(parts[0]), stages=int(parts[1]), heavy_first=parts[2:] == ["heavy"])
+    flags = set(parts[2:])
+    if flags - {"heavy", "cluster2"}:
+        raise ValueError(f"forward launch {text!r}: flags after the numbers are 'heavy' and 'cluster2'")
+    return mosaic_gpu.Launch(
+        block_kv=int(parts[0]), stages=int(parts[1]), heavy_first="heavy" in flags,
+        cluster=2 if "cluster2" in flags else 1,
+    )
 
 
 def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``, then optionally ``,paired``
-    (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N) and
-    ``,flush`` (`Launch.dq_flush`)."""
+    (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N),
+    ``,flush`` (`Launch.dq_flush`) and ``,cluster2`` (`Launch.dq_cluster` = 2)."""
     parts = text.split(",")
     dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
     flags = set(parts[4:])
     segments = [f for f in flags if f.startswith("seg") and f[3:].isdigit()]
-    if flags - {"paired", "fused", "flush"} - set(segments) or len(segments) > 1:
+    if flags - {"paired", "fused", "flush", "cluster2"} - set(segments) or len(segments) > 1:
         raise ValueError(
-            f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'flush' and one 'segN'"
+            f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'flush', 'cluster2'"
+            " and one 'segN'"
         )
     return mosaic_gpu_backward.Launch(
         dq_block_kv, dq_stages, dkv_block_q, dkv_stages, dkv_paired="paired" in flags, fused_dq="fused" in flags,
         dq_segment=int(segments[0][3:]) if segments else 0, dq_flush="flush" in flags,
+        dq_cluster=2 if "cluster2" in flags else 1,
     )
 
 
@@ -82,6 +93,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decomposed", type=int, default=None, help="also time a plan forced to this many chunks")
     parser.add_argument("--backward-launches", nargs="+", default=None,
                         help="time forward plus backward with these dq_block_kv,dq_stages,dkv_block_q,dkv_stages")
+    parser.add_argument("--forward-launch", default=None,
+                        help="with --backward-launches: the forward's launch (default: the kernel's own)")
     parser.add_argument("--portable", action="store_true", help="also time the Triton kernel")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--interleave", action="store_true",
@@ -102,22 +115,31 @@ def main(argv=None) -> int:
         if args.portable:
             programs.append((f"{label} pallas_triton", *benchmark.prepare_case("pallas_triton", case, args=inputs)))
         if args.backward_launches:
+            if args.forward_launch:
+                mosaic_gpu.default_launch = lambda *_, launch=_launch(args.forward_launch): launch
             for launch in map(backward_launch, args.backward_launches):
                 mosaic_gpu_backward.default_launch = lambda head_dim, deterministic=True, launch=launch: launch
                 jax.clear_caches()  # traced programs are cached per plan, not per launch
                 for chunks in chunk_counts:
                     row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
                     row.update(dataclasses.asdict(launch))
+                    if args.forward_launch:
+                        row["forward_launch"] = args.forward_launch
                     what = f" chunks={chunks}" if chunks else ""
                     programs.append((f"{label} mosaic_gpu backward {launch}{what}", row, run))
         else:
-            for launch in [_launch(x) for x in args.launches] if args.launches else [default_launch(d)]:
-                mosaic_gpu.default_launch = lambda head_dim, launch=launch: launch
+            for given in [_launch(x) for x in args.launches] if args.launches else [None]:
+                # None: the kernel's own choice (`mosaic_gpu.default_launch`), per subproblem
+                mosaic_gpu.default_launch = default_launch if given is None else lambda *_, launch=given: launch
+                launch = given or default_launch(d, n, Band.of(n, n, c, None))  # one subproblem's choice
                 jax.clear_caches()
                 for chunks in chunk_counts:
                     row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
-                    row.update(block_kv=launch.block_kv, stages=launch.stages, heavy_first=launch.heavy_first)
+                    row.update(dataclasses.asdict(launch))
+                    if given is None and chunks:
+                        del row["cluster"]  # the subproblems' own choice, which their lengths decide
                     what = f"{launch.block_kv},{launch.stages}" + (",heavy" if launch.heavy_first else "")
+                    what += ",cluster2" if launch.cluster == 2 else ""
                     programs.append((f"{label} mosaic_gpu {what}" + (f" chunks={chunks}" if chunks else ""), row, run))
         mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch = default_launch, default_backward_launch
         prepared = [(row, run) for _, row, run in programs]

@@ -24,6 +24,7 @@ from reference import as64, attention, attention_grads, random_inputs, rel_error
 from stream_cqsa_jax._src.devices import on_hopper
 from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward, pallas_triton
 from stream_cqsa_jax._src.kernels.base import KernelConfig, KernelInputs
+from stream_cqsa_jax._src.masks import Band
 
 
 hopper = pytest.mark.skipif(not on_hopper(), reason="needs an NVIDIA GPU of compute capability 9.x")
@@ -110,7 +111,7 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
     plain = np.asarray(jax.jit(f)(q, k, v))
     launch = mosaic_gpu.default_launch(64)
     forward_order = dataclasses.replace(launch, heavy_first=not launch.heavy_first)
-    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda head_dim: forward_order)
+    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_: forward_order)
     jax.clear_caches()
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(q, k, v)), plain)
 
@@ -146,15 +147,16 @@ def _lowering_call(case: str):
     return lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, **structured, **extra), q, kv
 
 
-@pytest.mark.parametrize("heavy_first", [False, True])
+@pytest.mark.parametrize("heavy_first,cluster", [(False, 1), (True, 1), (True, 2)])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
-def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, monkeypatch):
+def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, cluster, monkeypatch):
     """The kernel's Pallas program lowers to Mosaic GPU (shared-memory sizes included) without a GPU,
-    so API or size errors show up in CI; running it needs compute capability 9.x (tests above)."""
+    so API or size errors show up in CI; running it needs compute capability 9.x (tests above). With
+    `cluster` 2 the thread blocks run in pairs where the query chunks allow (the causal case's do)."""
     h = LOWERING_CASES[case][5]
     monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
-    launch = dataclasses.replace(mosaic_gpu.default_launch(h), heavy_first=heavy_first)
-    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda head_dim: launch)
+    launch = dataclasses.replace(mosaic_gpu.default_launch(h), heavy_first=heavy_first, cluster=cluster)
+    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_: launch)
     attend, q, kv = _lowering_call(case)
     f = jax.jit(attend)
     jax.clear_caches()  # traced programs are cached per plan, not per launch: none may outlive the test
@@ -163,6 +165,30 @@ def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, monkeyp
     finally:
         jax.clear_caches()
     assert "mosaic_gpu" in text
+    if case == "causal_head64":
+        assert ("cluster_block_id" in text) == (cluster == 2)
+
+
+def test_default_launches_pair_thread_blocks_where_that_was_faster():
+    """Forward pairs (`Launch.cluster`) at head dim 128, and at 64 only for subproblems of at least
+    `LONG_KEYS` keys without a mask; the dq kernel's pairs at head dim 64 only."""
+    n = mosaic_gpu.LONG_KEYS
+    dense, causal = Band.of(n, n, False, None), Band.of(n, n, True, None)
+    assert mosaic_gpu.default_launch(128).cluster == 2
+    assert mosaic_gpu.default_launch(128, 1024, Band.of(1024, 1024, True, None)).cluster == 2
+    assert mosaic_gpu.default_launch(64).cluster == 1
+    assert mosaic_gpu.default_launch(64, n, dense).cluster == 2
+    assert mosaic_gpu.default_launch(64, n, causal).cluster == 1
+    assert mosaic_gpu.default_launch(64, n // 2, Band.of(n // 2, n // 2, False, None)).cluster == 1
+    assert mosaic_gpu_backward.default_launch(64).dq_cluster == 2
+    assert mosaic_gpu_backward.default_launch(128).dq_cluster == 1
+
+
+def test_launches_refuse_clusters_other_than_one_or_two():
+    with pytest.raises(ValueError, match="cluster must be 1 or 2"):
+        mosaic_gpu.Launch(cluster=4)
+    with pytest.raises(ValueError, match="dq_cluster must be 1 or 2"):
+        mosaic_gpu_backward.Launch(dq_cluster=0)
 
 
 # name: (b, t, s, n, kh, h, dtype, structured masks, lengths, chunks, logit scale)
@@ -179,6 +205,10 @@ BACKWARD_CASES = {
 
 def _portable_backward(*args, **kwargs):
     raise AssertionError("the portable backward ran instead of the Mosaic kernels")
+
+
+def _portable_forward(*args, **kwargs):
+    raise AssertionError("the portable forward ran instead of the Mosaic kernel")
 
 
 @hopper
@@ -312,6 +342,49 @@ def test_mosaic_dq_segments_match_float64(case, segment, flush, dq_block_kv, mon
     np.testing.assert_array_equal(dv, plain[2])
 
 
+# name: (b, t, s, n, kh, h, dtype, structured masks, lengths, chunks, logit scale); query chunks of 256k rows
+CLUSTER_CASES = {
+    "causal_gqa_odd": BACKWARD_CASES["causal_gqa_odd"],
+    "window": BACKWARD_CASES["window"],
+    "dense_head128_f16": BACKWARD_CASES["dense_head128_f16"],
+    "cross_lengths_gqa": (2, 1000, 900, 4, 2, 64, "bfloat16", dict(), True, 2, 1.0),
+    "causal_lengths_head128": (2, 900, 900, 4, 1, 128, "bfloat16", dict(is_causal=True), True, 2, 1.0),
+}
+
+
+@hopper
+@pytest.mark.parametrize("case", list(CLUSTER_CASES))
+def test_mosaic_clusters_give_the_same_bits(case, monkeypatch):
+    """Thread blocks paired in clusters that share their key and value copies (`Launch.cluster` of the
+    forward, `Launch.dq_cluster` of the dq kernel) walk the union of the pair's key tiles, skipping those
+    their rows do not see: each row adds up the same tiles in the same order, so the output and the
+    gradients are the same bits as with single blocks (causal, window, lengths and grouped heads make
+    tiles the two blocks of a pair take differently)."""
+    c = _float64_case(CLUSTER_CASES[case], case)
+    assert c.plan.q_chunk % 256 == 0  # else the kernels fall back to single blocks
+    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
+    head_dim = c.q.shape[-1]
+
+    def run(cluster: int):
+        forward = dataclasses.replace(mosaic_gpu.default_launch(head_dim), cluster=cluster)
+        backward = dataclasses.replace(mosaic_gpu_backward.default_launch(head_dim), dq_cluster=cluster)
+        with monkeypatch.context() as m:
+            m.setattr(mosaic_gpu, "default_launch", lambda *_: forward)
+            m.setattr(mosaic_gpu_backward, "default_launch", lambda *_: backward)
+            jax.clear_caches()  # traced programs are cached per plan, not per launch
+            f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, **c.structured, **c.extra)
+            out, vjp = jax.vjp(f, c.q, c.k, c.v)
+            result = [np.asarray(x) for x in (out, *vjp(c.do))]
+        jax.clear_caches()
+        return result
+
+    single, paired = run(1), run(2)
+    assert rel_error(as64(paired[0]), c.ref_out) <= 1.2 * c.base_out
+    for name, a, b in zip(("out", "dq", "dk", "dv"), single, paired):
+        np.testing.assert_array_equal(b, a, err_msg=name)
+
+
 @hopper
 def test_mosaic_nondeterministic_backward_under_vmap_runs_the_two_kernels(monkeypatch):
     """Under `jax.vmap` the order-varying backward (whose kernel adds into dq in place) gives way to the
@@ -414,6 +487,8 @@ def _lower_gradient(head_dim: int, deterministic_backward: bool = True, vmapped:
     (128, mosaic_gpu_backward.Launch(fused_dq=True)),
     (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=16)),  # dq segments in registers
     (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=1, dq_flush=True)),
+    (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_cluster=1)),  # dq's single blocks
+    (128, mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dq_cluster=2)),  # dq's pairs, segments in memory
 ])
 def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
     """Launches other than the default (what a tuning sweep tries) build and fit in shared memory."""

@@ -9,7 +9,10 @@ tile through the tensor cores (``wgmma``: ``q k^T`` from shared memory, then
 ``p v`` with ``p`` in registers), masking only the tiles that cut its own
 band; tiles its 64 rows do not see it skips, keeping only the barriers in
 step. The two compute warpgroups take turns on the tensor cores (one
-multiplies while the other does its softmax).
+multiplies while the other does its softmax). With `Launch.cluster` 2, two
+thread blocks of neighbouring query tiles form a cluster that walks the key
+tiles of both, each copy warpgroup bringing half of every tile into both
+blocks' rings.
 
 The output is the subproblem's softmax state (`base`): float32 ``acc``, row
 max ``m`` and ``l``. bfloat16 and float16 inputs, head dims 64 and 128,
@@ -30,11 +33,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ..devices import on_hopper
+from ..masks import Band
 from ..merge import SoftmaxState
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
 from . import block_map, mosaic_gpu_backward, pallas_triton
 from .base import KernelConfig, KernelInputs
-from .mosaic_gpu_common import LOG2E, QueryBlock, run_kernel, split_refs, stream_kv, visible
+from .mosaic_gpu_common import LOG2E, QueryBlock, drain, run_kernel, split_refs, stream_kv, visible
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -54,16 +58,35 @@ class Launch:
     a causal mask the tiles with the most keys start first and the short ones fill
     the end (5-25% faster causal at 256K-1M tokens, docs/hopper_kernel.md); the
     results are the same bits either way.
+
+    cluster: thread blocks per cluster. With 2, the blocks of two neighbouring query
+    tiles walk the key tiles of both together, and each copies half of every key and
+    value tile into the shared-memory rings of both (a multicast copy): half the key
+    and value reads from L2, the same bits. Query slots whose chunks are not a
+    multiple of 256 rows run with 1.
     """
 
     block_kv: int = 128
     stages: int = 2
     heavy_first: bool = True
+    cluster: int = 1
+
+    def __post_init__(self):
+        if self.cluster not in (1, 2):
+            raise ValueError(f"Launch.cluster must be 1 or 2, got {self.cluster}")
 
 
-def default_launch(head_dim: int) -> Launch:
-    """128-key tiles, 2 stages, heaviest query tiles first, for head dims 64 and 128 (docs/hopper_kernel.md)."""
-    return Launch(block_kv=128, stages=2, heavy_first=True)
+# Keys per subproblem from which head dim 64 pairs its thread blocks without a mask (`default_launch`).
+LONG_KEYS = 1 << 20
+
+
+def default_launch(head_dim: int, kv_len: int = 0, band: Band | None = None) -> Launch:
+    """128-key tiles, 2 stages, heaviest query tiles first, for head dims 64 and 128; thread blocks in
+    pairs (`Launch.cluster`) at head dim 128, and at 64 for subproblems of `LONG_KEYS` keys or more
+    without a mask (`band` dense), where the key and value reads of single blocks missed L2 the most
+    (docs/hopper_kernel.md)."""
+    long_dense = band is not None and band.is_dense and kv_len >= LONG_KEYS
+    return Launch(block_kv=128, stages=2, heavy_first=True, cluster=2 if head_dim > 64 or long_dense else 1)
 
 
 def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
@@ -84,12 +107,14 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     tab_ref, lens_ref, (q_ref, k_ref, v_ref), (acc_ref, m_ref, l_ref), scratch = split_refs(refs, has_lengths, 3, 3)
     (q_smem, ring, m_smem, l_smem), q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
     (k_smem, v_smem), o_smem = ring
-    band, bk, stages = cfg.band, launch.block_kv, launch.stages
+    band, bk, stages, cluster = cfg.band, launch.block_kv, launch.stages, launch.cluster
     bi, head, t, wg = (lax.axis_index(a) for a in ("batch", "heads", "tiles", "wg"))
     if launch.heavy_first:
-        t = q_ref.shape[1] // BLOCK_ROWS - 1 - t
-    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK_ROWS, bk)
+        t = q_ref.shape[1] // (BLOCK_ROWS * cluster) - 1 - t
+    # The walk is the cluster's: the key tiles that some row of its query tiles sees.
+    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK_ROWS * cluster, bk)
     q_limit, kv_limit = block.q_limit, block.kv_limit
+    member = lax.axis_index("cluster") if cluster > 1 else 0
 
     def take_turn():
         plgpu.barrier_arrive(turn)
@@ -99,8 +124,8 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_tile, o_tile, m_tile, l_tile = q_smem.at[wg], o_smem.at[wg], m_smem.at[wg], l_smem.at[wg]
-        q_start = block.start + wg * ROWS
-        row0 = t * BLOCK_ROWS + wg * ROWS
+        q_start = block.start + member * BLOCK_ROWS + wg * ROWS
+        row0 = (t * cluster + member) * BLOCK_ROWS + wg * ROWS
         own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_tile, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
@@ -183,7 +208,11 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
         barriers = (k_ready, v_ready, k_free, v_free)
-        stream_kv(block, k_ref, v_ref, k_smem, v_smem, barriers, bi, block_map.div(head, groups), stages)
+        kv_head = block_map.div(head, groups)
+        steps = stream_kv(block, k_ref, v_ref, k_smem, v_smem, barriers, bi, kv_head, stages, cluster)
+        if cluster > 1:  # the other blocks' releases arrive here too; none may come after this block exits
+            drain(k_free, steps, stages)
+            drain(v_free, steps, stages)
 
 
 def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) -> SoftmaxState:
@@ -191,8 +220,10 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
     `supports` says no."""
     b, lq, n, h = inp.q.shape
     kh = inp.k.shape[2]
-    launch = launch or default_launch(h)
+    launch = launch or default_launch(h, inp.k.shape[1], cfg.band)
     launch = dataclasses.replace(launch, block_kv=min(launch.block_kv, cfg.block_kv))
+    if cfg.q_chunk % (BLOCK_ROWS * launch.cluster):
+        launch = dataclasses.replace(launch, cluster=1)
     if not supports(inp, cfg, launch):
         return pallas_triton.forward(inp, cfg)
     tab, lay = block_map.pack(inp)
@@ -209,13 +240,17 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
         plgpu.SMEM((2, ROWS), jnp.float32),
         plgpu.SMEM((2, ROWS), jnp.float32),
     )
+    if launch.cluster > 1:  # a stage is free once the compute warpgroups of every block in the cluster freed it
+        free = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",))
+    else:
+        free = plgpu.Barrier
     scratch = (
         smem,
         plgpu.Barrier(num_barriers=2),  # query tiles landed
         plgpu.Barrier(num_barriers=launch.stages),  # key tile landed
         plgpu.Barrier(num_barriers=launch.stages),  # value tile landed
-        plgpu.Barrier(num_arrivals=2, num_barriers=launch.stages),  # key stage free
-        plgpu.Barrier(num_arrivals=2, num_barriers=launch.stages),  # value stage free
+        free(num_arrivals=2, num_barriers=launch.stages),  # key stage free
+        free(num_arrivals=2, num_barriers=launch.stages),  # value stage free
         plgpu.Barrier(num_arrivals=2),  # tensor-core turn
     )
     rows = jax.ShapeDtypeStruct((b, n, lq), jnp.float32)
@@ -223,7 +258,8 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
         _kernel, cfg=cfg, lay=lay, launch=launch, groups=n // kh, has_lengths=lens is not None
     )
     out_type = (jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32), rows, rows)
-    acc, m, l = run_kernel(body, out_type, scratch, (n, lq // BLOCK_ROWS, b), tab, lens, inp.q, inp.k, inp.v)
+    grid = (n, lq // (BLOCK_ROWS * launch.cluster), b)
+    acc, m, l = run_kernel(body, out_type, scratch, grid, tab, lens, inp.q, inp.k, inp.v, cluster=launch.cluster)
     return SoftmaxState(acc, m, l)
 
 

@@ -16,7 +16,9 @@ memory), ``ds = p (dp - delta)`` in registers, then ``dq += ds k`` (``ds``
 from registers), which the tensor cores add up; every `Launch.dq_segment` steps
 that running sum moves into a float32 total (additions that round to nearest),
 in registers or, with `Launch.dq_flush` (the default at head dim 128), in device memory.
-Tiles its own rows do not see it skips, keeping only the barriers in step.
+Tiles its own rows do not see it skips, keeping only the barriers in step. With
+`Launch.dq_cluster` 2 (the default at head dim 64) two blocks of neighbouring query tiles
+share their key and value copies, as the forward's pairs.
 Output: ``dq scale`` [B, Lq, N, H].
 
 dk/dv: one thread block per (128 keys, key/value head, example); each compute
@@ -98,6 +100,9 @@ class Launch:
     staging tile in [64, 64] column blocks (which at head dim 128 fit beside 128-key tiles in shared
     memory): copied by the first flush, added onto what is there by later ones, each finished before
     the next starts, so the additions keep their order and the bits repeat. Frees the total's registers.
+    dq_cluster: thread blocks per cluster of the dq kernel; with 2, two neighbouring query tiles
+    share their key and value copies, as the forward's `Launch.cluster` (query slots whose chunks
+    are not a multiple of 256 rows run with 1).
     """
 
     dq_block_kv: int = 128
@@ -108,6 +113,11 @@ class Launch:
     fused_dq: bool = False
     dq_segment: int = 0
     dq_flush: bool = False
+    dq_cluster: int = 1
+
+    def __post_init__(self):
+        if self.dq_cluster not in (1, 2):
+            raise ValueError(f"Launch.dq_cluster must be 1 or 2, got {self.dq_cluster}")
 
     @property
     def dq_in_memory(self) -> bool:
@@ -120,13 +130,16 @@ def default_launch(head_dim: int, deterministic: bool = True) -> Launch:
     dim 64 and in device memory at 128 (`Launch.dq_flush`: a [64, 128] float32 register total
     leaves no registers for 128-key scores). dk/dv: 64-row tiles (two [64, H] float32 accumulators
     stay in registers), paired products at head dim 64, where they were 3-4% faster (at 128 they
-    were not; docs/hopper_kernel.md). 2 stages each. Without `deterministic`, fused dq at head dim
-    64 (at 128 it was slower)."""
+    were not; docs/hopper_kernel.md). 2 stages each. The dq kernel's thread blocks in pairs that
+    share their key and value copies (`Launch.dq_cluster`) at head dim 64, where that was 1-5%
+    faster (at 128 it lost up to 4% under a causal mask). Without `deterministic`, fused dq at
+    head dim 64 (at 128 it was slower)."""
     return Launch(
         dkv_paired=head_dim <= 64,
         fused_dq=not deterministic and head_dim <= 64,
         dq_segment=1024 // Launch.dq_block_kv,
         dq_flush=head_dim > 64,
+        dq_cluster=2 if head_dim <= 64 else 1,
     )
 
 
@@ -244,18 +257,19 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
     (qdo_smem, out_smem), rows_smem, k_smem, v_smem, *stage_smem = smem
     flushes = launch.dq_in_memory
     k_ready, v_ready, k_free, v_free = ring_barriers
-    band, bk, stages = cfg.band, launch.dq_block_kv, launch.dq_stages
+    band, bk, stages, cluster = cfg.band, launch.dq_block_kv, launch.dq_stages, launch.dq_cluster
     head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
-    t = q_ref.shape[1] // BLOCK - 1 - t  # the query tiles with the most keys (causal) first
-    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK, bk)
+    t = q_ref.shape[1] // (BLOCK * cluster) - 1 - t  # the query tiles with the most keys (causal) first
+    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK * cluster, bk)  # the cluster's walk
     q_limit, kv_limit = block.q_limit, block.kv_limit
+    member = lax.axis_index("cluster") if cluster > 1 else 0
 
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_tile, do_tile = qdo_smem.at[wg, 0], qdo_smem.at[wg, 1]
-        q_start = block.start + wg * ROWS
-        row0 = t * BLOCK + wg * ROWS
+        q_start = block.start + member * BLOCK + wg * ROWS
+        row0 = (t * cluster + member) * BLOCK + wg * ROWS
         own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
         rows = (bi, pl.ds(row0, ROWS), head)
         plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, q_ready.at[wg])
@@ -339,7 +353,8 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
         barriers = (k_ready, v_ready, k_free, v_free)
-        steps = stream_kv(block, k_ref, v_ref, k_smem, v_smem, barriers, bi, block_map.div(head, groups), stages)
+        kv_head = block_map.div(head, groups)
+        steps = stream_kv(block, k_ref, v_ref, k_smem, v_smem, barriers, bi, kv_head, stages, cluster)
         drain(k_free, steps, stages)
         drain(v_free, steps, stages)
 
@@ -359,6 +374,12 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
     )
     if launch.dq_in_memory:
         smem += (plgpu.SMEM((2, ROWS, min(h, 64)), jnp.float32),)  # each warpgroup's flushes of dq
+    cluster = launch.dq_cluster if cfg.q_chunk % (BLOCK * launch.dq_cluster) == 0 else 1
+    launch = dataclasses.replace(launch, dq_cluster=cluster)
+    if cluster > 1:  # a stage is free once the compute warpgroups of every block in the cluster freed it
+        free = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",))
+    else:
+        free = plgpu.Barrier
     scratch = (
         smem,
         plgpu.Barrier(num_barriers=2),  # query tile landed
@@ -366,15 +387,16 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
         plgpu.Barrier(num_barriers=2),  # row terms landed
         plgpu.Barrier(num_barriers=stages),  # key tile landed
         plgpu.Barrier(num_barriers=stages),  # value tile landed
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # key stage free
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # value stage free
+        free(num_arrivals=2, num_barriers=stages),  # key stage free
+        free(num_arrivals=2, num_barriers=stages),  # value stage free
         plgpu.Barrier(num_arrivals=2),  # both compute warpgroups done with q and dO
     )
     body = functools.partial(
         _dq_kernel, cfg=cfg, lay=lay, launch=launch, groups=n // inp.k.shape[2], has_lengths=lens is not None
     )
     out_type = jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32)
-    return run_kernel(body, out_type, scratch, (n, lq // BLOCK, b), tab, lens, inp.q, inp.k, inp.v, do, rows)
+    grid = (n, lq // (BLOCK * cluster), b)
+    return run_kernel(body, out_type, scratch, grid, tab, lens, inp.q, inp.k, inp.v, do, rows, cluster=cluster)
 
 
 # -- dk, dv ---------------------------------------------------------------------------

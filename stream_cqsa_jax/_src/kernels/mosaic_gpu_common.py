@@ -66,20 +66,24 @@ def batched_as(batched):
     return decorate
 
 
-# The order in which the grid's named axes are laid out, the first varying fastest: the thread blocks
-# running at once cover every head. `bench/mosaic_backward_parts.py` swaps the first two to measure
-# the other order; the kernels find their axes by name either way.
+# The order in which the grid's named axes are laid out, the last varying fastest (Mosaic GPU hands the
+# grid to CUDA in reverse): the thread blocks running at once are query tiles of one head, which read the
+# same key and value tiles. `bench/mosaic_backward_parts.py` swaps the first two to measure the other
+# order (blocks of every head at once); the kernels find their axes by name either way.
 GRID_ORDER = ("heads", "tiles", "batch")
 
 
-def run_kernel(body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *operands):
+def run_kernel(body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *operands, cluster: int = 1):
     """Runs `body` on a grid (heads, tiles, batch) of thread blocks of two compute warpgroups and
     a copy warpgroup (axis "wg"), laid out in `GRID_ORDER`; its arguments: `tab`, `lens` unless None,
     `operands`, the outputs of `out_type`, the `scratch`. An operand may be a `jax.Ref` (inside
-    `pl.run_state`), which the kernel may update in place."""
+    `pl.run_state`), which the kernel may update in place. With `cluster` > 1 each grid point is
+    a cluster of that many thread blocks (axis "cluster"), which may share copies (`stream_kv`)."""
     args = (tab, *(() if lens is None else (lens,)), *operands)
     size = dict(zip(("heads", "tiles", "batch"), grid))
     layout = dict(grid=tuple(size[a] for a in GRID_ORDER), grid_names=GRID_ORDER, num_threads=3, thread_name="wg")
+    if cluster > 1:
+        layout.update(cluster=(cluster,), cluster_names=("cluster",))
     params = plgpu.CompilerParams(approx_math=True)
     if any(isinstance(x, jax.Ref) for x in operands):
         # plgpu.kernel's batching wrapper does not pass Refs through; build its kernel directly.
@@ -156,11 +160,19 @@ def walk(first, last, own: tuple, skip, masked, plain, carry):
     return lax.fori_loop(own_last, last, skip, carry)
 
 
-def stream_kv(block: QueryBlock, k_ref, v_ref, k_smem, v_smem, barriers, bi, kv_head, stages: int):
+def stream_kv(
+    block: QueryBlock, k_ref, v_ref, k_smem, v_smem, barriers, bi, kv_head, stages: int, cluster: int = 1
+):
     """The copy warpgroup: every key and value tile of the block's walk into the ring, a stage
     reused once both compute warpgroups freed it. `barriers` = (k_ready, v_ready, k_free,
-    v_free). Returns the number of tiles sent."""
+    v_free). Returns the number of tiles sent.
+
+    With `cluster` > 1 the thread blocks of a cluster walk the same tiles, and each copies a
+    share of every tile into the rings of all of them (a multicast copy); the `free` barriers
+    are then cluster barriers, so that a stage is reused once every block's compute warpgroups
+    freed it."""
     k_ready, v_ready, k_free, v_free = barriers
+    shared = "cluster" if cluster > 1 else None
     bk, ck = block.block_kv, block.kv_chunk
 
     def pair(p, step):
@@ -175,13 +187,13 @@ def stream_kv(block: QueryBlock, k_ref, v_ref, k_smem, v_smem, barriers, bi, kv_
             def _():
                 plgpu.barrier_wait(k_free.at[ring])
 
-            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[ring], k_ready.at[ring])
+            plgpu.copy_gmem_to_smem(k_ref.at[rows], k_smem.at[ring], k_ready.at[ring], collective_axes=shared)
 
             @pl.when(step >= stages)
             def _():
                 plgpu.barrier_wait(v_free.at[ring])
 
-            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[ring], v_ready.at[ring])
+            plgpu.copy_gmem_to_smem(v_ref.at[rows], v_smem.at[ring], v_ready.at[ring], collective_axes=shared)
             return step + 1
 
         return lax.fori_loop(first, last, tile, step)

@@ -1,0 +1,102 @@
+"""Hardware counters of attention kernels, read by Nsight Compute around `profile_case.py`.
+
+    PYTHONPATH=. python bench/ncu_metrics.py --seq-lens 65536 1048576 --implementations mosaic_gpu cudnn \\
+        --out bench/results/ncu_fwd_d64_nc.json
+
+Per case and implementation, runs ``ncu --clock-control none --profile-from-start off`` on
+``bench/profile_case.py`` (one run inside the capture range, after compiling and a warm-up)
+with a kernel name filter that keeps the attention kernels (ours and cuDNN's) and leaves XLA's
+fusions out, and records each kernel's metrics. The clocks are left to the card (the runs meet
+its power cap as the benchmarks do). ``--parse FILE.csv`` prints the metrics of a CSV that ncu
+wrote before, in the form recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+METRICS = (
+    "gpu__time_duration.sum",
+    "dram__bytes_read.sum",
+    "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "lts__t_sector_hit_rate.pct",
+    "lts__t_sectors_op_read.sum",
+    "sm__cycles_elapsed.avg.per_second",
+    "launch__grid_size",
+    "launch__registers_per_thread",
+)
+KERNELS = "regex:mosaic|cudnn|sm90|fprop|fmha|flash|attn|kernel"  # Mosaic GPU kernels are "*_mosaic_gpu_kernel"
+
+
+def parse_csv(text: str) -> list[dict]:
+    """Kernels of ncu's ``--csv`` output (its own ``==PROF==`` lines and the program's output are skipped):
+    one dict per kernel launch with its name, grid and block, and ``metrics`` {name: float}."""
+    rows = [line for line in text.splitlines() if line.startswith('"')]
+    kernels: dict[str, dict] = {}
+    for r in csv.DictReader(io.StringIO("\n".join(rows))):
+        kernel = kernels.setdefault(
+            r["ID"], {"kernel": r["Kernel Name"], "grid": r["Grid Size"], "block": r["Block Size"], "metrics": {}}
+        )
+        value = r["Metric Value"].replace(",", "")
+        kernel["metrics"][r["Metric Name"]] = float(value) if value else None
+    return list(kernels.values())
+
+
+def ncu_command(ncu: str, implementation: str, seq_len: int, head_dim: int, causal: bool, heads: int) -> list[str]:
+    """The command line that profiles one case."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile_case.py")
+    case = ["--implementation", implementation, "--seq-len", str(seq_len), "--head-dim", str(head_dim),
+            "--heads", str(heads)] + (["--causal"] if causal else [])
+    return [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "-k", KERNELS,
+            "--metrics", ",".join(METRICS), sys.executable, script, *case]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[65536])
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--implementations", nargs="+", default=["mosaic_gpu", "cudnn"])
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per profiled case")
+    parser.add_argument("--parse", default=None, help="print the kernels of an ncu CSV file and stop")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.parse:
+        with open(args.parse) as f:
+            print(json.dumps(parse_csv(f.read()), indent=1))
+        return 0
+    ncu = shutil.which("ncu") or "/usr/local/cuda/bin/ncu"
+    rows = []
+    for n in args.seq_lens:
+        for impl in args.implementations:
+            command = ncu_command(ncu, impl, n, args.head_dim, args.causal, args.heads)
+            row = {"implementation": impl, "seq_len": n, "head_dim": args.head_dim, "causal": args.causal,
+                   "heads": args.heads, "batch": 1, "direction": "fwd",
+                   "ncu_options": " ".join(command[1 : command.index(sys.executable)])}
+            try:
+                done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+                row["kernels"] = parse_csv(done.stdout)
+                if done.returncode or not row["kernels"]:
+                    row["error"] = f"ncu exited {done.returncode}: {done.stderr.strip()[-300:]}"
+            except (OSError, subprocess.TimeoutExpired) as err:
+                row["error"] = f"{type(err).__name__}: {err}"
+            print(json.dumps(row)[:400], flush=True)
+            rows.append(row)
+    if args.out:
+        from stream_cqsa_jax import benchmark
+
+        version = subprocess.run([ncu, "--version"], capture_output=True, text=True).stdout.strip().splitlines()
+        benchmark.write_results(args.out, rows=rows, ncu_version=version[-1] if version else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Argument parsing of bench/mosaic_kernel.py and the CSV reading of bench/ncu_metrics.py."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+
+import mosaic_kernel  # noqa: E402
+import ncu_metrics  # noqa: E402
+
+
+def test_forward_launch_flags():
+    plain = mosaic_kernel._launch("128,2")
+    assert (plain.block_kv, plain.stages, plain.heavy_first, plain.cluster) == (128, 2, False, 1)
+    paired = mosaic_kernel._launch("64,3,heavy,cluster2")
+    assert (paired.block_kv, paired.stages, paired.heavy_first, paired.cluster) == (64, 3, True, 2)
+    with pytest.raises(ValueError, match="'heavy' and 'cluster2'"):
+        mosaic_kernel._launch("128,2,cluster4")
+
+
+def test_backward_launch_flags():
+    launch = mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,cluster2")
+    assert launch.dkv_paired and launch.dq_segment == 8 and launch.dq_cluster == 2 and not launch.dq_flush
+    assert mosaic_kernel.backward_launch("128,2,64,2,seg8,flush").dq_cluster == 1
+    with pytest.raises(ValueError, match="'cluster2'"):
+        mosaic_kernel.backward_launch("128,2,64,2,pairs")
+
+
+# The shape of ncu's --csv output: its own lines, the program's output, then one row per kernel and metric.
+_NCU_CSV = """==PROF== Connected to process 921 (/usr/bin/python3.12)
+mosaic_gpu Case(seq_len=1048576): ran once inside a capture range
+==PROF== Disconnected from process 921
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","921","python3.12","127.0.0.1","anonymous_mosaic_gpu_kernel","1","7","(384, 1, 1)","(1, 8192, 8)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","11,580,752,065,536"
+"0","921","python3.12","127.0.0.1","anonymous_mosaic_gpu_kernel","1","7","(384, 1, 1)","(1, 8192, 8)","0","9.0","Command line profiler metrics","lts__t_sector_hit_rate.pct","%","26.88"
+"1","921","python3.12","127.0.0.1","cudnn_generated_fort_native_sdpa_sm90","1","7","(384, 1, 1)","(132, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","ns","5,456,638,720"
+"""
+
+
+def test_ncu_csv_gives_one_entry_per_kernel_with_numeric_metrics():
+    kernels = ncu_metrics.parse_csv(_NCU_CSV)
+    assert [k["kernel"] for k in kernels] == ["anonymous_mosaic_gpu_kernel", "cudnn_generated_fort_native_sdpa_sm90"]
+    assert kernels[0]["grid"] == "(1, 8192, 8)" and kernels[0]["block"] == "(384, 1, 1)"
+    assert kernels[0]["metrics"] == {"dram__bytes_read.sum": 11580752065536.0, "lts__t_sector_hit_rate.pct": 26.88}
+    assert kernels[1]["metrics"] == {"gpu__time_duration.sum": 5456638720.0}
+    assert ncu_metrics.parse_csv("==PROF== nothing profiled\n") == []
+
+
+def test_ncu_command_profiles_one_run_of_the_case_with_the_clocks_left_alone():
+    command = ncu_metrics.ncu_command("ncu", "cudnn", 65536, 128, True, 4)
+    assert command[:6] == ["ncu", "--clock-control", "none", "--profile-from-start", "off", "--csv"]
+    assert ",".join(ncu_metrics.METRICS) in command
+    script = command.index(sys.executable) + 1
+    assert command[script].endswith("profile_case.py")
+    assert command[script + 1:] == [
+        "--implementation", "cudnn", "--seq-len", "65536", "--head-dim", "128", "--heads", "4", "--causal"
+    ]
