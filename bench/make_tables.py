@@ -628,7 +628,8 @@ def generated_mosaic() -> str:
             "(`Launch.cluster`); of a run with both, the one the default picks today. At 64K the single blocks "
             "ran slower in the `cluster_64k_256k.json` run than in the runs before it (head dim 128 without a "
             "mask: 0.0316 s against 0.0273 s in `mosaic_fwd_bf16_heavy_64k_256k.json`, cuDNN 0.0283 s against "
-            "0.0275 s), a spread between runs we have not explained.",
+            "0.0275 s) with the same program (`bench/kernel_programs.py` gives the same text for both versions of "
+            "the code), a spread between runs we have not explained.",
             mosaic_table(MOSAIC_FILES),
             f"![Mosaic / cuDNN forward throughput]({MOSAIC_CHART.name})",
             "The chart: Mosaic / cuDNN forward throughput per group of dtype (BF16, F16), head dim (D64, D128) "

@@ -1,0 +1,84 @@
+"""The Hopper kernels' Mosaic GPU programs of one case, as text to compare two versions of the code.
+
+    PYTHONPATH=. python bench/kernel_programs.py --head-dim 128 --out /tmp/new.mlir
+    git stash; PYTHONPATH=. python bench/kernel_programs.py --head-dim 128 --out /tmp/old.mlir; git stash pop
+    diff /tmp/old.mlir /tmp/new.mlir
+
+Lowers forward plus backward of one case for CUDA (on any machine, as the lowering tests do) and
+writes each Mosaic GPU kernel's MLIR before serialization, without source locations, folded and
+deduplicated (``canonicalize``, ``cse``), so that index arithmetic that folds away (adding a
+zero, multiplying by one) leaves no trace. Identical text means the same program reaches the
+GPU compiler. The launches are the defaults unless ``--cluster`` forces the forward's and the dq
+kernel's thread blocks per cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import jax
+import jax.numpy as jnp
+
+import stream_cqsa_jax as sc
+from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
+
+
+def kernel_programs(seq_len: int, head_dim: int, causal: bool, cluster: int | None = None) -> list[str]:
+    """The canonical MLIR text of each Mosaic GPU kernel in forward plus backward of one case (B=1,
+    4 query heads over 2 key/value heads, bfloat16)."""
+    from jax._src.lib.mlir import ir, passmanager
+    from jax.experimental.mosaic.gpu import core
+
+    texts, serialize = [], core._run_serde_pass
+
+    def capture(module, **kwargs):
+        with module.context:
+            copy = ir.Module.parse(module.operation.get_asm(enable_debug_info=False))
+            passmanager.PassManager.parse("builtin.module(canonicalize,cse)").run(copy.operation)
+            texts.append(copy.operation.get_asm(enable_debug_info=False))
+        return serialize(module, **kwargs)
+
+    on_hopper = mosaic_gpu.on_hopper, mosaic_gpu_backward.on_hopper
+    forward_default, backward_default = mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch
+    try:
+        core._run_serde_pass = capture
+        mosaic_gpu.on_hopper = mosaic_gpu_backward.on_hopper = lambda: True
+        if cluster is not None:
+            mosaic_gpu.default_launch = lambda *a: dataclasses.replace(forward_default(*a), cluster=cluster)
+            mosaic_gpu_backward.default_launch = lambda *a, **k: dataclasses.replace(
+                backward_default(*a, **k), dq_cluster=cluster
+            )
+        plan = sc.plan(q_len=seq_len, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
+                       is_causal=causal, implementation="mosaic_gpu")
+        q = jax.ShapeDtypeStruct((1, seq_len, 4, head_dim), jnp.bfloat16)
+        kv = jax.ShapeDtypeStruct((1, seq_len, 2, head_dim), jnp.bfloat16)
+        loss = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, is_causal=causal).astype(jnp.float32).sum()
+        jax.clear_caches()  # traced programs are cached per plan, not per launch
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+    finally:
+        core._run_serde_pass = serialize
+        mosaic_gpu.on_hopper, mosaic_gpu_backward.on_hopper = on_hopper
+        mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch = forward_default, backward_default
+        jax.clear_caches()
+    return texts
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--head-dim", type=int, choices=(64, 128), default=64)
+    parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--cluster", type=int, choices=(1, 2), default=None, help="force blocks per cluster")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    texts = kernel_programs(args.seq_len, args.head_dim, args.causal, args.cluster)
+    with open(args.out, "w") as f:
+        f.write("\n// ---- next kernel ----\n".join(texts))
+    print(f"{len(texts)} kernels, {sum(map(len, texts))} characters -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
