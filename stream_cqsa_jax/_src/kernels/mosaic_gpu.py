@@ -38,7 +38,17 @@ from ..merge import SoftmaxState
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
 from . import block_map, mosaic_gpu_backward, pallas_triton
 from .base import KernelConfig, KernelInputs
-from .mosaic_gpu_common import LOG2E, QueryBlock, drain, run_kernel, split_refs, stream_kv, visible
+from .mosaic_gpu_common import (
+    LOG2E,
+    QueryBlock,
+    cluster_fits,
+    drain,
+    free_barrier,
+    run_kernel,
+    split_refs,
+    stream_kv,
+    visible,
+)
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -111,10 +121,8 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     bi, head, t, wg = (lax.axis_index(a) for a in ("batch", "heads", "tiles", "wg"))
     if launch.heavy_first:
         t = q_ref.shape[1] // (BLOCK_ROWS * cluster) - 1 - t
-    # The walk is the cluster's: the key tiles that some row of its query tiles sees.
-    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK_ROWS * cluster, bk)
+    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK_ROWS, bk, cluster)
     q_limit, kv_limit = block.q_limit, block.kv_limit
-    member = lax.axis_index("cluster") if cluster > 1 else 0
 
     def take_turn():
         plgpu.barrier_arrive(turn)
@@ -124,8 +132,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_tile, o_tile, m_tile, l_tile = q_smem.at[wg], o_smem.at[wg], m_smem.at[wg], l_smem.at[wg]
-        q_start = block.start + member * BLOCK_ROWS + wg * ROWS
-        row0 = (t * cluster + member) * BLOCK_ROWS + wg * ROWS
+        q_start, row0 = block.warpgroup_rows(wg, ROWS)
         own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_tile, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
@@ -222,8 +229,7 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
     kh = inp.k.shape[2]
     launch = launch or default_launch(h, inp.k.shape[1], cfg.band)
     launch = dataclasses.replace(launch, block_kv=min(launch.block_kv, cfg.block_kv))
-    if cfg.q_chunk % (BLOCK_ROWS * launch.cluster):
-        launch = dataclasses.replace(launch, cluster=1)
+    launch = dataclasses.replace(launch, cluster=cluster_fits(cfg.q_chunk, BLOCK_ROWS, launch.cluster))
     if not supports(inp, cfg, launch):
         return pallas_triton.forward(inp, cfg)
     tab, lay = block_map.pack(inp)
@@ -240,10 +246,7 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
         plgpu.SMEM((2, ROWS), jnp.float32),
         plgpu.SMEM((2, ROWS), jnp.float32),
     )
-    if launch.cluster > 1:  # a stage is free once the compute warpgroups of every block in the cluster freed it
-        free = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",))
-    else:
-        free = plgpu.Barrier
+    free = functools.partial(free_barrier, launch.cluster)
     scratch = (
         smem,
         plgpu.Barrier(num_barriers=2),  # query tiles landed

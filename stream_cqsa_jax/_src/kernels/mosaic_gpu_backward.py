@@ -61,7 +61,9 @@ from .mosaic_gpu_common import (
     LOG2E,
     QueryBlock,
     batched_as,
+    cluster_fits,
     drain,
+    free_barrier,
     run_kernel,
     split_refs,
     stream_kv,
@@ -260,16 +262,14 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
     band, bk, stages, cluster = cfg.band, launch.dq_block_kv, launch.dq_stages, launch.dq_cluster
     head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
     t = q_ref.shape[1] // (BLOCK * cluster) - 1 - t  # the query tiles with the most keys (causal) first
-    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK * cluster, bk)  # the cluster's walk
+    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK, bk, cluster)
     q_limit, kv_limit = block.q_limit, block.kv_limit
-    member = lax.axis_index("cluster") if cluster > 1 else 0
 
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         q_tile, do_tile = qdo_smem.at[wg, 0], qdo_smem.at[wg, 1]
-        q_start = block.start + member * BLOCK + wg * ROWS
-        row0 = (t * cluster + member) * BLOCK + wg * ROWS
+        q_start, row0 = block.warpgroup_rows(wg, ROWS)
         own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
         rows = (bi, pl.ds(row0, ROWS), head)
         plgpu.copy_gmem_to_smem(q_ref.at[rows], q_tile, q_ready.at[wg])
@@ -374,12 +374,9 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
     )
     if launch.dq_in_memory:
         smem += (plgpu.SMEM((2, ROWS, min(h, 64)), jnp.float32),)  # each warpgroup's flushes of dq
-    cluster = launch.dq_cluster if cfg.q_chunk % (BLOCK * launch.dq_cluster) == 0 else 1
+    cluster = cluster_fits(cfg.q_chunk, BLOCK, launch.dq_cluster)
     launch = dataclasses.replace(launch, dq_cluster=cluster)
-    if cluster > 1:  # a stage is free once the compute warpgroups of every block in the cluster freed it
-        free = functools.partial(plgpu.ClusterBarrier, collective_axes=("cluster",))
-    else:
-        free = plgpu.Barrier
+    free = functools.partial(free_barrier, cluster)
     scratch = (
         smem,
         plgpu.Barrier(num_barriers=2),  # query tile landed

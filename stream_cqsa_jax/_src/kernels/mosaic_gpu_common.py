@@ -97,19 +97,45 @@ def run_kernel(body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, compiler_params=params, **layout)(*args)
 
 
-class QueryBlock:
-    """The `rows` query rows from ``start`` of query tile `t` (slot-major over the plan's query
-    slots), their limits, and the key tiles of `block_kv` keys that some of them see."""
+def cluster_fits(chunk: int, rows: int, cluster: int) -> int:
+    """`cluster` if a chunk of `chunk` rows (or keys) holds whole clusters of `cluster` tiles of
+    `rows`, else 1 (single thread blocks)."""
+    return cluster if chunk % (rows * cluster) == 0 else 1
 
-    def __init__(self, tab_ref, lens_ref, lay, cfg, bi, t, rows: int, block_kv: int):
+
+def free_barrier(cluster: int, **kwargs):
+    """A ring's stage-free barrier (`plgpu.Barrier` arguments): with `cluster` > 1, one that the
+    compute warpgroups of every thread block in the cluster arrive at, since a copy fills the
+    stage in all of them."""
+    if cluster > 1:
+        return plgpu.ClusterBarrier(collective_axes=("cluster",), **kwargs)
+    return plgpu.Barrier(**kwargs)
+
+
+class QueryBlock:
+    """The query rows of cluster `t` (slot-major over the plan's query slots): `cluster` tiles of
+    `rows` rows from ``start``, their limits, and the key tiles of `block_kv` keys that some of
+    them see, which every thread block of the cluster walks. This thread block's own tile is
+    number `member` of the cluster (`warpgroup_rows`)."""
+
+    def __init__(self, tab_ref, lens_ref, lay, cfg, bi, t, rows: int, block_kv: int, cluster: int = 1):
         self._tab, self._lay = tab_ref, lay
         self.block_kv, self.kv_chunk = block_kv, cfg.kv_chunk
-        per_chunk = cfg.q_chunk // rows
+        self._t, self._rows, self._cluster = t, rows, cluster
+        cluster_rows = rows * cluster
+        per_chunk = cfg.q_chunk // cluster_rows
         self.slot = block_map.div(t, per_chunk)
-        self.start = tab_ref[lay.q_chunks + self.slot] * cfg.q_chunk + (t - self.slot * per_chunk) * rows
+        self.start = tab_ref[lay.q_chunks + self.slot] * cfg.q_chunk + (t - self.slot * per_chunk) * cluster_rows
         self.q_limit, self.kv_limit = block_map.limits(cfg.band, lens_ref, bi)
-        self.span = block_map.query_span(cfg.band, self.start, rows, self.q_limit, self.kv_limit)
+        self.span = block_map.query_span(cfg.band, self.start, cluster_rows, self.q_limit, self.kv_limit)
         self.pair_count = tab_ref[lay.pair_count + self.slot]
+        self.member = lax.axis_index("cluster") if cluster > 1 else 0
+
+    def warpgroup_rows(self, wg, rows: int):
+        """(first query position, first row in the subproblem's query array) of the `rows` rows of
+        compute warpgroup `wg` in this thread block's tile."""
+        q_start = self.start + self.member * self._rows + wg * rows
+        return q_start, (self._t * self._cluster + self.member) * self._rows + wg * rows
 
     def pair_chunk(self, p):
         """(key slot, first key position) of the block's pair `p`."""
