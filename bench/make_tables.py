@@ -61,6 +61,15 @@ DQ_CLUSTER_FILES = [
     "cluster_bwd_256k_d128_nc.json",
     "cluster_bwd_1m_d64_nc.json",
 ]
+# Runs on an H100 (the other tables are the H200's): the dk/dv kernel's pairs (`Launch.dkv_cluster`), then
+# the forward's single blocks and pairs at 64K and at 512K tokens in a batch of two.
+H100_FILES = [
+    "h100_dkv_cluster_d64.json",
+    "h100_dkv_cluster_d128.json",
+    "h100_dkv_cluster_1m_d128.json",
+    "h100_fwd_64k_nc.json",
+    "h100_fwd_512k_b2_clusters.json",
+]
 # Forward plus backward runs, oldest first: a later run of the same case replaces an earlier one.
 MOSAIC_BACKWARD_FILES = [
     "mosaic_bwd_64k_256k.json",
@@ -244,14 +253,19 @@ def _default_clusters(r: dict) -> tuple[int, int]:
     from stream_cqsa_jax._src.masks import Band
 
     n, d = r["seq_len"], r["head_dim"]
-    forward = mosaic_gpu.default_launch(d, n, Band.of(n, n, r["causal"], None))
+    key_rows = r.get("batch", 1) * n * r.get("heads", 8)  # the runs' key and value heads are their query heads
+    forward = mosaic_gpu.default_launch(d, key_rows, Band.of(n, n, r["causal"], None))
     return forward.cluster, mosaic_gpu_backward.default_launch(d).dq_cluster
 
 
 def _forward_cluster(r: dict) -> int:
-    """Thread blocks per cluster of the forward that ran row `r` (1 in runs made before pairs existed)."""
+    """Thread blocks per cluster of the forward that ran row `r`: the launch it names, else today's default
+    for a forward plus backward row that names a `dkv_cluster` (those runs came after today's forward rule),
+    else 1 (runs made before pairs existed)."""
     if "forward_launch" in r:
         return 2 if r["forward_launch"].endswith("cluster2") else 1
+    if r.get("direction") == "fwd_bwd" and "dkv_cluster" in r:
+        return _default_clusters(r)[0]
     return r.get("cluster", 1)
 
 
@@ -501,21 +515,27 @@ def cluster_table(files: list[str]) -> str:
     return "\n".join(lines)
 
 
-def dq_cluster_table(files: list[str]) -> str:
-    """Forward plus backward with the dq kernel's single thread blocks and with pairs (`Launch.dq_cluster`),
-    the rest of the launch the same, in turns with cuDNN."""
+def backward_cluster_table(files: list[str], launch_field: str = "dq_cluster") -> str:
+    """Forward plus backward with one backward kernel's single thread blocks and with pairs (`launch_field`:
+    `Launch.dq_cluster` or `Launch.dkv_cluster`), the rest of the launch the same, in turns with cuDNN."""
+    kernel = {"dq_cluster": "dq", "dkv_cluster": "dk/dv"}[launch_field]
     lines = [
-        "| N | D | causal | forward blocks | cuDNN s | dq single s | dq pairs s | single / cuDNN | pairs / cuDNN "
-        "| file |",
+        f"| N | D | causal | forward blocks | cuDNN s | {kernel} single s | {kernel} pairs s | single / cuDNN "
+        "| pairs / cuDNN | file |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, key, single, pairs, c in _single_and_pairs(files, _KERNEL_FIELDS, "dq_cluster"):
+    for name, key, single, pairs, c in _single_and_pairs(files, _KERNEL_FIELDS, launch_field):
         lines.append(
             f"| {_tokens(key[0])} | {key[1]} | {'yes' if key[2] else 'no'} "
             f"| {'pairs' if _forward_cluster(single) == 2 else 'single'} | {c:.4f} | {single['seconds']:.4f} "
             f"| {pairs['seconds']:.4f} | {c / single['seconds']:.3f}x | {c / pairs['seconds']:.3f}x | `{name}` |"
         )
     return "\n".join(lines)
+
+
+def card(name: str) -> str:
+    """The GPU that made the results file `name`."""
+    return json.loads((RESULTS / name).read_text())["meta"]["device"]
 
 
 def ncu_table(name: str) -> str:
@@ -560,8 +580,9 @@ def tile_order_table(name: str) -> str:
 def shapes_table(files: list[str]) -> str:
     """The forward without a causal mask at other shapes, in turns with cuDNN (`bench/forward_shapes.py`)."""
     lines = [
-        "| N | heads | batch | D | K and V GiB each | block order | cuDNN s | ours s | ours / cuDNN throughput | file |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| N | heads | batch | D | K and V GiB each | block order | blocks | cuDNN s | ours s "
+        "| ours / cuDNN throughput | file |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name in files:
         ours, base = _ours_and_cudnn([name], _MOSAIC_FIELDS + ("batch", "heads"), "mosaic_gpu")
@@ -570,7 +591,8 @@ def shapes_table(files: list[str]) -> str:
             gib = r["seq_len"] * r["heads"] * r["batch"] * r["head_dim"] * 2 / 2**30
             lines.append(
                 f"| {_tokens(r['seq_len'])} | {r['heads']} | {r['batch']} | {r['head_dim']} | {gib:g} "
-                f"| {r.get('block_order', 'heads first').replace('_', ' ')} | {c['seconds']:.4f} "
+                f"| {r.get('block_order', 'heads first').replace('_', ' ')} "
+                f"| {'pairs' if r.get('cluster', 1) == 2 else 'single'} | {c['seconds']:.4f} "
                 f"| {r['seconds']:.4f} | {c['seconds'] / r['seconds']:.3f}x | `{name}` |"
             )
     return "\n".join(lines)
@@ -693,7 +715,17 @@ def generated_mosaic() -> str:
             "64K, 3 at 256K, 1 at 1M). Each case ran one forward launch (\"forward blocks\") and the default "
             "backward launch of its head dim with the dq kernel's blocks single or in pairs. At 256K, head dim "
             "64, without a mask, the forward ran in pairs, which the default does not pick there.",
-            dq_cluster_table(DQ_CLUSTER_FILES),
+            backward_cluster_table(DQ_CLUSTER_FILES),
+            "### On an H100: the dk/dv kernel's thread blocks in pairs, the forward at 64K and at 512K x 2",
+            f"Card: {card(H100_FILES[0])} (80 GB at a lower memory bandwidth than the H200's; every other table "
+            "here is the H200's), bfloat16, in turns with cuDNN after a warm-up. First, forward plus backward "
+            "with the dk/dv kernel's blocks single or in pairs (`Launch.dkv_cluster`), the rest of each head "
+            "dim's default launch the same (median of 3 rounds; 1 at 1M). Then the forward at 64K without a "
+            "mask (median of 7 rounds), and at 512K tokens of 8 heads in a batch of two, single or in pairs "
+            "(`bench/forward_shapes.py --clusters`, median of 3 rounds).",
+            backward_cluster_table(H100_FILES[:3], "dkv_cluster"),
+            cluster_table([H100_FILES[3]]),
+            shapes_table([H100_FILES[4]]),
             "### dq in segments: forward plus backward with and without `Launch.dq_segment`",
             "Files: `mosaic_bwd_dq_segments_256k_d128.json`, `mosaic_bwd_dq_segments_256k_d64.json`, "
             "`mosaic_bwd_dq128_segments_256k_d128.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in "

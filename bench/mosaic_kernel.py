@@ -20,8 +20,9 @@ whichever runs first).
 With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too; with ``--decomposed``, on both plans), once per backward launch, written
 ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
-(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN``, ``,flush`` and
-``,cluster2`` set ``dkv_paired``, ``fused_dq``, ``dq_segment``, ``dq_flush`` and ``dq_cluster``),
+(`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN``, ``,flush``,
+``,cluster2`` and ``,dkvcluster2`` set ``dkv_paired``, ``fused_dq``, ``dq_segment``, ``dq_flush``,
+``dq_cluster`` and ``dkv_cluster``),
 with the forward's own launch or ``--forward-launch``.
 """
 
@@ -55,20 +56,21 @@ def _launch(text: str) -> mosaic_gpu.Launch:
 def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``, then optionally ``,paired``
     (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N),
-    ``,flush`` (`Launch.dq_flush`) and ``,cluster2`` (`Launch.dq_cluster` = 2)."""
+    ``,flush`` (`Launch.dq_flush`), ``,cluster2`` (`Launch.dq_cluster` = 2) and ``,dkvcluster2``
+    (`Launch.dkv_cluster` = 2)."""
     parts = text.split(",")
     dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
     flags = set(parts[4:])
     segments = [f for f in flags if f.startswith("seg") and f[3:].isdigit()]
-    if flags - {"paired", "fused", "flush", "cluster2"} - set(segments) or len(segments) > 1:
+    if flags - {"paired", "fused", "flush", "cluster2", "dkvcluster2"} - set(segments) or len(segments) > 1:
         raise ValueError(
-            f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'flush', 'cluster2'"
-            " and one 'segN'"
+            f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'flush', 'cluster2',"
+            " 'dkvcluster2' and one 'segN'"
         )
     return mosaic_gpu_backward.Launch(
         dq_block_kv, dq_stages, dkv_block_q, dkv_stages, dkv_paired="paired" in flags, fused_dq="fused" in flags,
         dq_segment=int(segments[0][3:]) if segments else 0, dq_flush="flush" in flags,
-        dq_cluster=2 if "cluster2" in flags else 1,
+        dq_cluster=2 if "cluster2" in flags else 1, dkv_cluster=2 if "dkvcluster2" in flags else 1,
     )
 
 
@@ -131,7 +133,8 @@ def main(argv=None) -> int:
             for given in [_launch(x) for x in args.launches] if args.launches else [None]:
                 # None: the kernel's own choice (`mosaic_gpu.default_launch`), per subproblem
                 mosaic_gpu.default_launch = default_launch if given is None else lambda *_, launch=given: launch
-                launch = given or default_launch(d, n, Band.of(n, n, c, None))  # one subproblem's choice
+                # one subproblem's choice (the same key and value heads as query heads)
+                launch = given or default_launch(d, case.batch * n * case.heads, Band.of(n, n, c, None))
                 jax.clear_caches()
                 for chunks in chunk_counts:
                     row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)

@@ -2,13 +2,16 @@
 
     PYTHONPATH=. python bench/ncu_metrics.py --seq-lens 65536 1048576 --implementations mosaic_gpu cudnn \\
         --out bench/results/ncu_fwd_d64_nc.json
+    PYTHONPATH=. python bench/ncu_metrics.py --seq-lens 1048576 --head-dim 128 --direction fwd_bwd ...
 
 Per case and implementation, runs ``ncu --clock-control none --profile-from-start off`` on
 ``bench/profile_case.py`` (one run inside the capture range, after compiling and a warm-up)
 with a kernel name filter that keeps the attention kernels (ours and cuDNN's) and leaves XLA's
 fusions out, and records each kernel's metrics. The clocks are left to the card (the runs meet
-its power cap as the benchmarks do). ``--parse FILE.csv`` prints the metrics of a CSV that ncu
-wrote before, in the form recorded.
+its power cap as the benchmarks do). With ``--direction fwd_bwd`` the run is forward plus
+backward: our three kernels share one name, and they are told apart by their order and their
+shared memory (``launch__shared_mem_per_block_dynamic``). ``--parse FILE.csv`` prints the
+metrics of a CSV that ncu wrote before, in the form recorded.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ METRICS = (
     "sm__cycles_elapsed.avg.per_second",
     "launch__grid_size",
     "launch__registers_per_thread",
+    "launch__shared_mem_per_block_dynamic",
 )
 KERNELS = "regex:mosaic|cudnn|sm90|fprop|fmha|flash|attn|kernel"  # Mosaic GPU kernels are "*_mosaic_gpu_kernel"
 
@@ -49,11 +53,13 @@ def parse_csv(text: str) -> list[dict]:
     return list(kernels.values())
 
 
-def ncu_command(ncu: str, implementation: str, seq_len: int, head_dim: int, causal: bool, heads: int) -> list[str]:
+def ncu_command(
+    ncu: str, implementation: str, seq_len: int, head_dim: int, causal: bool, heads: int, direction: str = "fwd"
+) -> list[str]:
     """The command line that profiles one case."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile_case.py")
     case = ["--implementation", implementation, "--seq-len", str(seq_len), "--head-dim", str(head_dim),
-            "--heads", str(heads)] + (["--causal"] if causal else [])
+            "--heads", str(heads), "--direction", direction] + (["--causal"] if causal else [])
     return [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "-k", KERNELS,
             "--metrics", ",".join(METRICS), sys.executable, script, *case]
 
@@ -64,6 +70,7 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--causal", action="store_true")
+    parser.add_argument("--direction", choices=("fwd", "fwd_bwd"), default="fwd")
     parser.add_argument("--implementations", nargs="+", default=["mosaic_gpu", "cudnn"])
     parser.add_argument("--timeout", type=float, default=300, help="seconds per profiled case")
     parser.add_argument("--parse", default=None, help="print the kernels of an ncu CSV file and stop")
@@ -77,9 +84,9 @@ def main(argv=None) -> int:
     rows = []
     for n in args.seq_lens:
         for impl in args.implementations:
-            command = ncu_command(ncu, impl, n, args.head_dim, args.causal, args.heads)
+            command = ncu_command(ncu, impl, n, args.head_dim, args.causal, args.heads, args.direction)
             row = {"implementation": impl, "seq_len": n, "head_dim": args.head_dim, "causal": args.causal,
-                   "heads": args.heads, "batch": 1, "direction": "fwd",
+                   "heads": args.heads, "batch": 1, "direction": args.direction,
                    "ncu_options": " ".join(command[1 : command.index(sys.executable)])}
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)

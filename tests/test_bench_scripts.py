@@ -24,6 +24,8 @@ def test_backward_launch_flags():
     launch = mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,cluster2")
     assert launch.dkv_paired and launch.dq_segment == 8 and launch.dq_cluster == 2 and not launch.dq_flush
     assert mosaic_kernel.backward_launch("128,2,64,2,seg8,flush").dq_cluster == 1
+    both = mosaic_kernel.backward_launch("128,2,64,2,seg8,flush,dkvcluster2")
+    assert (both.dq_cluster, both.dkv_cluster, both.dq_flush) == (1, 2, True)
     with pytest.raises(ValueError, match="'cluster2'"):
         mosaic_kernel.backward_launch("128,2,64,2,pairs")
 
@@ -55,8 +57,11 @@ def test_ncu_command_profiles_one_run_of_the_case_with_the_clocks_left_alone():
     script = command.index(sys.executable) + 1
     assert command[script].endswith("profile_case.py")
     assert command[script + 1:] == [
-        "--implementation", "cudnn", "--seq-len", "65536", "--head-dim", "128", "--heads", "4", "--causal"
+        "--implementation", "cudnn", "--seq-len", "65536", "--head-dim", "128", "--heads", "4", "--direction", "fwd",
+        "--causal",
     ]
+    backward = ncu_metrics.ncu_command("ncu", "mosaic_gpu", 65536, 64, False, 8, "fwd_bwd")
+    assert backward[-2:] == ["--direction", "fwd_bwd"]
 
 
 def test_kernel_programs_are_the_same_text_for_the_same_code_and_differ_with_pairs():

@@ -166,16 +166,21 @@ def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, cluster
 
 
 def test_default_launches_pair_thread_blocks_where_that_was_faster():
-    """Forward pairs (`Launch.cluster`) at head dim 128, and at 64 only for subproblems of at least
-    `LONG_KEYS` keys without a mask; the dq kernel's pairs at head dim 64 only."""
-    n = mosaic_gpu.LONG_KEYS
+    """Forward pairs (`Launch.cluster`) at head dim 128, and at 64 only without a mask for key arrays of
+    at least `LARGE_KEYS` rows over examples and heads; the dq kernel's pairs at head dim 64 only; the
+    dk/dv kernel's nowhere."""
+    rows = mosaic_gpu.LARGE_KEYS
+    n = 1 << 20
     dense, causal = Band.of(n, n, False, None), Band.of(n, n, True, None)
     assert mosaic_gpu.default_launch(128).cluster == 2
     assert mosaic_gpu.default_launch(128, 1024, Band.of(1024, 1024, True, None)).cluster == 2
     assert mosaic_gpu.default_launch(64).cluster == 1
-    assert mosaic_gpu.default_launch(64, n, dense).cluster == 2
-    assert mosaic_gpu.default_launch(64, n, causal).cluster == 1
-    assert mosaic_gpu.default_launch(64, n // 2, Band.of(n // 2, n // 2, False, None)).cluster == 1
+    assert mosaic_gpu.default_launch(64, rows, dense).cluster == 2
+    assert mosaic_gpu.default_launch(64, rows, causal).cluster == 1
+    assert mosaic_gpu.default_launch(64, rows // 2, dense).cluster == 1
+    for d in (64, 128):
+        for deterministic in (True, False):
+            assert mosaic_gpu_backward.default_launch(d, deterministic).dkv_cluster == 1
     assert mosaic_gpu_backward.default_launch(64).dq_cluster == 2
     assert mosaic_gpu_backward.default_launch(128).dq_cluster == 1
 
@@ -185,6 +190,8 @@ def test_launches_refuse_clusters_other_than_one_or_two():
         mosaic_gpu.Launch(cluster=4)
     with pytest.raises(ValueError, match="dq_cluster must be 1 or 2"):
         mosaic_gpu_backward.Launch(dq_cluster=0)
+    with pytest.raises(ValueError, match="dkv_cluster must be 1 or 2"):
+        mosaic_gpu_backward.Launch(dkv_cluster=3)
 
 
 # name: (b, t, s, n, kh, h, dtype, structured masks, lengths, chunks, logit scale)
@@ -355,16 +362,18 @@ def test_mosaic_clusters_give_the_same_bits(case, monkeypatch):
     forward, `Launch.dq_cluster` of the dq kernel) walk the union of the pair's key tiles, skipping those
     their rows do not see: each row adds up the same tiles in the same order, so the output and the
     gradients are the same bits as with single blocks (causal, window, lengths and grouped heads make
-    tiles the two blocks of a pair take differently)."""
+    tiles the two blocks of a pair take differently). Likewise the dk/dv kernel's pairs of key tiles
+    (`Launch.dkv_cluster`), which share their query and dO copies."""
     c = _float64_case(CLUSTER_CASES[case], case)
-    assert c.plan.q_chunk % 256 == 0  # else the kernels fall back to single blocks
+    assert c.plan.q_chunk % 256 == 0 and c.plan.kv_chunk % 256 == 0  # else the kernels take single blocks
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
     monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
     head_dim = c.q.shape[-1]
 
     def run(cluster: int):
         forward = dataclasses.replace(mosaic_gpu.default_launch(head_dim), cluster=cluster)
-        backward = dataclasses.replace(mosaic_gpu_backward.default_launch(head_dim), dq_cluster=cluster)
+        backward = dataclasses.replace(mosaic_gpu_backward.default_launch(head_dim), dq_cluster=cluster,
+                                       dkv_cluster=cluster)
         with monkeypatch.context() as m:
             m.setattr(mosaic_gpu, "default_launch", lambda *_: forward)
             m.setattr(mosaic_gpu_backward, "default_launch", lambda *_: backward)
@@ -379,6 +388,33 @@ def test_mosaic_clusters_give_the_same_bits(case, monkeypatch):
     assert rel_error(as64(paired[0]), c.ref_out) <= 1.2 * c.base_out
     for name, a, b in zip(("out", "dq", "dk", "dv"), single, paired):
         np.testing.assert_array_equal(b, a, err_msg=name)
+
+
+@hopper
+def test_mosaic_fused_dq_in_pairs_of_key_tiles(monkeypatch):
+    """The order-varying dq (`Launch.fused_dq`) with the dk/dv kernel's blocks in pairs
+    (`Launch.dkv_cluster`): dk and dv are the same bits as with single blocks, dq is within 1.5x of the
+    XLA kernel's error and zero for rows that see no key."""
+    case = "cross_lengths_gqa"
+    c = _float64_case(CLUSTER_CASES[case], case)
+    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+
+    def grads(cluster: int):
+        launch = mosaic_gpu_backward.Launch(dkv_paired=True, fused_dq=True, dkv_cluster=cluster)
+        with monkeypatch.context() as m:
+            m.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
+            jax.clear_caches()  # traced programs are cached per plan, not per launch
+            f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, **c.structured, **c.extra)
+            _, vjp = jax.vjp(f, c.q, c.k, c.v)
+            result = [np.asarray(g) for g in vjp(c.do)]
+        jax.clear_caches()
+        return result
+
+    single, (dq, dk, dv) = grads(1), grads(2)
+    assert rel_error(as64(dq), c.ref_grads[0]) <= 1.5 * c.base_grads[0]
+    assert np.all(dq[~c.vis.any(-1)] == 0)  # rows that see no key
+    np.testing.assert_array_equal(dk, single[1])
+    np.testing.assert_array_equal(dv, single[2])
 
 
 @hopper
@@ -485,6 +521,9 @@ def _lower_gradient(head_dim: int, deterministic_backward: bool = True, vmapped:
     (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=1, dq_flush=True)),
     (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_cluster=1)),  # dq's single blocks
     (128, mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dq_cluster=2)),  # dq's pairs, segments in memory
+    (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_cluster=2, dkv_cluster=2)),  # dk/dv's pairs
+    (128, mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dkv_cluster=2)),
+    (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_cluster=2)),
 ])
 def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
     """Launches other than the default (what a tuning sweep tries) build and fit in shared memory."""

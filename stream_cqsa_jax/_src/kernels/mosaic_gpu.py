@@ -86,17 +86,18 @@ class Launch:
             raise ValueError(f"Launch.cluster must be 1 or 2, got {self.cluster}")
 
 
-# Keys per subproblem from which head dim 64 pairs its thread blocks without a mask (`default_launch`).
-LONG_KEYS = 1 << 20
+# Rows of a subproblem's key array (examples x keys x key/value heads) from which head dim 64 pairs its
+# thread blocks without a mask (`default_launch`): 1M keys of 8 heads, or 512K of 8 heads in 2 examples.
+LARGE_KEYS = 1 << 23
 
 
-def default_launch(head_dim: int, kv_len: int = 0, band: Band | None = None) -> Launch:
+def default_launch(head_dim: int, key_rows: int = 0, band: Band | None = None) -> Launch:
     """128-key tiles, 2 stages, heaviest query tiles first, for head dims 64 and 128; thread blocks in
-    pairs (`Launch.cluster`) at head dim 128, and at 64 for subproblems of `LONG_KEYS` keys or more
-    without a mask (`band` dense), where the key and value reads of single blocks missed L2 the most
-    (docs/hopper_kernel.md)."""
-    long_dense = band is not None and band.is_dense and kv_len >= LONG_KEYS
-    return Launch(block_kv=128, stages=2, heavy_first=True, cluster=2 if head_dim > 64 or long_dense else 1)
+    pairs (`Launch.cluster`) at head dim 128, and at 64 for subproblems whose key array has `LARGE_KEYS`
+    rows or more (`key_rows`: examples x keys x key/value heads) without a mask (`band` dense), where
+    the key and value reads of single blocks missed L2 the most (docs/hopper_kernel.md)."""
+    large_dense = band is not None and band.is_dense and key_rows >= LARGE_KEYS
+    return Launch(block_kv=128, stages=2, heavy_first=True, cluster=2 if head_dim > 64 or large_dense else 1)
 
 
 def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
@@ -227,7 +228,7 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
     `supports` says no."""
     b, lq, n, h = inp.q.shape
     kh = inp.k.shape[2]
-    launch = launch or default_launch(h, inp.k.shape[1], cfg.band)
+    launch = launch or default_launch(h, b * inp.k.shape[1] * kh, cfg.band)
     launch = dataclasses.replace(launch, block_kv=min(launch.block_kv, cfg.block_kv))
     launch = dataclasses.replace(launch, cluster=cluster_fits(cfg.q_chunk, BLOCK_ROWS, launch.cluster))
     if not supports(inp, cfg, launch):

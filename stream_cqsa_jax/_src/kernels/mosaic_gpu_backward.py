@@ -26,7 +26,10 @@ warpgroup owns 64 keys, holding k, v [64, H] in shared memory. For every
 query slot that visits the block's chunk (the transposed pair lists), the
 three walk the query tiles (`Launch.dkv_block_q` rows) that see some key of the block
 and, per tile, the ``groups`` query heads of the key/value head; the copy
-warpgroup streams q, dO [block_q, H] and the rows' bias and delta. Per step:
+warpgroup streams q, dO [block_q, H] and the rows' bias and delta. With
+`Launch.dkv_cluster` 2 two blocks of neighbouring key tiles walk the query tiles
+that some key of either sees and share their q and dO copies, as the forward's pairs
+share keys and values. Per step:
 ``s^T = k q^T``, ``dv += p^T dO``, ``dp^T = v dO^T``,
 ``ds^T = p^T (dp^T - delta)``, ``dk += ds^T q``, all on the tensor cores
 (`Launch.dkv_paired`, the default at head dim 64, issues ``s^T`` with ``dp^T``
@@ -105,6 +108,9 @@ class Launch:
     dq_cluster: thread blocks per cluster of the dq kernel; with 2, two neighbouring query tiles
     share their key and value copies, as the forward's `Launch.cluster` (query slots whose chunks
     are not a multiple of 256 rows run with 1).
+    dkv_cluster: thread blocks per cluster of the dk/dv kernel; with 2, two neighbouring key tiles
+    share their query and dO copies (key slots whose chunks are not a multiple of 256 keys run with 1).
+    No default picks it: it was no faster (docs/hopper_kernel.md).
     """
 
     dq_block_kv: int = 128
@@ -116,10 +122,12 @@ class Launch:
     dq_segment: int = 0
     dq_flush: bool = False
     dq_cluster: int = 1
+    dkv_cluster: int = 1
 
     def __post_init__(self):
-        if self.dq_cluster not in (1, 2):
-            raise ValueError(f"Launch.dq_cluster must be 1 or 2, got {self.dq_cluster}")
+        for name in ("dq_cluster", "dkv_cluster"):
+            if getattr(self, name) not in (1, 2):
+                raise ValueError(f"Launch.{name} must be 1 or 2, got {getattr(self, name)}")
 
     @property
     def dq_in_memory(self) -> bool:
@@ -410,13 +418,17 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
     (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem, *dq_smem), *barriers = scratch
     k_ready, v_ready, q_ready, do_ready, rows_ready, free, done = barriers
     band, cq, ck, bq, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.dkv_block_q, launch.dkv_stages
+    cluster = launch.dkv_cluster
     tiles = cq // bq
     kv_head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
-    per_chunk = ck // BLOCK
+    member = lax.axis_index("cluster") if cluster > 1 else 0  # this block's key tile in its cluster
+    per_chunk = ck // (BLOCK * cluster)
     kv_slot = block_map.div(t, per_chunk)
-    block_start = tab_ref[lay.kv_chunks + kv_slot] * ck + (t - kv_slot * per_chunk) * BLOCK
+    cluster_start = tab_ref[lay.kv_chunks + kv_slot] * ck + (t - kv_slot * per_chunk) * BLOCK * cluster
+    block_start = cluster_start + member * BLOCK
     q_limit, kv_limit = block_map.limits(band, lens_ref, bi)
-    shared = block_map.key_span(band, block_start, BLOCK, q_limit, kv_limit)
+    # the query tiles that some key of the cluster sees, which all its thread blocks walk
+    shared = block_map.key_span(band, cluster_start, BLOCK * cluster, q_limit, kv_limit)
     visitors = tab_ref[lay.kv_pair_count + kv_slot]
 
     def visitor_chunk(i):
@@ -440,7 +452,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
         # (the default from jax 0.11) rejects ("Shaped arrays must be represented by ir.Values").
         k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
         kv_start = block_start + wg * ROWS
-        keys = (bi, pl.ds(t * BLOCK + wg * ROWS, ROWS), kv_head)
+        keys = (bi, pl.ds((t * cluster + member) * BLOCK + wg * ROWS, ROWS), kv_head)
         own = block_map.key_span(band, kv_start, ROWS, q_limit, kv_limit)
         plgpu.copy_gmem_to_smem(k_ref.at[keys], k_tile, k_ready.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_tile, v_ready.at[wg])
@@ -576,6 +588,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
     @pl.when(wg == 2)
     def _memory():
         plgpu.set_max_registers(40, action="decrease")
+        multicast = "cluster" if cluster > 1 else None  # each block copies a share into all of them
 
         def visitor(i, step):
             q_slot, chunk_start = visitor_chunk(i)
@@ -591,9 +604,9 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
                     plgpu.barrier_wait(free.at[ring])
 
                 terms = rows_ref.at[bi, head, :, pl.ds(row0, bq)]
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[ring], q_ready.at[ring])
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[ring], q_ready.at[ring], collective_axes=multicast)
                 plgpu.copy_gmem_to_smem(terms, rows_smem.at[ring], rows_ready.at[ring])
-                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[ring], do_ready.at[ring])
+                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[ring], do_ready.at[ring], collective_axes=multicast)
                 return step + 1
 
             return lax.fori_loop(first, last, tile, step)
@@ -622,6 +635,8 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
             plgpu.SMEM((2, ROWS, bq), dtype, transforms=swizzled),  # ds^T of each warpgroup
             plgpu.SMEM((2, bq, h), jnp.float32),  # its share of dq, on its way to device memory
         )
+    cluster = cluster_fits(cfg.kv_chunk, BLOCK, launch.dkv_cluster)
+    launch = dataclasses.replace(launch, dkv_cluster=cluster)
     scratch = (
         smem,
         plgpu.Barrier(num_barriers=2),  # key tile landed
@@ -629,19 +644,19 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
         plgpu.Barrier(num_barriers=stages),  # query tile landed
         plgpu.Barrier(num_barriers=stages),  # dO tile landed
         plgpu.Barrier(num_barriers=stages),  # row terms landed
-        plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # stage free
+        free_barrier(cluster, num_arrivals=2, num_barriers=stages),  # stage free
         plgpu.Barrier(num_arrivals=2),  # both compute warpgroups done with the operands
     )
     body = functools.partial(
         _dkv_kernel, cfg=cfg, lay=lay, launch=launch, groups=inp.q.shape[2] // kh, has_lengths=lens is not None
     )
     grads = jax.ShapeDtypeStruct((b, lk, kh, h), jnp.float32)
-    grid, operands = (kh, lk // BLOCK, b), (inp.q, inp.k, inp.v, do, rows)
+    grid, operands = (kh, lk // (BLOCK * cluster), b), (inp.q, inp.k, inp.v, do, rows)
     if not launch.fused_dq:
-        return run_kernel(body, (grads, grads), scratch, grid, tab, lens, *operands)
+        return run_kernel(body, (grads, grads), scratch, grid, tab, lens, *operands, cluster=cluster)
 
     def in_place(refs):
-        run_kernel(body, (), scratch, grid, tab, lens, *operands, *refs)
+        run_kernel(body, (), scratch, grid, tab, lens, *operands, *refs, cluster=cluster)
 
     # The kernel updates buffers in place (dq added into zeros; dk, dv written): `pl.run_state` keeps
     # them inside, so that this stays a pure function, which `batched_as` in `backward` needs.
