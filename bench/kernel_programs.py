@@ -8,8 +8,8 @@ Lowers forward plus backward of one case for CUDA (on any machine, as the loweri
 writes each Mosaic GPU kernel's MLIR before serialization, without source locations, folded and
 deduplicated (``canonicalize``, ``cse``), so that index arithmetic that folds away (adding a
 zero, multiplying by one) leaves no trace. Identical text means the same program reaches the
-GPU compiler. The launches are the defaults unless ``--cluster`` forces the forward's and the dq
-kernel's thread blocks per cluster.
+GPU compiler. The launches are the defaults unless ``--cluster`` forces every kernel's thread
+blocks per cluster (the forward's, the dq kernel's and the dk/dv kernel's).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def kernel_programs(seq_len: int, head_dim: int, causal: bool, cluster: int | No
         if cluster is not None:
             mosaic_gpu.default_launch = lambda *a: dataclasses.replace(forward_default(*a), cluster=cluster)
             mosaic_gpu_backward.default_launch = lambda *a, **k: dataclasses.replace(
-                backward_default(*a, **k), dq_cluster=cluster
+                backward_default(*a, **k), dq_cluster=cluster, dkv_cluster=cluster
             )
         plan = sc.plan(q_len=seq_len, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
                        is_causal=causal, implementation="mosaic_gpu")

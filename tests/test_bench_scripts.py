@@ -66,11 +66,11 @@ def test_ncu_command_profiles_one_run_of_the_case_with_the_clocks_left_alone():
 
 def test_kernel_programs_are_the_same_text_for_the_same_code_and_differ_with_pairs():
     """bench/kernel_programs.py: two lowerings of one case give identical text (no locations, no
-    numbering left over from folded arithmetic); pairs of thread blocks change the forward and dq kernels."""
+    numbering left over from folded arithmetic); pairs of thread blocks change all three kernels."""
     import kernel_programs
 
     single = kernel_programs.kernel_programs(1024, 64, causal=True, cluster=1)
     assert len(single) == 3 and all("gpu.launch" in text for text in single)  # forward, dq, dk/dv
     assert kernel_programs.kernel_programs(1024, 64, causal=True, cluster=1) == single
     paired = kernel_programs.kernel_programs(1024, 64, causal=True, cluster=2)
-    assert [a == b for a, b in zip(single, paired)] == [False, False, True]
+    assert [a == b for a, b in zip(single, paired)] == [False, False, False]
