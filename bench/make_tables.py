@@ -259,9 +259,10 @@ def _default_clusters(r: dict) -> tuple[int, int]:
 
 
 def _forward_cluster(r: dict) -> int:
-    """Thread blocks per cluster of the forward that ran row `r`: the launch it names, else today's default
-    for a forward plus backward row that names a `dkv_cluster` (those runs came after today's forward rule),
-    else 1 (runs made before pairs existed)."""
+    """Thread blocks per cluster of the forward that ran row `r`: the launch it names (forward plus backward
+    rows of one subproblem name it from the runs after the dk/dv pairs on), else today's default for a
+    forward plus backward row that names a `dkv_cluster` (the first runs of those, made under today's forward
+    rule), else 1 (runs made before pairs existed)."""
     if "forward_launch" in r:
         return 2 if r["forward_launch"].endswith("cluster2") else 1
     if r.get("direction") == "fwd_bwd" and "dkv_cluster" in r:

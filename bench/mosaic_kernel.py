@@ -53,6 +53,13 @@ def _launch(text: str) -> mosaic_gpu.Launch:
     )
 
 
+def launch_text(launch: mosaic_gpu.Launch) -> str:
+    """The forward launch written as `_launch` reads it."""
+    return f"{launch.block_kv},{launch.stages}" + (",heavy" if launch.heavy_first else "") + (
+        ",cluster2" if launch.cluster == 2 else ""
+    )
+
+
 def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``, then optionally ``,paired``
     (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N),
@@ -116,6 +123,8 @@ def main(argv=None) -> int:
         programs = [(f"{label} cudnn", *benchmark.prepare_case("cudnn", case, args=inputs))]
         if args.portable:
             programs.append((f"{label} pallas_triton", *benchmark.prepare_case("pallas_triton", case, args=inputs)))
+        # one subproblem's own forward launch (the runs' key and value heads are their query heads)
+        own_forward = default_launch(d, case.batch * n * case.heads, Band.of(n, n, c, None))
         if args.backward_launches:
             if args.forward_launch:
                 mosaic_gpu.default_launch = lambda *_, launch=_launch(args.forward_launch): launch
@@ -125,25 +134,23 @@ def main(argv=None) -> int:
                 for chunks in chunk_counts:
                     row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
                     row.update(dataclasses.asdict(launch))
-                    if args.forward_launch:
-                        row["forward_launch"] = args.forward_launch
+                    if args.forward_launch or not chunks:  # cut into chunks, each subproblem picks its own
+                        row["forward_launch"] = args.forward_launch or launch_text(own_forward)
                     what = f" chunks={chunks}" if chunks else ""
                     programs.append((f"{label} mosaic_gpu backward {launch}{what}", row, run))
         else:
             for given in [_launch(x) for x in args.launches] if args.launches else [None]:
                 # None: the kernel's own choice (`mosaic_gpu.default_launch`), per subproblem
                 mosaic_gpu.default_launch = default_launch if given is None else lambda *_, launch=given: launch
-                # one subproblem's choice (the same key and value heads as query heads)
-                launch = given or default_launch(d, case.batch * n * case.heads, Band.of(n, n, c, None))
+                launch = given or own_forward
                 jax.clear_caches()
                 for chunks in chunk_counts:
                     row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
                     row.update(dataclasses.asdict(launch))
                     if given is None and chunks:
                         del row["cluster"]  # the subproblems' own choice, which their lengths decide
-                    what = f"{launch.block_kv},{launch.stages}" + (",heavy" if launch.heavy_first else "")
-                    what += ",cluster2" if launch.cluster == 2 else ""
-                    programs.append((f"{label} mosaic_gpu {what}" + (f" chunks={chunks}" if chunks else ""), row, run))
+                    what = launch_text(launch) + (f" chunks={chunks}" if chunks else "")
+                    programs.append((f"{label} mosaic_gpu {what}", row, run))
         mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch = default_launch, default_backward_launch
         prepared = [(row, run) for _, row, run in programs]
         if args.interleave:

@@ -18,6 +18,8 @@ def test_forward_launch_flags():
     assert (paired.block_kv, paired.stages, paired.heavy_first, paired.cluster) == (64, 3, True, 2)
     with pytest.raises(ValueError, match="'heavy' and 'cluster2'"):
         mosaic_kernel._launch("128,2,cluster4")
+    for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2"):  # how backward rows record the forward's
+        assert mosaic_kernel.launch_text(mosaic_kernel._launch(text)) == text
 
 
 def test_backward_launch_flags():
