@@ -393,27 +393,6 @@ def grad_accuracy_table(files: list[str], ours: str = "mosaic_gpu", variants: tu
     return "\n".join(lines)
 
 
-def launch_accuracy_table(before: str, variants: list[tuple[str, str]]) -> str:
-    """Gradient errors vs float64 of the backward with dq summed in the tensor cores (the `before` run)
-    and with each of `variants` ((column heading, file) of runs on the same inputs), next to cuDNN's
-    from the `before` run."""
-    headings = "".join(f" {heading} |" for heading, _ in variants)
-    lines = [
-        f"| N | D | causal | rows | gradient | dq summed in the tensor cores |{headings} cuDNN |",
-        "| --- " * (7 + len(variants)) + "|",
-    ]
-    load = lambda name: json.loads((RESULTS / name).read_text())["results"]
-    for old, *new in zip(load(before), *(load(name) for _, name in variants)):
-        e_old = old["grad_errors"]
-        for g in ("dq", "dk", "dv"):
-            cells = "".join(f" {r['grad_errors']['mosaic_gpu'][g]:.4e} |" for r in new)
-            lines.append(
-                f"| {_tokens(old['seq_len'])} | {old['head_dim']} | {'yes' if old['causal'] else 'no'} "
-                f"| {old['rows_checked']} | {g} | {e_old['mosaic_gpu'][g]:.4e} |{cells} {e_old['cudnn'][g]:.4e} |"
-            )
-    return "\n".join(lines)
-
-
 def launch_error_table(runs: list[tuple[str, str]]) -> str:
     """Errors vs float64 (output, dq, dk, dv) per case, one column per launch: `runs` are (file, heading of
     the launch its ``mosaic_gpu`` ran with); cuDNN's from whichever file has them; the rightmost launch a
@@ -775,21 +754,20 @@ def generated_mosaic() -> str:
             "tiles, the default until `Launch.dq_flush`), `accuracy_1m_grads_d128_causal_dkv_segments.json` (the same, and dk, dv "
             "moved into device memory every 16 steps) and `accuracy_1m_grads_d128_causal_dq128_flush.json` "
             "(1024-key segments of 128-key tiles, added up in device memory, `Launch.dq_flush`); all on the "
-            "same inputs. 256 evenly spaced rows, as above. The rows above were measured before dq segments.",
-            launch_accuracy_table(
-                "accuracy_1m_grads_d128_nc.json", [("dq in segments", "accuracy_1m_grads_d128_nc_segments.json")]
-            ),
-            launch_accuracy_table(
-                "accuracy_1m_grads_d128.json",
+            "same inputs. 256 evenly spaced rows, as above. The rows above were measured before dq segments. "
+            "\"rightmost / cuDNN\": the error of the rightmost launch that ran the case, over cuDNN's.",
+            launch_error_table(
                 [
-                    ("dq in segments", "accuracy_1m_grads_d128_causal_segments.json"),
-                    ("and dk/dv in 16-step segments", "accuracy_1m_grads_d128_causal_dkv_segments.json"),
-                    ("128-key dq tiles, segments in memory", "accuracy_1m_grads_d128_causal_dq128_flush.json"),
-                ],
+                    ("accuracy_1m_grads_d128_nc.json", "dq summed in the tensor cores"),
+                    ("accuracy_1m_grads_d128_nc_segments.json", "dq in segments"),
+                    ("accuracy_1m_grads_d128.json", "dq summed in the tensor cores"),
+                    ("accuracy_1m_grads_d128_causal_segments.json", "dq in segments"),
+                    ("accuracy_1m_grads_d128_causal_dkv_segments.json", "and dk/dv in 16-step segments"),
+                    ("accuracy_1m_grads_d128_causal_dq128_flush.json", "128-key dq tiles, segments in memory"),
+                ]
             ),
             "The same check on two more seeds (`accuracy_1m_grads_d128_causal_seeds12.json`, 64-key dq tiles, "
-            "the head dim 128 default when it ran); seed 0 is the run above. \"rightmost / cuDNN\": the error of "
-            "the rightmost launch that ran the case, over cuDNN's.",
+            "the head dim 128 default when it ran); seed 0 is the run above.",
             launch_error_table(
                 [
                     ("accuracy_1m_grads_d128_causal_segments.json", "64-key dq tiles"),
