@@ -192,6 +192,8 @@ def test_launches_refuse_clusters_other_than_one_or_two():
         mosaic_gpu_backward.Launch(dq_cluster=0)
     with pytest.raises(ValueError, match="dkv_cluster must be 1 or 2"):
         mosaic_gpu_backward.Launch(dkv_cluster=3)
+    with pytest.raises(ValueError, match="dkv_turns needs dkv_paired"):
+        mosaic_gpu_backward.Launch(dkv_turns=True)
 
 
 # name: (b, t, s, n, kh, h, dtype, structured masks, lengths, chunks, logit scale)
@@ -374,15 +376,7 @@ def test_mosaic_clusters_give_the_same_bits(case, monkeypatch):
         forward = dataclasses.replace(mosaic_gpu.default_launch(head_dim), cluster=cluster)
         backward = dataclasses.replace(mosaic_gpu_backward.default_launch(head_dim), dq_cluster=cluster,
                                        dkv_cluster=cluster)
-        with monkeypatch.context() as m:
-            m.setattr(mosaic_gpu, "default_launch", lambda *_: forward)
-            m.setattr(mosaic_gpu_backward, "default_launch", lambda *_: backward)
-            jax.clear_caches()  # traced programs are cached per plan, not per launch
-            f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, **c.structured, **c.extra)
-            out, vjp = jax.vjp(f, c.q, c.k, c.v)
-            result = [np.asarray(x) for x in (out, *vjp(c.do))]
-        jax.clear_caches()
-        return result
+        return _output_and_gradients(c, monkeypatch, backward, forward)
 
     single, paired = run(1), run(2)
     assert rel_error(as64(paired[0]), c.ref_out) <= 1.2 * c.base_out
@@ -398,23 +392,44 @@ def test_mosaic_fused_dq_in_pairs_of_key_tiles(monkeypatch):
     case = "cross_lengths_gqa"
     c = _float64_case(CLUSTER_CASES[case], case)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
-
-    def grads(cluster: int):
-        launch = mosaic_gpu_backward.Launch(dkv_paired=True, fused_dq=True, dkv_cluster=cluster)
-        with monkeypatch.context() as m:
-            m.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
-            jax.clear_caches()  # traced programs are cached per plan, not per launch
-            f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, **c.structured, **c.extra)
-            _, vjp = jax.vjp(f, c.q, c.k, c.v)
-            result = [np.asarray(g) for g in vjp(c.do)]
-        jax.clear_caches()
-        return result
-
-    single, (dq, dk, dv) = grads(1), grads(2)
+    launch = lambda cluster: mosaic_gpu_backward.Launch(dkv_paired=True, fused_dq=True, dkv_cluster=cluster)
+    single = _output_and_gradients(c, monkeypatch, launch(1))
+    _, dq, dk, dv = _output_and_gradients(c, monkeypatch, launch(2))
     assert rel_error(as64(dq), c.ref_grads[0]) <= 1.5 * c.base_grads[0]
     assert np.all(dq[~c.vis.any(-1)] == 0)  # rows that see no key
-    np.testing.assert_array_equal(dk, single[1])
-    np.testing.assert_array_equal(dv, single[2])
+    np.testing.assert_array_equal(dk, single[2])
+    np.testing.assert_array_equal(dv, single[3])
+
+
+@hopper
+@pytest.mark.parametrize("case", ["causal_gqa_odd", "window", "gqa_lengths_head128", "cross_causal_gqa_head128"])
+def test_mosaic_backward_turns_give_the_same_bits(case, monkeypatch):
+    """The backward kernels' compute warpgroups taking turns on the tensor cores (`Launch.dq_turns`,
+    `Launch.dkv_turns`) changes only when each issues its products: the gradients are the same bits
+    (masked, plain and skipped tiles, windows, lengths and grouped heads all occur)."""
+    c = _float64_case(BACKWARD_CASES[case], case)
+    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    plain = dataclasses.replace(mosaic_gpu_backward.default_launch(c.q.shape[-1]), dkv_paired=True)
+    without = _output_and_gradients(c, monkeypatch, plain)
+    with_turns = _output_and_gradients(c, monkeypatch, dataclasses.replace(plain, dq_turns=True, dkv_turns=True))
+    assert rel_error(as64(with_turns[1]), c.ref_grads[0]) <= 1.5 * c.base_grads[0]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), without, with_turns):
+        np.testing.assert_array_equal(b, a, err_msg=name)
+
+
+def _output_and_gradients(c, monkeypatch, backward, forward=None) -> list[np.ndarray]:
+    """(out, dq, dk, dv) of the case `c` (`_float64_case`) with the backward's default launch replaced by
+    `backward`, and the forward's by `forward` if given."""
+    with monkeypatch.context() as m:
+        m.setattr(mosaic_gpu_backward, "default_launch", lambda *_: backward)
+        if forward is not None:
+            m.setattr(mosaic_gpu, "default_launch", lambda *_: forward)
+        jax.clear_caches()  # traced programs are cached per plan, not per launch
+        f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, **c.structured, **c.extra)
+        out, vjp = jax.vjp(f, c.q, c.k, c.v)
+        result = [np.asarray(x) for x in (out, *vjp(c.do))]
+    jax.clear_caches()
+    return result
 
 
 @hopper
@@ -524,12 +539,26 @@ def _lower_gradient(head_dim: int, deterministic_backward: bool = True, vmapped:
     (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_cluster=2, dkv_cluster=2)),  # dk/dv's pairs
     (128, mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dkv_cluster=2)),
     (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_cluster=2)),
+    (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_cluster=2, dq_turns=True, dkv_turns=True)),
+    (128, mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dq_turns=True, dkv_paired=True, dkv_turns=True)),
+    (64, mosaic_gpu_backward.Launch(dkv_paired=True, fused_dq=True, dkv_turns=True)),
 ])
 def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
     """Launches other than the default (what a tuning sweep tries) build and fit in shared memory."""
     _pretend_hopper(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
     _lower_gradient(head_dim)
+
+
+def test_turns_reach_both_backward_kernels(monkeypatch):
+    """`Launch.dq_turns` and `Launch.dkv_turns` each change the gradient's program."""
+    _pretend_hopper(monkeypatch)
+    base = mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8)
+    texts = []
+    for launch in (base, dataclasses.replace(base, dq_turns=True), dataclasses.replace(base, dkv_turns=True)):
+        monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_, launch=launch: launch)
+        texts.append(_lower_gradient(64))
+    assert len(set(texts)) == 3
 
 
 def _use_lowering_semantics(monkeypatch, name: str) -> None:

@@ -111,6 +111,9 @@ class Launch:
     dkv_cluster: thread blocks per cluster of the dk/dv kernel; with 2, two neighbouring key tiles
     share their query and dO copies (key slots whose chunks are not a multiple of 256 keys run with 1).
     No default picks it: it was no faster (docs/hopper_kernel.md).
+    dq_turns, dkv_turns: the kernel's two compute warpgroups take turns on the tensor cores, as the
+    forward's do: one issues its products while the other computes ``p`` and ``ds`` from its last ones
+    (same products, same order, same bits). ``dkv_turns`` needs ``dkv_paired``.
     """
 
     dq_block_kv: int = 128
@@ -123,11 +126,15 @@ class Launch:
     dq_flush: bool = False
     dq_cluster: int = 1
     dkv_cluster: int = 1
+    dq_turns: bool = False
+    dkv_turns: bool = False
 
     def __post_init__(self):
         for name in ("dq_cluster", "dkv_cluster"):
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"Launch.{name} must be 1 or 2, got {getattr(self, name)}")
+        if self.dkv_turns and not self.dkv_paired:
+            raise ValueError("Launch.dkv_turns needs dkv_paired: its turns fall between the pairs of products")
 
     @property
     def dq_in_memory(self) -> bool:
@@ -201,18 +208,57 @@ def _settle(step, partial, total: tuple, every: int):
     return lax.cond(lax.rem(step + 1, every) == 0, add, lambda: (partial, total))
 
 
-def _product_pair(shape, first, ready, second):
+def _product_pair(shape, first, ready, second, issued=None):
     """Issues the products ``first`` and, once the barrier `ready` has landed, ``second`` (each an
-    (a, b) operand pair) into fresh float32 accumulators of `shape`; waits once for both; returns
-    their values."""
+    (a, b) operand pair) into fresh float32 accumulators of `shape`; calls `issued` (if any) while
+    they run; waits once for both; returns their values."""
 
     def issue(x_ref, y_ref):
         plgpu.wgmma(x_ref, *first)
         plgpu.barrier_wait(ready)
         plgpu.wgmma(y_ref, *second)
+        if issued is not None:
+            issued()
         return x_ref[...], y_ref[...]
 
     return pl.run_scoped(issue, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
+
+
+class Turns:
+    """The two compute warpgroups taking turns on the tensor cores through the barrier `turn` (two
+    arrivals), or doing nothing where `turn` is None. Each step passes two sync points: `take` after
+    issuing its first products, `hand_over` after computing from them. Warpgroup 1 starts one sync
+    point behind (`start`) and warpgroup 0 catches up at the end (`finish`), so that one issues
+    products while the other computes."""
+
+    def __init__(self, turn, wg):
+        self._turn, self._wg = turn, wg
+
+    def take(self) -> None:
+        if self._turn is not None:
+            plgpu.barrier_arrive(self._turn)
+            plgpu.barrier_wait(self._turn)
+
+    def hand_over(self, *values):
+        """`values` computed before the sync point, not moved past it."""
+        if self._turn is None:
+            return values
+        values = lax.optimization_barrier(values)
+        self.take()
+        return values
+
+    def start(self) -> None:
+        if self._turn is not None:
+            pl.when(self._wg == 1)(self.take)
+
+    def finish(self) -> None:
+        if self._turn is not None:
+            pl.when(self._wg == 0)(self.take)
+
+
+def _turn_barrier(on: bool) -> tuple:
+    """The scratch of `Turns`: one barrier of two arrivals, or nothing."""
+    return (plgpu.Barrier(num_arrivals=2),) if on else ()
 
 
 def _both_done(done):
@@ -263,10 +309,9 @@ def _copy_or_add(smem, gmem, onto) -> None:
 def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
     """refs: table, lengths (if any), q, k, v, dO, row terms; dq; then the scratch of `_dq`."""
     tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dq_ref,), scratch = split_refs(refs, has_lengths, 5, 1)
-    smem, q_ready, do_ready, rows_ready, *ring_barriers, done = scratch
+    smem, q_ready, do_ready, rows_ready, k_ready, v_ready, k_free, v_free, done, *turn = scratch
     (qdo_smem, out_smem), rows_smem, k_smem, v_smem, *stage_smem = smem
     flushes = launch.dq_in_memory
-    k_ready, v_ready, k_free, v_free = ring_barriers
     band, bk, stages, cluster = cfg.band, launch.dq_block_kv, launch.dq_stages, launch.dq_cluster
     head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
     t = q_ref.shape[1] // (BLOCK * cluster) - 1 - t  # the query tiles with the most keys (causal) first
@@ -291,12 +336,15 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
         plgpu.barrier_wait(do_ready.at[wg])
         qk_factor = cfg.scale * LOG2E
         shape = (ROWS, bk)
+        turns = Turns(turn[0] if turn else None, wg)
 
         def skip(kt, carry):
             ring = lax.rem(carry[0], stages)
             plgpu.barrier_wait(k_ready.at[ring])
             plgpu.barrier_wait(v_ready.at[ring])
+            turns.take()
             plgpu.barrier_arrive(v_free.at[ring])
+            turns.hand_over()
             plgpu.barrier_arrive(k_free.at[ring])
             return (carry[0] + 1,) + carry[1:]
 
@@ -311,6 +359,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
                 (q_tile, plgpu.transpose_ref(k_tile, (1, 0))),
                 v_ready.at[ring],
                 (do_tile, plgpu.transpose_ref(v_tile, (1, 0))),
+                issued=turns.take,
             )
             plgpu.barrier_arrive(v_free.at[ring])
             if masked:
@@ -319,6 +368,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
                 s = jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
             p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(bias, shape, [0]))
             ds = (p * (dp - lax.broadcast_in_dim(delta, shape, [0]))).astype(q_ref.dtype)
+            (ds,) = turns.hand_over(ds)
 
             def gradient(ref):
                 plgpu.wgmma(ref, ds, k_tile)
@@ -349,7 +399,9 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
         zeros = _zeros((ROWS, hd))
         # the sum of the finished segments in registers, or the flag that device memory holds it
         extra = ((jnp.int32(0),) if flushes else (zeros,)) if launch.dq_segment else ()
+        turns.start()
         _, dq, *total = block.walk(own, skip, visit, (jnp.int32(0), zeros, *extra))
+        turns.finish()
         if flushes:
             plgpu.wait_smem_to_gmem(0)
         elif total:
@@ -395,6 +447,7 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
         free(num_arrivals=2, num_barriers=stages),  # key stage free
         free(num_arrivals=2, num_barriers=stages),  # value stage free
         plgpu.Barrier(num_arrivals=2),  # both compute warpgroups done with q and dO
+        *_turn_barrier(launch.dq_turns),  # tensor-core turns
     )
     body = functools.partial(
         _dq_kernel, cfg=cfg, lay=lay, launch=launch, groups=n // inp.k.shape[2], has_lengths=lens is not None
@@ -416,7 +469,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
     q_ref, k_ref, v_ref, do_ref, rows_ref, *dq_refs = inputs[:6] if fused else inputs
     dk_ref, dv_ref = inputs[6:] if fused else outputs
     (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem, *dq_smem), *barriers = scratch
-    k_ready, v_ready, q_ready, do_ready, rows_ready, free, done = barriers
+    k_ready, v_ready, q_ready, do_ready, rows_ready, free, done, *turn = barriers
     band, cq, ck, bq, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.dkv_block_q, launch.dkv_stages
     cluster = launch.dkv_cluster
     tiles = cq // bq
@@ -461,12 +514,15 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
         qk_factor = cfg.scale * LOG2E
         shape = (ROWS, bq)
         per_column = plgpu.Layout.WGMMA.reduce(0)
+        turns = Turns(turn[0] if turn else None, wg)
 
         def skip(j, carry):
             ring = lax.rem(carry[0], stages)
             plgpu.barrier_wait(q_ready.at[ring])
             plgpu.barrier_wait(rows_ready.at[ring])
             plgpu.barrier_wait(do_ready.at[ring])
+            turns.take()
+            turns.hand_over()
             plgpu.barrier_arrive(free.at[ring])
             return (carry[0] + 1,) + carry[1:]
 
@@ -513,6 +569,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
                 (k_tile, plgpu.transpose_ref(q_tile, (1, 0))),
                 do_ready.at[ring],
                 (v_tile, plgpu.transpose_ref(do_tile, (1, 0))),
+                issued=turns.take,
             )
             if masked:
                 s = mask(s, j, q_start)
@@ -522,6 +579,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             p = probabilities(s, bias)
             ds = score_gradient(p, dp, delta)
             p16 = p.astype(q_ref.dtype)
+            ds, p16 = turns.hand_over(ds, p16)
 
             def gradients(refs):
                 dv_ref, dk_ref = refs
@@ -579,7 +637,9 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             return walk(first, last, mine, skip, masked, plain, carry)
 
         zeros = plgpu.layout_cast(jnp.zeros((ROWS, k_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
+        turns.start()
         _, dk, dv = lax.fori_loop(0, visitors, visitor, (jnp.int32(0), zeros, zeros))
+        turns.finish()
         if fused:
             plgpu.wait_smem_to_gmem(0)
         _both_done(done)
@@ -646,6 +706,7 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
         plgpu.Barrier(num_barriers=stages),  # row terms landed
         free_barrier(cluster, num_arrivals=2, num_barriers=stages),  # stage free
         plgpu.Barrier(num_arrivals=2),  # both compute warpgroups done with the operands
+        *_turn_barrier(launch.dkv_turns),  # tensor-core turns
     )
     body = functools.partial(
         _dkv_kernel, cfg=cfg, lay=lay, launch=launch, groups=inp.q.shape[2] // kh, has_lengths=lens is not None
