@@ -41,6 +41,7 @@ from .base import KernelConfig, KernelInputs
 from .mosaic_gpu_common import (
     LOG2E,
     QueryBlock,
+    Turns,
     cluster_fits,
     drain,
     free_barrier,
@@ -125,10 +126,6 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK_ROWS, bk, cluster)
     q_limit, kv_limit = block.q_limit, block.kv_limit
 
-    def take_turn():
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(turn)
-
     @pl.when(wg < 2)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
@@ -138,16 +135,17 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_tile, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
         qk_factor = cfg.scale * LOG2E
+        turns = Turns(turn, wg)
 
         def skip(kt, carry):
             step = carry[0]
             ring = lax.rem(step, stages)
             plgpu.barrier_wait(k_ready.at[ring])
-            take_turn()
+            turns.take()
             plgpu.barrier_arrive(k_free.at[ring])
-            plgpu.barrier_arrive(turn)
+            turns.arrive()
             plgpu.barrier_wait(v_ready.at[ring])
-            plgpu.barrier_wait(turn)
+            turns.wait()
             plgpu.barrier_arrive(v_free.at[ring])
             return (step + 1,) + carry[1:]
 
@@ -158,7 +156,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
 
             def scores(ref):
                 plgpu.wgmma(ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
-                take_turn()
+                turns.take()
                 return ref[...]
 
             s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
@@ -178,9 +176,9 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(q_ref.dtype)
             acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-            plgpu.barrier_arrive(turn)
+            turns.arrive()
             plgpu.barrier_wait(v_ready.at[ring])
-            plgpu.barrier_wait(turn)
+            turns.wait()
 
             def values(ref):
                 plgpu.wgmma(ref, p16, v_smem.at[ring])
@@ -196,12 +194,12 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
         )
-        pl.when(wg == 1)(take_turn)
+        turns.start()
         _, acc, m_i, l_i = block.walk(own, skip, visit, init)
-        pl.when(wg == 0)(take_turn)
+        turns.finish()
         # Once both compute warpgroups pass this, neither reads the key/value ring again,
         # and the output tiles may reuse its memory.
-        take_turn()
+        turns.take()
 
         o_tile[...] = acc
         m_tile[...] = m_i * _LN2

@@ -63,8 +63,11 @@ from .base import KernelConfig, KernelInputs, row_bias
 from .mosaic_gpu_common import (
     LOG2E,
     QueryBlock,
+    Turns,
     batched_as,
     cluster_fits,
+    cluster_member,
+    cluster_tile,
     drain,
     free_barrier,
     run_kernel,
@@ -222,38 +225,6 @@ def _product_pair(shape, first, ready, second, issued=None):
         return x_ref[...], y_ref[...]
 
     return pl.run_scoped(issue, plgpu.ACC(shape, jnp.float32), plgpu.ACC(shape, jnp.float32))
-
-
-class Turns:
-    """The two compute warpgroups taking turns on the tensor cores through the barrier `turn` (two
-    arrivals), or doing nothing where `turn` is None. Each step passes two sync points: `take` after
-    issuing its first products, `hand_over` after computing from them. Warpgroup 1 starts one sync
-    point behind (`start`) and warpgroup 0 catches up at the end (`finish`), so that one issues
-    products while the other computes."""
-
-    def __init__(self, turn, wg):
-        self._turn, self._wg = turn, wg
-
-    def take(self) -> None:
-        if self._turn is not None:
-            plgpu.barrier_arrive(self._turn)
-            plgpu.barrier_wait(self._turn)
-
-    def hand_over(self, *values):
-        """`values` computed before the sync point, not moved past it."""
-        if self._turn is None:
-            return values
-        values = lax.optimization_barrier(values)
-        self.take()
-        return values
-
-    def start(self) -> None:
-        if self._turn is not None:
-            pl.when(self._wg == 1)(self.take)
-
-    def finish(self) -> None:
-        if self._turn is not None:
-            pl.when(self._wg == 0)(self.take)
 
 
 def _turn_barrier(on: bool) -> tuple:
@@ -474,10 +445,8 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
     cluster = launch.dkv_cluster
     tiles = cq // bq
     kv_head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
-    member = lax.axis_index("cluster") if cluster > 1 else 0  # this block's key tile in its cluster
-    per_chunk = ck // (BLOCK * cluster)
-    kv_slot = block_map.div(t, per_chunk)
-    cluster_start = tab_ref[lay.kv_chunks + kv_slot] * ck + (t - kv_slot * per_chunk) * BLOCK * cluster
+    member = cluster_member(cluster)  # this block's key tile in its cluster
+    kv_slot, cluster_start = cluster_tile(tab_ref, lay.kv_chunks, ck, t, BLOCK, cluster)
     block_start = cluster_start + member * BLOCK
     q_limit, kv_limit = block_map.limits(band, lens_ref, bi)
     # the query tiles that some key of the cluster sees, which all its thread blocks walk

@@ -112,6 +112,57 @@ def free_barrier(cluster: int, **kwargs):
     return plgpu.Barrier(**kwargs)
 
 
+def cluster_tile(tab_ref, chunks_at: int, chunk: int, t, rows: int, cluster: int):
+    """(slot, first position) of cluster `t` of `cluster` tiles of `rows` rows (or keys), slot-major over
+    the plan's slots of `chunk` positions, whose chunk indices the table holds from `chunks_at`."""
+    per_chunk = chunk // (rows * cluster)
+    slot = block_map.div(t, per_chunk)
+    return slot, tab_ref[chunks_at + slot] * chunk + (t - slot * per_chunk) * (rows * cluster)
+
+
+def cluster_member(cluster: int):
+    """Which tile of its cluster this thread block holds (0 for single blocks)."""
+    return lax.axis_index("cluster") if cluster > 1 else 0
+
+
+class Turns:
+    """The two compute warpgroups taking turns on the tensor cores through the barrier `turn` (two
+    arrivals), or doing nothing where `turn` is None. Each pass (`take`, or `arrive` then `wait`) is a sync
+    point of both. Warpgroup 1 starts one pass behind (`start`) and warpgroup 0 catches up at the end
+    (`finish`), so that while one issues its products the other computes from its last ones."""
+
+    def __init__(self, turn, wg):
+        self._turn, self._wg = turn, wg
+
+    def arrive(self) -> None:
+        if self._turn is not None:
+            plgpu.barrier_arrive(self._turn)
+
+    def wait(self) -> None:
+        if self._turn is not None:
+            plgpu.barrier_wait(self._turn)
+
+    def take(self) -> None:
+        self.arrive()
+        self.wait()
+
+    def hand_over(self, *values):
+        """A pass, with `values` computed before it, not moved past it."""
+        if self._turn is None:
+            return values
+        values = lax.optimization_barrier(values)
+        self.take()
+        return values
+
+    def start(self) -> None:
+        if self._turn is not None:
+            pl.when(self._wg == 1)(self.take)
+
+    def finish(self) -> None:
+        if self._turn is not None:
+            pl.when(self._wg == 0)(self.take)
+
+
 class QueryBlock:
     """The query rows of cluster `t` (slot-major over the plan's query slots): `cluster` tiles of
     `rows` rows from ``start``, their limits, and the key tiles of `block_kv` keys that some of
@@ -122,14 +173,11 @@ class QueryBlock:
         self._tab, self._lay = tab_ref, lay
         self.block_kv, self.kv_chunk = block_kv, cfg.kv_chunk
         self._t, self._rows, self._cluster = t, rows, cluster
-        cluster_rows = rows * cluster
-        per_chunk = cfg.q_chunk // cluster_rows
-        self.slot = block_map.div(t, per_chunk)
-        self.start = tab_ref[lay.q_chunks + self.slot] * cfg.q_chunk + (t - self.slot * per_chunk) * cluster_rows
+        self.slot, self.start = cluster_tile(tab_ref, lay.q_chunks, cfg.q_chunk, t, rows, cluster)
         self.q_limit, self.kv_limit = block_map.limits(cfg.band, lens_ref, bi)
-        self.span = block_map.query_span(cfg.band, self.start, cluster_rows, self.q_limit, self.kv_limit)
+        self.span = block_map.query_span(cfg.band, self.start, rows * cluster, self.q_limit, self.kv_limit)
         self.pair_count = tab_ref[lay.pair_count + self.slot]
-        self.member = lax.axis_index("cluster") if cluster > 1 else 0
+        self.member = cluster_member(cluster)
 
     def warpgroup_rows(self, wg, rows: int):
         """(first query position, first row in the subproblem's query array) of the `rows` rows of
