@@ -150,7 +150,7 @@ def main(argv=None) -> int:
                     row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
                     row.update(dataclasses.asdict(launch))
                     if given is None and chunks:
-                        del row["cluster"]  # the subproblems' own choice, which their lengths decide
+                        del row["cluster"]  # the subproblems' own choice, which the sizes of their key arrays decide
                     what = launch_text(launch) + (f" chunks={chunks}" if chunks else "")
                     programs.append((f"{label} mosaic_gpu {what}", row, run))
         mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch = default_launch, default_backward_launch
