@@ -147,10 +147,12 @@ class Turns:
         self.wait()
 
     def hand_over(self, *values):
-        """A pass, with `values` computed before it, not moved past it."""
+        """A pass, with `values` computed before it, not moved past it (a barrier of no operands
+        is no valid program, so a pass with no values has none)."""
         if self._turn is None:
             return values
-        values = lax.optimization_barrier(values)
+        if values:
+            values = lax.optimization_barrier(values)
         self.take()
         return values
 
