@@ -70,6 +70,18 @@ H100_FILES = [
     "h100_fwd_64k_nc.json",
     "h100_fwd_512k_b2_clusters.json",
 ]
+# Runs on an H100: the backward's tensor-core turns (`Launch.dq_turns`; `dkv_turns`, since removed), in order
+# of the table, then the dq kernel's pairs at 1M and the forward at lengths of whole and partial last waves.
+H100_TURNS_FILES = [
+    "h100_turns_d64_nc.json",
+    "h100_dqturns_d64.json",
+    "h100_dqturns_1m_d64.json",
+    "h100_turns_d128_nc.json",
+]
+H100_DQ_CLUSTER_1M = "h100_dq_cluster_1m_d128.json"
+H100_WAVES = "h100_fwd_wave_tail.json"
+SMS = 132  # streaming multiprocessors of the H100 SXM and the H200, one forward thread block each at a time
+FORWARD_BLOCK_ROWS = 128  # query rows per forward thread block (`mosaic_gpu.BLOCK_ROWS`)
 # Forward plus backward runs, oldest first: a later run of the same case replaces an earlier one.
 MOSAIC_BACKWARD_FILES = [
     "mosaic_bwd_64k_256k.json",
@@ -362,6 +374,8 @@ def backward_launch_table(name: str) -> str:
         dq += " in memory" if r.get("dq_segment") and r.get("dq_flush") else ""
         dq += f", dk/dv {r['dkv_segment']}-step segments" if r.get("dkv_segment") else ""
         dq += ", blocks in pairs" if r.get("dq_cluster", 1) == 2 else ""
+        dq += ", turns" if r.get("dq_turns") else ""
+        dq += ", dk/dv turns" if r.get("dkv_turns") else ""  # a launch option since removed
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
             f"| {r['dq_block_kv']}, {r['dq_stages']} | {r['dkv_block_q']}, {r['dkv_stages']} "
@@ -509,6 +523,24 @@ def backward_cluster_table(files: list[str], launch_field: str = "dq_cluster") -
             f"| {_tokens(key[0])} | {key[1]} | {'yes' if key[2] else 'no'} "
             f"| {'pairs' if _forward_cluster(single) == 2 else 'single'} | {c:.4f} | {single['seconds']:.4f} "
             f"| {pairs['seconds']:.4f} | {c / single['seconds']:.3f}x | {c / pairs['seconds']:.3f}x | `{name}` |"
+        )
+    return "\n".join(lines)
+
+
+def wave_table(name: str) -> str:
+    """The forward at lengths whose thread blocks fill the last wave over the SMs or leave it nearly
+    empty (`SMS`, `FORWARD_BLOCK_ROWS`), in turns with cuDNN."""
+    ours, base = _ours_and_cudnn([name], _MOSAIC_FIELDS, "mosaic_gpu")
+    lines = [
+        "| N | D | thread blocks | waves of 132 | cuDNN s | ours s | ours / cuDNN throughput |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(ours, key=lambda r: (r["head_dim"], r["seq_len"])):
+        c = base[tuple(r[f] for f in _MOSAIC_FIELDS)]["seconds"]
+        blocks = r["batch"] * r["heads"] * r["seq_len"] // FORWARD_BLOCK_ROWS
+        lines.append(
+            f"| {r['seq_len']} | {r['head_dim']} | {blocks} | {blocks / SMS:.2f} | {c:.4f} | {r['seconds']:.4f} "
+            f"| {c / r['seconds']:.3f}x |"
         )
     return "\n".join(lines)
 
@@ -706,6 +738,25 @@ def generated_mosaic() -> str:
             backward_cluster_table(H100_FILES[:3], "dkv_cluster"),
             cluster_table([H100_FILES[3]]),
             shapes_table([H100_FILES[4]]),
+            "### On an H100: the backward's warpgroups taking turns on the tensor cores",
+            f"Card: {card(H100_TURNS_FILES[0])}, bfloat16, forward plus backward in turns with cuDNN after a "
+            "warm-up, median of 5 rounds (1 at 1M). Each case ran its head dim's default launch of the time "
+            "without turns, with the dq kernel's (`Launch.dq_turns`), and in the first and last tables with the "
+            "dk/dv kernel's too (a launch option, `dkv_turns`, removed since as slower everywhere). Head dim 128 "
+            "also ran paired dk/dv products, which turns in the dk/dv kernel needed. The dq kernel's turns are "
+            "the head dim 64 default since these runs; at 128 they lost 6-8%. At 64K, head dim 128, cuDNN's "
+            "rounds spread over 0.106-0.126 s, so the paired products' 0.949x there is within that run's noise "
+            "(at 256K: the same as unpaired).",
+            *(backward_launch_table(name) for name in H100_TURNS_FILES),
+            "### On an H100: the dq kernel's pairs at 1M, head dim 128, without a mask",
+            f"File: `{H100_DQ_CLUSTER_1M}` (forward plus backward, one round in turns with cuDNN after a warm-up).",
+            backward_cluster_table([H100_DQ_CLUSTER_1M]),
+            "### On an H100: the forward at 64K with a full last wave",
+            f"File: `{H100_WAVES}` (bfloat16, B=1, 8 heads, no mask, default launches, median of 9 rounds in "
+            "turns with cuDNN after a warm-up). 64K tokens give 4096 thread blocks of 128 query rows: 31 full "
+            "waves over 132 SMs and a last wave of 4 blocks. 67584 tokens give exactly 32 waves, and ran no "
+            "closer to cuDNN: the nearly empty last wave is not the gap at 64K.",
+            wave_table(H100_WAVES),
             "### dq in segments: forward plus backward with and without `Launch.dq_segment`",
             "Files: `mosaic_bwd_dq_segments_256k_d128.json`, `mosaic_bwd_dq_segments_256k_d64.json`, "
             "`mosaic_bwd_dq128_segments_256k_d128.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in "

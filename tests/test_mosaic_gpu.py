@@ -183,6 +183,7 @@ def test_default_launches_pair_thread_blocks_where_that_was_faster():
             assert mosaic_gpu_backward.default_launch(d, deterministic).dkv_cluster == 1
     assert mosaic_gpu_backward.default_launch(64).dq_cluster == 2
     assert mosaic_gpu_backward.default_launch(128).dq_cluster == 1
+    assert mosaic_gpu_backward.default_launch(64).dq_turns and not mosaic_gpu_backward.default_launch(128).dq_turns
 
 
 def test_launches_refuse_clusters_other_than_one_or_two():
@@ -192,8 +193,6 @@ def test_launches_refuse_clusters_other_than_one_or_two():
         mosaic_gpu_backward.Launch(dq_cluster=0)
     with pytest.raises(ValueError, match="dkv_cluster must be 1 or 2"):
         mosaic_gpu_backward.Launch(dkv_cluster=3)
-    with pytest.raises(ValueError, match="dkv_turns needs dkv_paired"):
-        mosaic_gpu_backward.Launch(dkv_turns=True)
 
 
 # name: (b, t, s, n, kh, h, dtype, structured masks, lengths, chunks, logit scale)
@@ -404,14 +403,14 @@ def test_mosaic_fused_dq_in_pairs_of_key_tiles(monkeypatch):
 @hopper
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "window", "gqa_lengths_head128", "cross_causal_gqa_head128"])
 def test_mosaic_backward_turns_give_the_same_bits(case, monkeypatch):
-    """The backward kernels' compute warpgroups taking turns on the tensor cores (`Launch.dq_turns`,
-    `Launch.dkv_turns`) changes only when each issues its products: the gradients are the same bits
-    (masked, plain and skipped tiles, windows, lengths and grouped heads all occur)."""
+    """The dq kernel's compute warpgroups taking turns on the tensor cores (`Launch.dq_turns`)
+    changes only when each issues its products: the gradients are the same bits (masked, plain and
+    skipped tiles, windows, lengths and grouped heads all occur)."""
     c = _float64_case(BACKWARD_CASES[case], case)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
-    plain = dataclasses.replace(mosaic_gpu_backward.default_launch(c.q.shape[-1]), dkv_paired=True)
+    plain = dataclasses.replace(mosaic_gpu_backward.default_launch(c.q.shape[-1]), dq_turns=False)
     without = _output_and_gradients(c, monkeypatch, plain)
-    with_turns = _output_and_gradients(c, monkeypatch, dataclasses.replace(plain, dq_turns=True, dkv_turns=True))
+    with_turns = _output_and_gradients(c, monkeypatch, dataclasses.replace(plain, dq_turns=True))
     assert rel_error(as64(with_turns[1]), c.ref_grads[0]) <= 1.5 * c.base_grads[0]
     for name, a, b in zip(("out", "dq", "dk", "dv"), without, with_turns):
         np.testing.assert_array_equal(b, a, err_msg=name)
@@ -539,9 +538,8 @@ def _lower_gradient(head_dim: int, deterministic_backward: bool = True, vmapped:
     (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_cluster=2, dkv_cluster=2)),  # dk/dv's pairs
     (128, mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dkv_cluster=2)),
     (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_cluster=2)),
-    (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_cluster=2, dq_turns=True, dkv_turns=True)),
-    (128, mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dq_turns=True, dkv_paired=True, dkv_turns=True)),
-    (64, mosaic_gpu_backward.Launch(dkv_paired=True, fused_dq=True, dkv_turns=True)),
+    (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_cluster=2)),  # dq without turns
+    (128, mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dq_turns=True)),  # dq's turns, segments in memory
 ])
 def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
     """Launches other than the default (what a tuning sweep tries) build and fit in shared memory."""
@@ -550,15 +548,15 @@ def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeyp
     _lower_gradient(head_dim)
 
 
-def test_turns_reach_both_backward_kernels(monkeypatch):
-    """`Launch.dq_turns` and `Launch.dkv_turns` each change the gradient's program."""
+def test_dq_turns_change_the_gradient_program(monkeypatch):
+    """`Launch.dq_turns` reaches the gradient's program."""
     _pretend_hopper(monkeypatch)
     base = mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8)
     texts = []
-    for launch in (base, dataclasses.replace(base, dq_turns=True), dataclasses.replace(base, dkv_turns=True)):
+    for launch in (base, dataclasses.replace(base, dq_turns=True)):
         monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_, launch=launch: launch)
         texts.append(_lower_gradient(64))
-    assert len(set(texts)) == 3
+    assert texts[0] != texts[1]
 
 
 def _use_lowering_semantics(monkeypatch, name: str) -> None:

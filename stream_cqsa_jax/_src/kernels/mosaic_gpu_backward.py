@@ -114,9 +114,9 @@ class Launch:
     dkv_cluster: thread blocks per cluster of the dk/dv kernel; with 2, two neighbouring key tiles
     share their query and dO copies (key slots whose chunks are not a multiple of 256 keys run with 1).
     No default picks it: it was no faster (docs/hopper_kernel.md).
-    dq_turns, dkv_turns: the kernel's two compute warpgroups take turns on the tensor cores, as the
+    dq_turns: the dq kernel's two compute warpgroups take turns on the tensor cores, as the
     forward's do: one issues its products while the other computes ``p`` and ``ds`` from its last ones
-    (same products, same order, same bits). ``dkv_turns`` needs ``dkv_paired``.
+    (same products, same order, same bits).
     """
 
     dq_block_kv: int = 128
@@ -130,14 +130,11 @@ class Launch:
     dq_cluster: int = 1
     dkv_cluster: int = 1
     dq_turns: bool = False
-    dkv_turns: bool = False
 
     def __post_init__(self):
         for name in ("dq_cluster", "dkv_cluster"):
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"Launch.{name} must be 1 or 2, got {getattr(self, name)}")
-        if self.dkv_turns and not self.dkv_paired:
-            raise ValueError("Launch.dkv_turns needs dkv_paired: its turns fall between the pairs of products")
 
     @property
     def dq_in_memory(self) -> bool:
@@ -152,14 +149,16 @@ def default_launch(head_dim: int, deterministic: bool = True) -> Launch:
     stay in registers), paired products at head dim 64, where they were 3-4% faster (at 128 they
     were not; docs/hopper_kernel.md). 2 stages each. The dq kernel's thread blocks in pairs that
     share their key and value copies (`Launch.dq_cluster`) at head dim 64, where that was 1-5%
-    faster (at 128 it lost up to 4% under a causal mask). Without `deterministic`, fused dq at
-    head dim 64 (at 128 it was slower)."""
+    faster (at 128 it lost up to 4% under a causal mask). The dq kernel's warpgroups taking turns
+    on the tensor cores (`Launch.dq_turns`) at head dim 64, where that was 1-4% faster (at 128 it
+    was 6-8% slower). Without `deterministic`, fused dq at head dim 64 (at 128 it was slower)."""
     return Launch(
         dkv_paired=head_dim <= 64,
         fused_dq=not deterministic and head_dim <= 64,
         dq_segment=1024 // Launch.dq_block_kv,
         dq_flush=head_dim > 64,
         dq_cluster=2 if head_dim <= 64 else 1,
+        dq_turns=head_dim <= 64,
     )
 
 
@@ -440,7 +439,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
     q_ref, k_ref, v_ref, do_ref, rows_ref, *dq_refs = inputs[:6] if fused else inputs
     dk_ref, dv_ref = inputs[6:] if fused else outputs
     (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem, *dq_smem), *barriers = scratch
-    k_ready, v_ready, q_ready, do_ready, rows_ready, free, done, *turn = barriers
+    k_ready, v_ready, q_ready, do_ready, rows_ready, free, done = barriers
     band, cq, ck, bq, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.dkv_block_q, launch.dkv_stages
     cluster = launch.dkv_cluster
     tiles = cq // bq
@@ -483,15 +482,12 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
         qk_factor = cfg.scale * LOG2E
         shape = (ROWS, bq)
         per_column = plgpu.Layout.WGMMA.reduce(0)
-        turns = Turns(turn[0] if turn else None, wg)
 
         def skip(j, carry):
             ring = lax.rem(carry[0], stages)
             plgpu.barrier_wait(q_ready.at[ring])
             plgpu.barrier_wait(rows_ready.at[ring])
             plgpu.barrier_wait(do_ready.at[ring])
-            turns.take()
-            turns.hand_over()
             plgpu.barrier_arrive(free.at[ring])
             return (carry[0] + 1,) + carry[1:]
 
@@ -538,7 +534,6 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
                 (k_tile, plgpu.transpose_ref(q_tile, (1, 0))),
                 do_ready.at[ring],
                 (v_tile, plgpu.transpose_ref(do_tile, (1, 0))),
-                issued=turns.take,
             )
             if masked:
                 s = mask(s, j, q_start)
@@ -548,7 +543,6 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             p = probabilities(s, bias)
             ds = score_gradient(p, dp, delta)
             p16 = p.astype(q_ref.dtype)
-            ds, p16 = turns.hand_over(ds, p16)
 
             def gradients(refs):
                 dv_ref, dk_ref = refs
@@ -606,9 +600,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             return walk(first, last, mine, skip, masked, plain, carry)
 
         zeros = plgpu.layout_cast(jnp.zeros((ROWS, k_ref.shape[-1]), jnp.float32), plgpu.Layout.WGMMA)
-        turns.start()
         _, dk, dv = lax.fori_loop(0, visitors, visitor, (jnp.int32(0), zeros, zeros))
-        turns.finish()
         if fused:
             plgpu.wait_smem_to_gmem(0)
         _both_done(done)
@@ -675,7 +667,6 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
         plgpu.Barrier(num_barriers=stages),  # row terms landed
         free_barrier(cluster, num_arrivals=2, num_barriers=stages),  # stage free
         plgpu.Barrier(num_arrivals=2),  # both compute warpgroups done with the operands
-        *_turn_barrier(launch.dkv_turns),  # tensor-core turns
     )
     body = functools.partial(
         _dkv_kernel, cfg=cfg, lay=lay, launch=launch, groups=inp.q.shape[2] // kh, has_lengths=lens is not None
