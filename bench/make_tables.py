@@ -261,13 +261,11 @@ def generated() -> str:
 def _default_clusters(r: dict) -> tuple[int, int]:
     """(forward `Launch.cluster`, dq `Launch.dq_cluster`) that today's default launches pick for the case of
     row `r` (one subproblem of the whole sequence)."""
-    from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
-    from stream_cqsa_jax._src.masks import Band
+    from stream_cqsa_jax import benchmark
+    from stream_cqsa_jax._src.kernels import mosaic_gpu_backward
 
-    n, d = r["seq_len"], r["head_dim"]
-    key_rows = r.get("batch", 1) * n * r.get("heads", 8)  # the runs' key and value heads are their query heads
-    forward = mosaic_gpu.default_launch(d, key_rows, Band.of(n, n, r["causal"], None))
-    return forward.cluster, mosaic_gpu_backward.default_launch(d).dq_cluster
+    case = benchmark.Case(r["seq_len"], r["head_dim"], r["causal"], r["direction"], r.get("batch", 1), r.get("heads", 8))
+    return case.forward_launch().cluster, mosaic_gpu_backward.default_launch(r["head_dim"]).dq_cluster
 
 
 def _forward_cluster(r: dict) -> int:

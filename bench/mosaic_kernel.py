@@ -37,7 +37,6 @@ import jax
 
 from stream_cqsa_jax import benchmark
 from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
-from stream_cqsa_jax._src.masks import Band
 
 
 def _launch(text: str) -> mosaic_gpu.Launch:
@@ -126,7 +125,7 @@ def main(argv=None) -> int:
         if args.portable:
             programs.append((f"{label} pallas_triton", *benchmark.prepare_case("pallas_triton", case, args=inputs)))
         # one subproblem's own forward launch (the runs' key and value heads are their query heads)
-        own_forward = default_launch(d, case.batch * n * case.heads, Band.of(n, n, c, None))
+        own_forward = case.forward_launch()
         if args.backward_launches:
             if args.forward_launch:
                 mosaic_gpu.default_launch = lambda *_, launch=_launch(args.forward_launch): launch

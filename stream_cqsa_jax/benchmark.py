@@ -51,6 +51,15 @@ class Case:
         f = f / 2 if self.causal else f
         return f * (3.5 if self.direction == "fwd_bwd" else 1.0)
 
+    def forward_launch(self):
+        """The Hopper forward's launch (`mosaic_gpu.default_launch`) for the case run as one subproblem;
+        the case's key and value heads are its query heads."""
+        from ._src.kernels import mosaic_gpu
+        from ._src.masks import Band
+
+        n = self.seq_len
+        return mosaic_gpu.default_launch(self.head_dim, self.batch * n * self.heads, Band.of(n, n, self.causal, None))
+
 
 VARIANTS = ("", "nondeterministic")
 

@@ -1,4 +1,4 @@
-"""The benchmark's timing orders: programs timed alone or in turns."""
+"""The benchmark module: timing orders (programs timed alone or in turns) and its cases."""
 
 import pytest
 
@@ -64,3 +64,14 @@ def test_cli_interleave_prints_a_table(capsys):
     assert benchmark.main(argv) == 0
     out = capsys.readouterr().out
     assert "| 512 | 32 | yes | fwd | xla_dense |" in out and "| 512 | 32 | yes | fwd | xla |" in out
+
+
+def test_case_forward_launch_follows_the_key_array_size():
+    """One subproblem of the whole case: pairs at head dim 128, and at 64 for a dense key array of 2^23
+    rows or more (`mosaic_gpu.LARGE_KEYS`), single blocks otherwise."""
+    assert benchmark.Case(65536, 128, False, "fwd").forward_launch().cluster == 2
+    assert benchmark.Case(65536, 64, False, "fwd").forward_launch().cluster == 1
+    assert benchmark.Case(1 << 20, 64, False, "fwd").forward_launch().cluster == 2
+    assert benchmark.Case(1 << 19, 64, False, "fwd_bwd", batch=2).forward_launch().cluster == 2
+    assert benchmark.Case(1 << 20, 64, True, "fwd").forward_launch().cluster == 1
+    assert benchmark.Case(1 << 20, 64, False, "fwd", heads=2).forward_launch().cluster == 1
