@@ -112,6 +112,27 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(q, k, v)), plain)
 
 
+@hopper
+@pytest.mark.parametrize("case", ["causal_gqa_odd", "dense_head128_f16", "window", "cross_lengths", "large_logits"])
+def test_mosaic_forward_overlap_gives_the_same_bits(case, monkeypatch):
+    """`Launch.overlap` changes when the products are issued, not what is added in what order: the
+    output and the log-sum-exp are the same bits (masked, plain and skipped tiles all occur)."""
+    c = _float64_case(CASES[case], case)
+    monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
+    f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, return_residuals=True, **c.structured,
+                                                 **c.extra)
+    results = []
+    for overlap in (False, True):
+        launch = dataclasses.replace(mosaic_gpu.default_launch(c.q.shape[-1]), overlap=overlap)
+        monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_, launch=launch: launch)
+        jax.clear_caches()
+        results.append([np.asarray(x) for x in jax.jit(f)(c.q, c.k, c.v)])
+    jax.clear_caches()
+    assert rel_error(as64(results[1][0]), c.ref_out) <= 1.2 * c.base_out
+    for name, a, b in zip(("out", "lse"), *results):
+        np.testing.assert_array_equal(b, a, err_msg=name)
+
+
 def test_mosaic_plans_fall_back_where_the_kernel_does_not_apply():
     """Plans name the Mosaic kernel anywhere; its `supports` rule sends other inputs to the
     portable kernel, and float32 plans use the portable kernel's narrow tiles."""
@@ -163,6 +184,27 @@ def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, cluster
     assert "mosaic_gpu" in text
     if case == "causal_head64":
         assert ("cluster_block_id" in text) == (cluster == 2)
+
+
+@pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
+@pytest.mark.parametrize("case,cluster", [("causal_head64", 1), ("gqa_lengths_head128", 2), ("window_decomposed", 1)])
+def test_mosaic_forward_overlap_lowers_for_cuda(case, cluster, semantics, monkeypatch):
+    """`Launch.overlap` (scores issued before the previous tile's p v is done) lowers for CUDA under
+    the lowering semantics of jax 0.10 and 0.11, and changes the forward's program."""
+    h = LOWERING_CASES[case][5]
+    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
+    _use_lowering_semantics(monkeypatch, semantics)
+    attend, q, kv = _lowering_call(case)
+    texts = []
+    for overlap in (False, True):
+        launch = dataclasses.replace(mosaic_gpu.default_launch(h), cluster=cluster, overlap=overlap)
+        monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_, launch=launch: launch)
+        jax.clear_caches()
+        try:
+            texts.append(jax.jit(attend).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text())
+        finally:
+            jax.clear_caches()
+    assert texts[0] != texts[1]
 
 
 def test_default_launches_pair_thread_blocks_where_that_was_faster():
