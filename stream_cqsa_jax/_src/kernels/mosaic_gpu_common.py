@@ -212,7 +212,7 @@ class QueryBlock:
             mine = block_map.tile_ranges(own, chunk_start, self.block_kv, tiles, all_masked=False)
             masked = functools.partial(visit, kv_start=chunk_start, masked=True)
             plain = functools.partial(visit, kv_start=chunk_start, masked=False)
-            steps = plain_steps and functools.partial(plain_steps, kv_start=chunk_start)
+            steps = functools.partial(plain_steps, kv_start=chunk_start) if plain_steps else None
             return walk(first, last, mine, skip, masked, plain, carry, steps)
 
         return lax.fori_loop(0, self.pair_count, pair, carry)
