@@ -207,6 +207,26 @@ def test_mosaic_forward_overlap_lowers_for_cuda(case, cluster, semantics, monkey
     assert texts[0] != texts[1]
 
 
+def test_mosaic_forward_three_stages_fit_at_head_dim_128(monkeypatch):
+    """The output's tiles (acc, m, l) reuse the key/value ring's memory, so three stages of 128-key
+    tiles fit at head dim 128; four do not, and the lowering refuses them (it checks the size)."""
+    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
+    attend, q, kv = _lowering_call("gqa_lengths_head128")
+    for stages, fits in ((3, True), (4, False)):
+        launch = dataclasses.replace(mosaic_gpu.default_launch(128), stages=stages)
+        monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_, launch=launch: launch)
+        jax.clear_caches()
+        try:
+            lower = lambda: jax.jit(attend).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+            if fits:
+                lower()
+            else:
+                with pytest.raises(ValueError, match="exceeds available shared memory"):
+                    lower()
+        finally:
+            jax.clear_caches()
+
+
 def test_default_launches_pair_thread_blocks_where_that_was_faster():
     """Forward pairs (`Launch.cluster`) at head dim 128, and at 64 only without a mask for key arrays of
     at least `LARGE_KEYS` rows over examples and heads; the dq kernel's pairs at head dim 64 only; the
