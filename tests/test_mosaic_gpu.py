@@ -208,8 +208,9 @@ def test_mosaic_forward_overlap_lowers_for_cuda(case, cluster, semantics, monkey
 
 
 def test_mosaic_forward_three_stages_fit_at_head_dim_128(monkeypatch):
-    """The output's tiles (acc, m, l) reuse the key/value ring's memory, so three stages of 128-key
-    tiles fit at head dim 128; four do not, and the lowering refuses them (it checks the size)."""
+    """With three stages the output's tiles (acc, m, l) all reuse the key/value ring's memory, so three
+    stages of 128-key tiles fit at head dim 128; four do not, and the lowering refuses them (it checks
+    the size)."""
     monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
     attend, q, kv = _lowering_call("gqa_lengths_head128")
     for stages, fits in ((3, True), (4, False)):

@@ -124,8 +124,9 @@ def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
 def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
     """refs: the packed table, lengths (if any), q, k, v; acc, m, l; then the scratch of `forward`."""
     tab_ref, lens_ref, (q_ref, k_ref, v_ref), (acc_ref, m_ref, l_ref), scratch = split_refs(refs, has_lengths, 3, 3)
-    (q_smem, ring), q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
-    (k_smem, v_smem), (o_smem, m_smem, l_smem) = ring
+    (q_smem, ring, *apart), q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
+    (k_smem, v_smem), in_ring = ring
+    o_smem, m_smem, l_smem = (*in_ring, *apart)
     band, bk, stages, cluster = cfg.band, launch.block_kv, launch.stages, launch.cluster
     bi, head, t, wg = (lax.axis_index(a) for a in ("batch", "heads", "tiles", "wg"))
     if launch.heavy_first:
@@ -315,10 +316,14 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
         plgpu.SMEM((launch.stages, launch.block_kv, h), dtype, transforms=swizzled),
         plgpu.SMEM((launch.stages, launch.block_kv, h), dtype, transforms=swizzled),
     )
+    out = (plgpu.SMEM((2, ROWS, h), jnp.float32), *[plgpu.SMEM((2, ROWS), jnp.float32)] * 2)  # acc, m, l
+    # The output's acc tile reuses the ring; with more than two stages m's and l's do too, which three
+    # stages of 128-key tiles at head dim 128 need to fit.
+    in_ring = 3 if launch.stages > 2 else 1
     smem = (
-        plgpu.SMEM((2, ROWS, h), dtype, transforms=swizzled),
-        # the output tiles (acc, m, l) reuse the ring
-        plgpu.RefUnion(ring, (plgpu.SMEM((2, ROWS, h), jnp.float32), *[plgpu.SMEM((2, ROWS), jnp.float32)] * 2)),
+        plgpu.SMEM((2, ROWS, h), dtype, transforms=swizzled),  # q
+        plgpu.RefUnion(ring, out[:in_ring]),
+        *out[in_ring:],
     )
     free = functools.partial(free_barrier, launch.cluster)
     scratch = (
