@@ -115,22 +115,25 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
 @hopper
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "dense_head128_f16", "window", "cross_lengths", "large_logits"])
 def test_mosaic_forward_overlap_gives_the_same_bits(case, monkeypatch):
-    """`Launch.overlap` changes when the products are issued, not what is added in what order: the
-    output and the log-sum-exp are the same bits (masked, plain and skipped tiles all occur)."""
+    """`Launch.overlap` changes when the products are issued, not what is added in what order, and a
+    third stage (whose output tiles all live in the ring's memory) only how far ahead tiles are copied:
+    the output and the log-sum-exp are the same bits (masked, plain and skipped tiles all occur)."""
     c = _float64_case(CASES[case], case)
     monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
     f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, return_residuals=True, **c.structured,
                                                  **c.extra)
+    default = mosaic_gpu.default_launch(c.q.shape[-1])
     results = []
-    for overlap in (False, True):
-        launch = dataclasses.replace(mosaic_gpu.default_launch(c.q.shape[-1]), overlap=overlap)
+    for launch in (default, dataclasses.replace(default, overlap=True),
+                   dataclasses.replace(default, overlap=True, stages=3)):
         monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_, launch=launch: launch)
         jax.clear_caches()
         results.append([np.asarray(x) for x in jax.jit(f)(c.q, c.k, c.v)])
     jax.clear_caches()
     assert rel_error(as64(results[1][0]), c.ref_out) <= 1.2 * c.base_out
-    for name, a, b in zip(("out", "lse"), *results):
-        np.testing.assert_array_equal(b, a, err_msg=name)
+    for other in results[1:]:
+        for name, a, b in zip(("out", "lse"), results[0], other):
+            np.testing.assert_array_equal(b, a, err_msg=name)
 
 
 def test_mosaic_plans_fall_back_where_the_kernel_does_not_apply():
