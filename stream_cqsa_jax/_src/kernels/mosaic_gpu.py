@@ -179,45 +179,53 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.barrier_arrive(v_free.at[ring])
             return (step + 1,) + carry[1:]
 
-        def visit(kt, carry, kv_start, masked: bool):
-            step, acc, m_i, l_i = carry
-            ring = lax.rem(step, stages)
+        def scored(ring, acc, m_i, l_i, mask=None):
+            """A step's first half on the key tile in stage `ring`: its scores (cut by `mask`, if
+            any), then (acc times alpha, l, m, p in the inputs' dtype), held before the next pass."""
             plgpu.barrier_wait(k_ready.at[ring])
             s = scores(ring)
             plgpu.barrier_arrive(k_free.at[ring])
-            if masked:
-                q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
-                kv_pos = kv_start + kt * bk + plgpu.broadcasted_iota(
-                    jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA
-                )
-                s = jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
+            if mask is not None:
+                s = mask(s)
             m_new, _, l_i, p16, acc = softmax(s, m_i, l_i, acc)
-            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-            turns.arrive()
-            plgpu.barrier_wait(v_ready.at[ring])
-            turns.wait()
+            return lax.optimization_barrier((acc, l_i, m_new, p16))
+
+        def add_values(ring, acc, p16):
+            """acc + p v with the value tile in stage `ring`, which is then free."""
 
             def values(ref):
                 plgpu.wgmma(ref, p16, v_smem.at[ring])
 
             acc = pl.run_state(values)(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_free.at[ring])
+            return acc
+
+        def visit(kt, carry, kv_start, masked: bool):
+            step, acc, m_i, l_i = carry
+            ring = lax.rem(step, stages)
+
+            def mask(s):
+                q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
+                kv_pos = kv_start + kt * bk + plgpu.broadcasted_iota(
+                    jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA
+                )
+                return jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
+
+            acc, l_i, m_new, p16 = scored(ring, acc, m_i, l_i, mask if masked else None)
+            turns.arrive()
+            plgpu.barrier_wait(v_ready.at[ring])
+            turns.wait()
+            acc = add_values(ring, acc, p16)
             return step + 1, acc, m_new, l_i
 
-        def overlapped(lo, hi, carry, kv_start):
+        def overlapped(lo, hi, carry):
             """The steps of tiles [lo, hi), which no mask cuts, with `Launch.overlap`: each step
             issues its scores and the previous tile's ``p v``, computes its softmax once the scores
             are in, and rescales the output once ``p v`` is added; the last ``p v`` follows."""
-            del kv_start
 
             def first(carry):
                 step, acc, m_i, l_i = carry
-                ring = lax.rem(step, stages)
-                plgpu.barrier_wait(k_ready.at[ring])
-                s = scores(ring)
-                plgpu.barrier_arrive(k_free.at[ring])
-                m_new, _, l_i, p16, acc = softmax(s, m_i, l_i, acc)
-                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                acc, l_i, m_new, p16 = scored(lax.rem(step, stages), acc, m_i, l_i)
                 turns.arrive()
                 turns.wait()
                 return step + 1, acc, m_new, l_i, p16
@@ -251,13 +259,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
                 step, acc, m_i, l_i, p16 = carry
                 prev = lax.rem(step - 1, stages)
                 plgpu.barrier_wait(v_ready.at[prev])
-
-                def values(ref):
-                    plgpu.wgmma(ref, p16, v_smem.at[prev])
-
-                acc = pl.run_state(values)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[prev])
-                return step, acc, m_i, l_i
+                return step, add_values(prev, acc, p16), m_i, l_i
 
             def steps(carry):
                 return last(lax.fori_loop(lo + 1, hi, next_tile, first(carry)))

@@ -202,8 +202,8 @@ class QueryBlock:
         """Folds a compute warpgroup's steps over the block's key tiles, pair by pair: for
         the rows of `own`, ``skip(kt, carry)`` on tiles they do not see, ``visit(kt, carry,
         kv_start=, masked=)`` on the others (``kv_start``: the pair's first key position).
-        ``plain_steps(first, last, carry, kv_start=)``, if given, runs the steps of the tiles
-        that no mask cuts instead of ``visit``."""
+        ``plain_steps(first, last, carry)``, if given, runs the steps of the tiles that no mask
+        cuts instead of ``visit``."""
 
         def pair(p, carry):
             _, chunk_start = self.pair_chunk(p)
@@ -212,8 +212,7 @@ class QueryBlock:
             mine = block_map.tile_ranges(own, chunk_start, self.block_kv, tiles, all_masked=False)
             masked = functools.partial(visit, kv_start=chunk_start, masked=True)
             plain = functools.partial(visit, kv_start=chunk_start, masked=False)
-            steps = functools.partial(plain_steps, kv_start=chunk_start) if plain_steps else None
-            return walk(first, last, mine, skip, masked, plain, carry, steps)
+            return walk(first, last, mine, skip, masked, plain, carry, plain_steps)
 
         return lax.fori_loop(0, self.pair_count, pair, carry)
 
