@@ -81,7 +81,6 @@ H100_TURNS_FILES = [
 H100_DQ_CLUSTER_1M = "h100_dq_cluster_1m_d128.json"
 H100_WAVES = "h100_fwd_wave_tail.json"
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200, one forward thread block each at a time
-FORWARD_BLOCK_ROWS = 128  # query rows per forward thread block (`mosaic_gpu.BLOCK_ROWS`)
 # Forward plus backward runs, oldest first: a later run of the same case replaces an earlier one.
 MOSAIC_BACKWARD_FILES = [
     "mosaic_bwd_64k_256k.json",
@@ -527,7 +526,9 @@ def backward_cluster_table(files: list[str], launch_field: str = "dq_cluster") -
 
 def wave_table(name: str) -> str:
     """The forward at lengths whose thread blocks fill the last wave over the SMs or leave it nearly
-    empty (`SMS`, `FORWARD_BLOCK_ROWS`), in turns with cuDNN."""
+    empty (`SMS`; `mosaic_gpu.BLOCK_ROWS` query rows per thread block), in turns with cuDNN."""
+    from stream_cqsa_jax._src.kernels.mosaic_gpu import BLOCK_ROWS
+
     ours, base = _ours_and_cudnn([name], _MOSAIC_FIELDS, "mosaic_gpu")
     lines = [
         "| N | D | thread blocks | waves of 132 | cuDNN s | ours s | ours / cuDNN throughput |",
@@ -535,7 +536,7 @@ def wave_table(name: str) -> str:
     ]
     for r in sorted(ours, key=lambda r: (r["head_dim"], r["seq_len"])):
         c = base[tuple(r[f] for f in _MOSAIC_FIELDS)]["seconds"]
-        blocks = r["batch"] * r["heads"] * r["seq_len"] // FORWARD_BLOCK_ROWS
+        blocks = r["batch"] * r["heads"] * r["seq_len"] // BLOCK_ROWS
         lines.append(
             f"| {r['seq_len']} | {r['head_dim']} | {blocks} | {blocks / SMS:.2f} | {c:.4f} | {r['seconds']:.4f} "
             f"| {c / r['seconds']:.3f}x |"
