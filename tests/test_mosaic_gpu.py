@@ -167,23 +167,27 @@ def _lowering_call(case: str):
     return lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, **structured, **extra), q, kv
 
 
+def _lower_forward(case: str, monkeypatch, **launch) -> str:
+    """The text of a `LOWERING_CASES` call lowered for CUDA on any machine, with the default forward
+    launch of its head dim changed by `launch` (fields of `mosaic_gpu.Launch`)."""
+    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
+    chosen = dataclasses.replace(mosaic_gpu.default_launch(LOWERING_CASES[case][5]), **launch)
+    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_: chosen)
+    attend, q, kv = _lowering_call(case)
+    jax.clear_caches()  # traced programs are cached per plan, not per launch: none may outlive the call
+    try:
+        return jax.jit(attend).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    finally:
+        jax.clear_caches()
+
+
 @pytest.mark.parametrize("heavy_first,cluster", [(False, 1), (True, 1), (True, 2)])
 @pytest.mark.parametrize("case", list(LOWERING_CASES))
 def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, cluster, monkeypatch):
     """The kernel's Pallas program lowers to Mosaic GPU (shared-memory sizes included) without a GPU,
     so API or size errors show up in CI; running it needs compute capability 9.x (tests above). With
     `cluster` 2 the thread blocks run in pairs where the query chunks allow (the causal case's do)."""
-    h = LOWERING_CASES[case][5]
-    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
-    launch = dataclasses.replace(mosaic_gpu.default_launch(h), heavy_first=heavy_first, cluster=cluster)
-    monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_: launch)
-    attend, q, kv = _lowering_call(case)
-    f = jax.jit(attend)
-    jax.clear_caches()  # traced programs are cached per plan, not per launch: none may outlive the test
-    try:
-        text = f.trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
-    finally:
-        jax.clear_caches()
+    text = _lower_forward(case, monkeypatch, heavy_first=heavy_first, cluster=cluster)
     assert "mosaic_gpu" in text
     if case == "causal_head64":
         assert ("cluster_block_id" in text) == (cluster == 2)
@@ -194,19 +198,8 @@ def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, cluster
 def test_mosaic_forward_overlap_lowers_for_cuda(case, cluster, semantics, monkeypatch):
     """`Launch.overlap` (scores issued before the previous tile's p v is done) lowers for CUDA under
     the lowering semantics of jax 0.10 and 0.11, and changes the forward's program."""
-    h = LOWERING_CASES[case][5]
-    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
     _use_lowering_semantics(monkeypatch, semantics)
-    attend, q, kv = _lowering_call(case)
-    texts = []
-    for overlap in (False, True):
-        launch = dataclasses.replace(mosaic_gpu.default_launch(h), cluster=cluster, overlap=overlap)
-        monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_, launch=launch: launch)
-        jax.clear_caches()
-        try:
-            texts.append(jax.jit(attend).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text())
-        finally:
-            jax.clear_caches()
+    texts = [_lower_forward(case, monkeypatch, cluster=cluster, overlap=overlap) for overlap in (False, True)]
     assert texts[0] != texts[1]
 
 
@@ -214,21 +207,9 @@ def test_mosaic_forward_three_stages_fit_at_head_dim_128(monkeypatch):
     """With three stages the output's tiles (acc, m, l) all reuse the key/value ring's memory, so three
     stages of 128-key tiles fit at head dim 128; four do not, and the lowering refuses them (it checks
     the size)."""
-    monkeypatch.setattr(mosaic_gpu, "on_hopper", lambda: True)
-    attend, q, kv = _lowering_call("gqa_lengths_head128")
-    for stages, fits in ((3, True), (4, False)):
-        launch = dataclasses.replace(mosaic_gpu.default_launch(128), stages=stages)
-        monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_, launch=launch: launch)
-        jax.clear_caches()
-        try:
-            lower = lambda: jax.jit(attend).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
-            if fits:
-                lower()
-            else:
-                with pytest.raises(ValueError, match="exceeds available shared memory"):
-                    lower()
-        finally:
-            jax.clear_caches()
+    _lower_forward("gqa_lengths_head128", monkeypatch, stages=3)
+    with pytest.raises(ValueError, match="exceeds available shared memory"):
+        _lower_forward("gqa_lengths_head128", monkeypatch, stages=4)
 
 
 def test_default_launches_pair_thread_blocks_where_that_was_faster():
