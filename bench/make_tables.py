@@ -80,6 +80,9 @@ H100_TURNS_FILES = [
 ]
 H100_DQ_CLUSTER_1M = "h100_dq_cluster_1m_d128.json"
 H100_WAVES = "h100_fwd_wave_tail.json"
+# Runs on an H100: the forward with each warpgroup's softmax under its own p v (an option since removed),
+# and with three stages at head dim 128.
+H100_FORWARD_LAUNCH_FILES = ["h100_fwd_overlap_d64.json", "h100_fwd_stages_d128.json"]
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200, one forward thread block each at a time
 # Forward plus backward runs, oldest first: a later run of the same case replaces an earlier one.
 MOSAIC_BACKWARD_FILES = [
@@ -544,6 +547,25 @@ def wave_table(name: str) -> str:
     return "\n".join(lines)
 
 
+def forward_launch_table(name: str) -> str:
+    """The forward of each case under each launch of the run, in turns with cuDNN; "overlap" marks rows of
+    the removed within-warpgroup overlap (docs/hopper_kernel.md)."""
+    ours, base = _ours_and_cudnn([name], _MOSAIC_FIELDS, "mosaic_gpu")
+    lines = [
+        "| N | D | causal | launch | cuDNN s | ours s | ours / cuDNN throughput |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in sorted(ours, key=lambda r: (r["head_dim"], r["seq_len"], not r["causal"])):
+        c = base[tuple(r[f] for f in _MOSAIC_FIELDS)]["seconds"]
+        launch = f"{r['block_kv']} keys, {r['stages']} stages" + (", pairs" if r["cluster"] == 2 else "")
+        launch += ", overlap" if r.get("overlap") else ""
+        lines.append(
+            f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {launch} | {c:.4f} "
+            f"| {r['seconds']:.4f} | {c / r['seconds']:.3f}x |"
+        )
+    return "\n".join(lines)
+
+
 def card(name: str) -> str:
     """The GPU that made the results file `name`."""
     return json.loads((RESULTS / name).read_text())["meta"]["device"]
@@ -756,6 +778,13 @@ def generated_mosaic() -> str:
             "waves over 132 SMs and a last wave of 4 blocks. 67584 tokens give exactly 32 waves, and ran no "
             "closer to cuDNN: the nearly empty last wave is not the gap at 64K.",
             wave_table(H100_WAVES),
+            "### On an H100: the softmax under the previous tile's p v, and three stages at head dim 128",
+            f"Files: `{H100_FORWARD_LAUNCH_FILES[0]}` (median of 7 rounds), `{H100_FORWARD_LAUNCH_FILES[1]}` "
+            "(5 rounds); bfloat16, B=1, 8 heads, in turns with cuDNN after a warm-up. \"overlap\": each compute "
+            "warpgroup issued a tile's scores and the previous tile's p v together and computed the softmax "
+            "while p v ran (a launch option, `overlap`, removed since: ptxas serialized the kernel's tensor-core "
+            "instructions, docs/hopper_kernel.md).",
+            *(forward_launch_table(name) for name in H100_FORWARD_LAUNCH_FILES),
             "### dq in segments: forward plus backward with and without `Launch.dq_segment`",
             "Files: `mosaic_bwd_dq_segments_256k_d128.json`, `mosaic_bwd_dq_segments_256k_d64.json`, "
             "`mosaic_bwd_dq128_segments_256k_d128.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in "

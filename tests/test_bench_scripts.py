@@ -16,10 +16,9 @@ def test_forward_launch_flags():
     assert (plain.block_kv, plain.stages, plain.heavy_first, plain.cluster) == (128, 2, False, 1)
     paired = mosaic_kernel._launch("64,3,heavy,cluster2")
     assert (paired.block_kv, paired.stages, paired.heavy_first, paired.cluster) == (64, 3, True, 2)
-    assert mosaic_kernel._launch("128,2,heavy,overlap").overlap and not paired.overlap
-    with pytest.raises(ValueError, match="'heavy', 'cluster2' and 'overlap'"):
+    with pytest.raises(ValueError, match="'heavy' and 'cluster2'"):
         mosaic_kernel._launch("128,2,cluster4")
-    for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2,overlap"):
+    for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2"):
         # how backward rows record the forward's
         assert mosaic_kernel.launch_text(mosaic_kernel._launch(text)) == text
 

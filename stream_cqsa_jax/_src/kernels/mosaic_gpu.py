@@ -9,8 +9,7 @@ tile through the tensor cores (``wgmma``: ``q k^T`` from shared memory, then
 ``p v`` with ``p`` in registers), masking only the tiles that cut its own
 band; tiles its 64 rows do not see it skips, keeping only the barriers in
 step. The two compute warpgroups take turns on the tensor cores (one
-multiplies while the other does its softmax); with `Launch.overlap` each also
-computes a tile's softmax while its previous tile's ``p v`` runs. With `Launch.cluster` 2, two
+multiplies while the other does its softmax). With `Launch.cluster` 2, two
 thread blocks of neighbouring query tiles form a cluster that walks the key
 tiles of both, each copy warpgroup bringing half of every tile into both
 blocks' rings.
@@ -76,18 +75,12 @@ class Launch:
     value tile into the shared-memory rings of both (a multicast copy): half the key
     and value reads from L2, the same bits. Query slots whose chunks are not a
     multiple of 256 rows run with 1.
-
-    overlap: over the key tiles that a compute warpgroup sees whole (no mask cuts them),
-    it issues each tile's scores before the previous tile's ``p v`` product is done,
-    and computes the tile's softmax while the tensor cores run that product. Each
-    addition into the output keeps its order: the same bits.
     """
 
     block_kv: int = 128
     stages: int = 2
     heavy_first: bool = True
     cluster: int = 1
-    overlap: bool = False
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
@@ -145,28 +138,6 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
         qk_factor = cfg.scale * LOG2E
         turns = Turns(turn, wg)
 
-        def scores(ring):
-            """q k^T of the key tile in stage `ring`, a turn passed while the product runs."""
-
-            def issue(ref):
-                plgpu.wgmma(ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
-                turns.take()
-                return ref[...]
-
-            return pl.run_scoped(issue, plgpu.ACC((ROWS, bk), jnp.float32))
-
-        def softmax(s, m_i, l_i, acc=None):
-            """(m, alpha, l, p in the inputs' dtype, acc times alpha or None) after the scores `s`.
-            Base-2: m is kept in units of log2, so p = exp2(s * factor - m) is one FMA."""
-            m_new = jnp.maximum(m_i, s.max(axis=1) * qk_factor)
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m_i - m_use)
-            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(m_use, s.shape, [0]))
-            if acc is not None:
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l_i = l_i * alpha + p.sum(axis=1)
-            return m_new, alpha, l_i, p.astype(q_ref.dtype), acc
-
         def skip(kt, carry):
             step = carry[0]
             ring = lax.rem(step, stages)
@@ -179,92 +150,43 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.barrier_arrive(v_free.at[ring])
             return (step + 1,) + carry[1:]
 
-        def scored(ring, acc, m_i, l_i, mask=None):
-            """A step's first half on the key tile in stage `ring`: its scores (cut by `mask`, if
-            any), then (acc times alpha, l, m, p in the inputs' dtype), held before the next pass."""
+        def visit(kt, carry, kv_start, masked: bool):
+            step, acc, m_i, l_i = carry
+            ring = lax.rem(step, stages)
             plgpu.barrier_wait(k_ready.at[ring])
-            s = scores(ring)
-            plgpu.barrier_arrive(k_free.at[ring])
-            if mask is not None:
-                s = mask(s)
-            m_new, _, l_i, p16, acc = softmax(s, m_i, l_i, acc)
-            return lax.optimization_barrier((acc, l_i, m_new, p16))
 
-        def add_values(ring, acc, p16):
-            """acc + p v with the value tile in stage `ring`, which is then free."""
+            def scores(ref):
+                plgpu.wgmma(ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
+                turns.take()
+                return ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[ring])
+            if masked:
+                q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
+                kv_pos = kv_start + kt * bk + plgpu.broadcasted_iota(
+                    jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA
+                )
+                s = jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
+            # Base-2 softmax: m is kept in units of log2, so p = exp2(s * factor - m) is one FMA.
+            m_new = jnp.maximum(m_i, s.max(axis=1) * qk_factor)
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp2(m_i - m_use)
+            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(m_use, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(q_ref.dtype)
+            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            turns.arrive()
+            plgpu.barrier_wait(v_ready.at[ring])
+            turns.wait()
 
             def values(ref):
                 plgpu.wgmma(ref, p16, v_smem.at[ring])
 
             acc = pl.run_state(values)(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_free.at[ring])
-            return acc
-
-        def visit(kt, carry, kv_start, masked: bool):
-            step, acc, m_i, l_i = carry
-            ring = lax.rem(step, stages)
-
-            def mask(s):
-                q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
-                kv_pos = kv_start + kt * bk + plgpu.broadcasted_iota(
-                    jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA
-                )
-                return jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
-
-            acc, l_i, m_new, p16 = scored(ring, acc, m_i, l_i, mask if masked else None)
-            turns.arrive()
-            plgpu.barrier_wait(v_ready.at[ring])
-            turns.wait()
-            acc = add_values(ring, acc, p16)
             return step + 1, acc, m_new, l_i
-
-        def overlapped(lo, hi, carry):
-            """The steps of tiles [lo, hi), which no mask cuts, with `Launch.overlap`: each step
-            issues its scores and the previous tile's ``p v``, computes its softmax once the scores
-            are in, and rescales the output once ``p v`` is added; the last ``p v`` follows."""
-
-            def first(carry):
-                step, acc, m_i, l_i = carry
-                acc, l_i, m_new, p16 = scored(lax.rem(step, stages), acc, m_i, l_i)
-                turns.arrive()
-                turns.wait()
-                return step + 1, acc, m_new, l_i, p16
-
-            def next_tile(kt, carry):
-                step, acc, m_i, l_i, p16 = carry  # p16: the previous tile's, its values in stage `prev`
-                ring, prev = lax.rem(step, stages), lax.rem(step - 1, stages)
-                plgpu.barrier_wait(k_ready.at[ring])
-
-                def products(s_ref, o_ref):
-                    o_ref[...] = acc
-                    plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
-                    plgpu.barrier_wait(v_ready.at[prev])
-                    plgpu.wgmma(o_ref, p16, v_smem.at[prev])
-                    turns.take()
-                    s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # p v may still run
-                    plgpu.barrier_arrive(k_free.at[ring])
-                    m_new, alpha, l_new, p16_new, _ = softmax(s, m_i, l_i)
-                    return plgpu.wgmma_accumulator_load(o_ref, wait_n=0), m_new, alpha, l_new, p16_new
-
-                acc_type = plgpu.ACC(acc.shape, jnp.float32)
-                acc, m_new, alpha, l_i, p16 = pl.run_scoped(products, plgpu.ACC((ROWS, bk), jnp.float32), acc_type)
-                plgpu.barrier_arrive(v_free.at[prev])
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-                turns.arrive()
-                turns.wait()
-                return step + 1, acc, m_new, l_i, p16
-
-            def last(carry):
-                step, acc, m_i, l_i, p16 = carry
-                prev = lax.rem(step - 1, stages)
-                plgpu.barrier_wait(v_ready.at[prev])
-                return step, add_values(prev, acc, p16), m_i, l_i
-
-            def steps(carry):
-                return last(lax.fori_loop(lo + 1, hi, next_tile, first(carry)))
-
-            return lax.cond(hi > lo, steps, lambda carry: carry, carry)
 
         hd = q_ref.shape[-1]
         init = (
@@ -274,7 +196,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
         )
         turns.start()
-        _, acc, m_i, l_i = block.walk(own, skip, visit, init, overlapped if launch.overlap else None)
+        _, acc, m_i, l_i = block.walk(own, skip, visit, init)
         turns.finish()
         # Once both compute warpgroups pass this, neither reads the key/value ring again,
         # and the output tiles may reuse its memory.
