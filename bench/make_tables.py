@@ -376,6 +376,7 @@ def backward_launch_table(name: str) -> str:
         dq += ", blocks in pairs" if r.get("dq_cluster", 1) == 2 else ""
         dq += ", turns" if r.get("dq_turns") else ""
         dq += ", dk/dv turns" if r.get("dkv_turns") else ""  # a launch option since removed
+        dq += ", dk's ds from shared memory" if r.get("dk_from_smem") else ""
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
             f"| {r['dq_block_kv']}, {r['dq_stages']} | {r['dkv_block_q']}, {r['dkv_stages']} "

@@ -30,6 +30,7 @@ def test_backward_launch_flags():
     both = mosaic_kernel.backward_launch("128,2,64,2,seg8,flush,dkvcluster2")
     assert (both.dq_cluster, both.dkv_cluster, both.dq_flush) == (1, 2, True)
     assert mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,dqturns").dq_turns and not both.dq_turns
+    assert mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,dksmem").dk_from_smem and not both.dk_from_smem
     with pytest.raises(ValueError, match="'cluster2'"):
         mosaic_kernel.backward_launch("128,2,64,2,pairs")
 
