@@ -81,8 +81,12 @@ H100_TURNS_FILES = [
 H100_DQ_CLUSTER_1M = "h100_dq_cluster_1m_d128.json"
 H100_WAVES = "h100_fwd_wave_tail.json"
 # Runs on an H100: the forward with each warpgroup's softmax under its own p v (an option since removed),
-# and with three stages at head dim 128.
-H100_FORWARD_LAUNCH_FILES = ["h100_fwd_overlap_d64.json", "h100_fwd_stages_d128.json"]
+# with three stages at head dim 128, and the first again with the warpgroups' turns switched off.
+H100_FORWARD_LAUNCH_FILES = [
+    "h100_fwd_overlap_d64.json",
+    "h100_fwd_stages_d128.json",
+    "h100_fwd_overlap_noturns_d64.json",
+]
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200, one forward thread block each at a time
 # Forward plus backward runs, oldest first: a later run of the same case replaces an earlier one.
 MOSAIC_BACKWARD_FILES = [
@@ -781,10 +785,12 @@ def generated_mosaic() -> str:
             wave_table(H100_WAVES),
             "### On an H100: the softmax under the previous tile's p v, and three stages at head dim 128",
             f"Files: `{H100_FORWARD_LAUNCH_FILES[0]}` (median of 7 rounds), `{H100_FORWARD_LAUNCH_FILES[1]}` "
-            "(5 rounds); bfloat16, B=1, 8 heads, in turns with cuDNN after a warm-up. \"overlap\": each compute "
-            "warpgroup issued a tile's scores and the previous tile's p v together and computed the softmax "
-            "while p v ran (a launch option, `overlap`, removed since: ptxas serialized the kernel's tensor-core "
-            "instructions, docs/hopper_kernel.md).",
+            f"and `{H100_FORWARD_LAUNCH_FILES[2]}` (5 rounds); bfloat16, B=1, 8 heads, in turns with cuDNN after "
+            "a warm-up. \"overlap\": each compute warpgroup issued a tile's scores and the previous tile's p v "
+            "together and computed the softmax while p v ran (a launch option, `overlap`, removed since: ptxas "
+            "serialized the kernel's tensor-core instructions, docs/hopper_kernel.md). The third table ran with "
+            "the two compute warpgroups' turns on the tensor cores switched off (a patched build: the commands "
+            "at the top say how), both launches.",
             *(forward_launch_table(name) for name in H100_FORWARD_LAUNCH_FILES),
             "### dq in segments: forward plus backward with and without `Launch.dq_segment`",
             "Files: `mosaic_bwd_dq_segments_256k_d128.json`, `mosaic_bwd_dq_segments_256k_d64.json`, "
