@@ -9,7 +9,14 @@ writes each Mosaic GPU kernel's MLIR before serialization, without source locati
 deduplicated (``canonicalize``, ``cse``), so that index arithmetic that folds away (adding a
 zero, multiplying by one) leaves no trace. Identical text means the same program reaches the
 GPU compiler. The launches are the defaults unless ``--cluster`` forces every kernel's thread
-blocks per cluster (the forward's, the dq kernel's and the dk/dv kernel's).
+blocks per cluster (the forward's, the dq kernel's and the dk/dv kernel's), or ``--backward-fields``
+changes fields of the backward's (``dk_from_smem=1``).
+
+``--fences`` also prints, per kernel, how often it fences registers for a product while an earlier
+group of products may still run (`fences_in_flight`): ptxas then serializes every ``wgmma`` of the
+kernel (its warning C7513), which only a GPU compile shows otherwise.
+
+    PYTHONPATH=. python bench/kernel_programs.py --head-dim 64 --fences --backward-fields dk_from_smem=1
 """
 
 from __future__ import annotations
@@ -25,9 +32,12 @@ import stream_cqsa_jax as sc
 from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
 
 
-def kernel_programs(seq_len: int, head_dim: int, causal: bool, cluster: int | None = None) -> list[str]:
+def kernel_programs(
+    seq_len: int, head_dim: int, causal: bool, cluster: int | None = None, backward_fields: dict | None = None
+) -> list[str]:
     """The canonical MLIR text of each Mosaic GPU kernel in forward plus backward of one case (B=1,
-    4 query heads over 2 key/value heads, bfloat16)."""
+    4 query heads over 2 key/value heads, bfloat16): the forward, the dq kernel, the dk/dv kernel.
+    `backward_fields`: `mosaic_gpu_backward.Launch` fields that replace those of its default."""
     from jax._src.lib.mlir import ir, passmanager
     from jax.experimental.mosaic.gpu import core
 
@@ -45,11 +55,12 @@ def kernel_programs(seq_len: int, head_dim: int, causal: bool, cluster: int | No
     try:
         core._run_serde_pass = capture
         mosaic_gpu.on_hopper = mosaic_gpu_backward.on_hopper = lambda: True
+        changes = dict(backward_fields or {})
         if cluster is not None:
             mosaic_gpu.default_launch = lambda *a: dataclasses.replace(forward_default(*a), cluster=cluster)
-            mosaic_gpu_backward.default_launch = lambda *a, **k: dataclasses.replace(
-                backward_default(*a, **k), dq_cluster=cluster, dkv_cluster=cluster
-            )
+            changes.update(dq_cluster=cluster, dkv_cluster=cluster)
+        if changes:
+            mosaic_gpu_backward.default_launch = lambda *a, **k: dataclasses.replace(backward_default(*a, **k), **changes)
         plan = sc.plan(q_len=seq_len, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
                        is_causal=causal, implementation="mosaic_gpu")
         q = jax.ShapeDtypeStruct((1, seq_len, 4, head_dim), jnp.bfloat16)
@@ -65,18 +76,53 @@ def kernel_programs(seq_len: int, head_dim: int, causal: bool, cluster: int | No
     return texts
 
 
+def fences_in_flight(text: str) -> int:
+    """How many times the kernel program `text` fences registers for a tensor-core product (an
+    optimization barrier, then ``wgmma.fence``) after a group of products was committed and not yet
+    waited for. Reads the program top to bottom, as ptxas's C7513 check sees a straight run of code;
+    loops and branches are not followed."""
+    in_flight, barrier, count = 0, False, 0
+    for line in text.splitlines():
+        line = line.strip()
+        if "wgmma.commit.group" in line:
+            in_flight, barrier = in_flight + 1, False
+        elif "wgmma.wait.group" in line:
+            in_flight = min(in_flight, int(line.split()[-1]))
+        elif 'asm_dialect = att ""' in line:  # the optimization barrier on the operand's registers
+            barrier = True
+        elif "wgmma.fence" in line and in_flight and barrier:
+            count += 1
+    return count
+
+
+def _field(text: str) -> tuple[str, int]:
+    """``FIELD=INTEGER`` of `mosaic_gpu_backward.Launch`."""
+    name, _, value = text.partition("=")
+    if name not in {f.name for f in dataclasses.fields(mosaic_gpu_backward.Launch)} or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=INTEGER with a field of the backward's launch")
+    return name, int(value)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--head-dim", type=int, choices=(64, 128), default=64)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--cluster", type=int, choices=(1, 2), default=None, help="force blocks per cluster")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--backward-fields", type=_field, nargs="+", default=[],
+                        help="fields of the backward's launch, FIELD=INTEGER (booleans as 0 or 1)")
+    parser.add_argument("--fences", action="store_true", help="print each kernel's fences_in_flight")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    texts = kernel_programs(args.seq_len, args.head_dim, args.causal, args.cluster)
-    with open(args.out, "w") as f:
-        f.write("\n// ---- next kernel ----\n".join(texts))
-    print(f"{len(texts)} kernels, {sum(map(len, texts))} characters -> {args.out}")
+    fields = {name: type(getattr(mosaic_gpu_backward.Launch(), name))(value) for name, value in args.backward_fields}
+    texts = kernel_programs(args.seq_len, args.head_dim, args.causal, args.cluster, fields)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n// ---- next kernel ----\n".join(texts))
+        print(f"{len(texts)} kernels, {sum(map(len, texts))} characters -> {args.out}")
+    if args.fences:
+        for name, text in zip(("forward", "dq", "dk/dv"), texts):
+            print(f"{name}: {fences_in_flight(text)} register fences while products may run")
     return 0
 
 

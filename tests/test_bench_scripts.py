@@ -79,3 +79,22 @@ def test_kernel_programs_are_the_same_text_for_the_same_code_and_differ_with_pai
     assert kernel_programs.kernel_programs(1024, 64, causal=True, cluster=1) == single
     paired = kernel_programs.kernel_programs(1024, 64, causal=True, cluster=2)
     assert [a == b for a, b in zip(single, paired)] == [False, False, False]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_register_fences_while_products_run_only_in_paired_dkv_products_with_ds_in_registers(head_dim):
+    """bench/kernel_programs.fences_in_flight finds the pattern for which ptxas serializes a kernel's
+    tensor-core instructions: in the dk/dv kernel's paired products, ds's registers fenced while dv's
+    product runs. With `Launch.dk_from_smem` no kernel has it; the forward and the dq kernel never do."""
+    import kernel_programs
+
+    def counts(**fields):
+        texts = kernel_programs.kernel_programs(1024, head_dim, True, backward_fields=fields)
+        return [kernel_programs.fences_in_flight(text) for text in texts]  # forward, dq, dk/dv
+
+    forward, dq, dkv = counts(dkv_paired=True)
+    assert forward == dq == 0 and dkv > 0
+    assert counts(dkv_paired=True, dk_from_smem=True) == [0, 0, 0]
+    assert counts(dkv_paired=False) == [0, 0, 0]
+    with pytest.raises(SystemExit):
+        kernel_programs.main(["--backward-fields", "dk_from_smem=yes", "--fences"])
