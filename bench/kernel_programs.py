@@ -60,7 +60,9 @@ def kernel_programs(
             mosaic_gpu.default_launch = lambda *a: dataclasses.replace(forward_default(*a), cluster=cluster)
             changes.update(dq_cluster=cluster, dkv_cluster=cluster)
         if changes:
-            mosaic_gpu_backward.default_launch = lambda *a, **k: dataclasses.replace(backward_default(*a, **k), **changes)
+            mosaic_gpu_backward.default_launch = lambda *a, **k: dataclasses.replace(
+                backward_default(*a, **k), **changes
+            )
         plan = sc.plan(q_len=seq_len, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
                        is_causal=causal, implementation="mosaic_gpu")
         q = jax.ShapeDtypeStruct((1, seq_len, 4, head_dim), jnp.bfloat16)
@@ -79,8 +81,8 @@ def kernel_programs(
 def fences_in_flight(text: str) -> int:
     """How many times the kernel program `text` fences registers for a tensor-core product (an
     optimization barrier, then ``wgmma.fence``) after a group of products was committed and not yet
-    waited for. Reads the program top to bottom, as ptxas's C7513 check sees a straight run of code;
-    loops and branches are not followed."""
+    waited for. Reads the program top to bottom without following loops or branches, so a fence
+    reached only around a loop's back edge is not counted."""
     in_flight, barrier, count = 0, False, 0
     for line in text.splitlines():
         line = line.strip()

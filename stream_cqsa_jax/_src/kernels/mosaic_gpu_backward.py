@@ -119,9 +119,10 @@ class Launch:
     (same products, same order, same bits).
     dk_from_smem: with paired products (`dkv_paired`, or `fused_dq`; otherwise it does nothing),
     dk's product reads ``ds^T`` from shared memory (each warpgroup writes it there first) instead of
-    registers. Mosaic GPU fences a register operand just before its product; issued while dv's
-    product runs, that fence makes ptxas serialize every tensor-core instruction of the kernel (its
-    warning C7513). Same products, same bits.
+    registers. Mosaic GPU fences a register operand just before its product, so with ``ds`` in
+    registers that fence comes while dv's product runs: the pattern for which ptxas serialized every
+    tensor-core instruction of a kernel (its warning C7513, seen on a forward that had it). Same
+    products in the same order, so the same bits expected (a GPU test compares them).
     """
 
     dq_block_kv: int = 128
