@@ -36,7 +36,8 @@ def kernel_programs(
     seq_len: int, head_dim: int, causal: bool, cluster: int | None = None, backward_fields: dict | None = None
 ) -> list[str]:
     """The canonical MLIR text of each Mosaic GPU kernel in forward plus backward of one case (B=1,
-    4 query heads over 2 key/value heads, bfloat16): the forward, the dq kernel, the dk/dv kernel.
+    4 query heads over 2 key/value heads, bfloat16): the forward, the dq kernel, the dk/dv kernel
+    (with `fused_dq`, the forward and the dk/dv kernel).
     `backward_fields`: `mosaic_gpu_backward.Launch` fields that replace those of its default."""
     from jax._src.lib.mlir import ir, passmanager
     from jax.experimental.mosaic.gpu import core
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
             f.write("\n// ---- next kernel ----\n".join(texts))
         print(f"{len(texts)} kernels, {sum(map(len, texts))} characters -> {args.out}")
     if args.fences:
-        for name, text in zip(("forward", "dq", "dk/dv"), texts):
+        names = ("forward", "dq", "dk/dv") if len(texts) == 3 else ("forward", "dk/dv with dq")  # fused dq
+        for name, text in zip(names, texts):
             print(f"{name}: {fences_in_flight(text)} register fences while products may run")
     return 0
 
