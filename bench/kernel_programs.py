@@ -98,12 +98,12 @@ def fences_in_flight(text: str) -> int:
     return count
 
 
-def _field(text: str) -> tuple[str, int]:
-    """``FIELD=INTEGER`` of `mosaic_gpu_backward.Launch`."""
+def _field(text: str) -> tuple[str, int | bool]:
+    """``FIELD=INTEGER`` of `mosaic_gpu_backward.Launch`, as (name, value of the field's type)."""
     name, _, value = text.partition("=")
     if name not in {f.name for f in dataclasses.fields(mosaic_gpu_backward.Launch)} or not value.isdigit():
         raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=INTEGER with a field of the backward's launch")
-    return name, int(value)
+    return name, type(getattr(mosaic_gpu_backward.Launch(), name))(int(value))
 
 
 def main(argv=None) -> int:
@@ -117,8 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fences", action="store_true", help="print each kernel's fences_in_flight")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    fields = {name: type(getattr(mosaic_gpu_backward.Launch(), name))(value) for name, value in args.backward_fields}
-    texts = kernel_programs(args.seq_len, args.head_dim, args.causal, args.cluster, fields)
+    texts = kernel_programs(args.seq_len, args.head_dim, args.causal, args.cluster, dict(args.backward_fields))
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n// ---- next kernel ----\n".join(texts))
