@@ -9,8 +9,9 @@ writes each Mosaic GPU kernel's MLIR before serialization, without source locati
 deduplicated (``canonicalize``, ``cse``), so that index arithmetic that folds away (adding a
 zero, multiplying by one) leaves no trace. Identical text means the same program reaches the
 GPU compiler. The launches are the defaults unless ``--cluster`` forces every kernel's thread
-blocks per cluster (the forward's, the dq kernel's and the dk/dv kernel's), or ``--backward-fields``
-changes fields of the backward's (``dk_from_smem=1``).
+blocks per cluster (the forward's, the dq kernel's and the dk/dv kernel's), or ``--forward-fields`` and
+``--backward-fields`` change fields of the forward's and the backward's (``values_first=1``,
+``dk_from_smem=1``).
 
 ``--fences`` also prints, per kernel, how often it fences registers for a product while an earlier
 group of products may still run (`fences_in_flight`): ptxas then serializes every ``wgmma`` of the
@@ -33,12 +34,18 @@ from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
 
 
 def kernel_programs(
-    seq_len: int, head_dim: int, causal: bool, cluster: int | None = None, backward_fields: dict | None = None
+    seq_len: int,
+    head_dim: int,
+    causal: bool,
+    cluster: int | None = None,
+    backward_fields: dict | None = None,
+    forward_fields: dict | None = None,
 ) -> list[str]:
     """The canonical MLIR text of each Mosaic GPU kernel in forward plus backward of one case (B=1,
     4 query heads over 2 key/value heads, bfloat16): the forward, the dq kernel, the dk/dv kernel
     (with `fused_dq`, the forward and the dk/dv kernel).
-    `backward_fields`: `mosaic_gpu_backward.Launch` fields that replace those of its default."""
+    `forward_fields`, `backward_fields`: `mosaic_gpu.Launch` and `mosaic_gpu_backward.Launch` fields
+    that replace those of their defaults."""
     from jax._src.lib.mlir import ir, passmanager
     from jax.experimental.mosaic.gpu import core
 
@@ -56,10 +63,12 @@ def kernel_programs(
     try:
         core._run_serde_pass = capture
         mosaic_gpu.on_hopper = mosaic_gpu_backward.on_hopper = lambda: True
-        changes = dict(backward_fields or {})
+        changes, forward_changes = dict(backward_fields or {}), dict(forward_fields or {})
         if cluster is not None:
-            mosaic_gpu.default_launch = lambda *a: dataclasses.replace(forward_default(*a), cluster=cluster)
+            forward_changes.update(cluster=cluster)
             changes.update(dq_cluster=cluster, dkv_cluster=cluster)
+        if forward_changes:
+            mosaic_gpu.default_launch = lambda *a: dataclasses.replace(forward_default(*a), **forward_changes)
         if changes:
             mosaic_gpu_backward.default_launch = lambda *a, **k: dataclasses.replace(
                 backward_default(*a, **k), **changes
@@ -98,12 +107,17 @@ def fences_in_flight(text: str) -> int:
     return count
 
 
-def _field(text: str) -> tuple[str, int | bool]:
-    """``FIELD=INTEGER`` of `mosaic_gpu_backward.Launch`, as (name, value of the field's type)."""
-    name, _, value = text.partition("=")
-    if name not in {f.name for f in dataclasses.fields(mosaic_gpu_backward.Launch)} or not value.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=INTEGER with a field of the backward's launch")
-    return name, type(getattr(mosaic_gpu_backward.Launch(), name))(int(value))
+def _field(launch_type: type, which: str):
+    """A parser of ``FIELD=INTEGER`` for a field of `launch_type` (the `which` launch), giving (name,
+    value of the field's type)."""
+
+    def parse(text: str) -> tuple[str, int | bool]:
+        name, _, value = text.partition("=")
+        if name not in {f.name for f in dataclasses.fields(launch_type)} or not value.isdigit():
+            raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=INTEGER with a field of the {which}'s launch")
+        return name, type(getattr(launch_type(), name))(int(value))
+
+    return parse
 
 
 def main(argv=None) -> int:
@@ -112,12 +126,16 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dim", type=int, choices=(64, 128), default=64)
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--cluster", type=int, choices=(1, 2), default=None, help="force blocks per cluster")
-    parser.add_argument("--backward-fields", type=_field, nargs="+", default=[],
-                        help="fields of the backward's launch, FIELD=INTEGER (booleans as 0 or 1)")
+    parser.add_argument("--forward-fields", type=_field(mosaic_gpu.Launch, "forward"), nargs="+", default=[],
+                        help="fields of the forward's launch, FIELD=INTEGER (booleans as 0 or 1)")
+    parser.add_argument("--backward-fields", type=_field(mosaic_gpu_backward.Launch, "backward"), nargs="+",
+                        default=[], help="fields of the backward's launch, FIELD=INTEGER (booleans as 0 or 1)")
     parser.add_argument("--fences", action="store_true", help="print each kernel's fences_in_flight")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    texts = kernel_programs(args.seq_len, args.head_dim, args.causal, args.cluster, dict(args.backward_fields))
+    texts = kernel_programs(
+        args.seq_len, args.head_dim, args.causal, args.cluster, dict(args.backward_fields), dict(args.forward_fields)
+    )
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n// ---- next kernel ----\n".join(texts))

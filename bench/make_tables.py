@@ -564,6 +564,7 @@ def forward_launch_table(name: str) -> str:
         c = base[tuple(r[f] for f in _MOSAIC_FIELDS)]["seconds"]
         launch = f"{r['block_kv']} keys, {r['stages']} stages" + (", pairs" if r["cluster"] == 2 else "")
         launch += ", overlap" if r.get("overlap") else ""
+        launch += ", values first" if r.get("values_first") else ""
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {launch} | {c:.4f} "
             f"| {r['seconds']:.4f} | {c / r['seconds']:.3f}x |"

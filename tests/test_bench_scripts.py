@@ -16,9 +16,10 @@ def test_forward_launch_flags():
     assert (plain.block_kv, plain.stages, plain.heavy_first, plain.cluster) == (128, 2, False, 1)
     paired = mosaic_kernel._launch("64,3,heavy,cluster2")
     assert (paired.block_kv, paired.stages, paired.heavy_first, paired.cluster) == (64, 3, True, 2)
-    with pytest.raises(ValueError, match="'heavy' and 'cluster2'"):
+    assert mosaic_kernel._launch("128,2,heavy,valuesfirst").values_first and not paired.values_first
+    with pytest.raises(ValueError, match="'heavy', 'cluster2' and 'valuesfirst'"):
         mosaic_kernel._launch("128,2,cluster4")
-    for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2"):
+    for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2,valuesfirst"):
         # how backward rows record the forward's
         assert mosaic_kernel.launch_text(mosaic_kernel._launch(text)) == text
 
@@ -85,16 +86,20 @@ def test_kernel_programs_are_the_same_text_for_the_same_code_and_differ_with_pai
 def test_register_fences_while_products_run_only_in_paired_dkv_products_with_ds_in_registers(head_dim):
     """bench/kernel_programs.fences_in_flight finds the pattern for which ptxas serializes a kernel's
     tensor-core instructions: in the dk/dv kernel's paired products, ds's registers fenced while dv's
-    product runs. With `Launch.dk_from_smem` no kernel has it; the forward and the dq kernel never do."""
+    product runs. With `Launch.dk_from_smem` no kernel has it; the forward (with or without
+    `Launch.values_first`) and the dq kernel never do."""
     import kernel_programs
 
-    def counts(**fields):
-        texts = kernel_programs.kernel_programs(1024, head_dim, True, backward_fields=fields)
+    def counts(forward_fields=None, **fields):
+        texts = kernel_programs.kernel_programs(1024, head_dim, True, backward_fields=fields,
+                                                forward_fields=forward_fields)
         return [kernel_programs.fences_in_flight(text) for text in texts]  # forward, dq, dk/dv
 
     forward, dq, dkv = counts(dkv_paired=True)
     assert forward == dq == 0 and dkv > 0
     assert counts(dkv_paired=True, dk_from_smem=True) == [0, 0, 0]
-    assert counts(dkv_paired=False) == [0, 0, 0]
+    assert counts(dict(values_first=True), dkv_paired=False) == [0, 0, 0]
     with pytest.raises(SystemExit):
         kernel_programs.main(["--backward-fields", "dk_from_smem=yes", "--fences"])
+    with pytest.raises(SystemExit):
+        kernel_programs.main(["--forward-fields", "dk_from_smem=1", "--fences"])

@@ -113,18 +113,20 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
 
 
 @hopper
+@pytest.mark.parametrize("option", [dict(stages=3), dict(values_first=True), dict(values_first=True, cluster=2)])
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "dense_head128_f16", "window", "cross_lengths", "large_logits"])
-def test_mosaic_forward_three_stages_give_the_same_bits(case, monkeypatch):
+def test_mosaic_forward_options_give_the_same_bits(case, option, monkeypatch):
     """A third stage (whose output tiles all live in the ring's memory) changes only how far ahead
-    tiles are copied: the output and the log-sum-exp are the same bits (masked, plain and skipped
-    tiles all occur)."""
+    tiles are copied, and `Launch.values_first` only when the products are issued and waited for: the
+    output and the log-sum-exp are the same bits as the default's (masked, plain and skipped tiles all
+    occur; with pairs of thread blocks where the query chunks allow)."""
     c = _float64_case(CASES[case], case)
     monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
     f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, return_residuals=True, **c.structured,
                                                  **c.extra)
-    default = mosaic_gpu.default_launch(c.q.shape[-1])
+    default = dataclasses.replace(mosaic_gpu.default_launch(c.q.shape[-1]), cluster=option.get("cluster", 1))
     results = []
-    for launch in (default, dataclasses.replace(default, stages=3)):
+    for launch in (default, dataclasses.replace(default, **option)):
         monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_, launch=launch: launch)
         jax.clear_caches()
         results.append([np.asarray(x) for x in jax.jit(f)(c.q, c.k, c.v)])
@@ -189,6 +191,16 @@ def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, cluster
     assert "mosaic_gpu" in text
     if case == "causal_head64":
         assert ("cluster_block_id" in text) == (cluster == 2)
+
+
+@pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
+@pytest.mark.parametrize("case,cluster", [("causal_head64", 1), ("gqa_lengths_head128", 2), ("window_decomposed", 1)])
+def test_mosaic_forward_values_first_lowers_for_cuda(case, cluster, semantics, monkeypatch):
+    """`Launch.values_first` (the previous tile's p v issued with the scores, one wait for both) lowers
+    for CUDA under the lowering semantics of jax 0.10 and 0.11, and changes the forward's program."""
+    _use_lowering_semantics(monkeypatch, semantics)
+    texts = [_lower_forward(case, monkeypatch, cluster=cluster, values_first=first) for first in (False, True)]
+    assert texts[0] != texts[1]
 
 
 def test_mosaic_forward_three_stages_fit_at_head_dim_128(monkeypatch):

@@ -75,12 +75,19 @@ class Launch:
     value tile into the shared-memory rings of both (a multicast copy): half the key
     and value reads from L2, the same bits. Query slots whose chunks are not a
     multiple of 256 rows run with 1.
+
+    values_first: over the key tiles that a compute warpgroup sees whole (no mask cuts them),
+    each step issues the previous tile's ``p v`` and then this tile's scores, and waits once
+    for both, instead of waiting for ``p v`` before issuing the scores. ``p``'s registers are
+    fenced before either product starts, so no fence falls while a product runs. The softmax
+    still waits for both; each addition into the output keeps its order: the same bits.
     """
 
     block_kv: int = 128
     stages: int = 2
     heavy_first: bool = True
     cluster: int = 1
+    values_first: bool = False
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
@@ -138,6 +145,38 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
         qk_factor = cfg.scale * LOG2E
         turns = Turns(turn, wg)
 
+        def scores(ring):
+            """q k^T of the key tile in stage `ring`, a turn passed while the product runs."""
+
+            def issue(ref):
+                plgpu.wgmma(ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
+                turns.take()
+                return ref[...]
+
+            return pl.run_scoped(issue, plgpu.ACC((ROWS, bk), jnp.float32))
+
+        def softmax(s, m_i, l_i, acc):
+            """(acc times alpha, l, m, p in the inputs' dtype) after the scores `s`, held before the
+            next pass. Base-2: m is kept in units of log2, so p = exp2(s * factor - m) is one FMA."""
+            m_new = jnp.maximum(m_i, s.max(axis=1) * qk_factor)
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+            alpha = jnp.exp2(m_i - m_use)
+            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(m_use, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(q_ref.dtype)
+            return lax.optimization_barrier((acc, l_i, m_new, p16))
+
+        def add_values(ring, acc, p16):
+            """acc + p v with the value tile in stage `ring`, which is then free."""
+
+            def values(ref):
+                plgpu.wgmma(ref, p16, v_smem.at[ring])
+
+            acc = pl.run_state(values)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[ring])
+            return acc
+
         def skip(kt, carry):
             step = carry[0]
             ring = lax.rem(step, stages)
@@ -150,43 +189,73 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.barrier_arrive(v_free.at[ring])
             return (step + 1,) + carry[1:]
 
-        def visit(kt, carry, kv_start, masked: bool):
-            step, acc, m_i, l_i = carry
+        def scored(kt, step, acc, m_i, l_i, kv_start=None):
+            """A step's first half, on key tile `kt` in stage ``step % stages``: its scores (masked when
+            `kv_start`, the pair's first key position, is given), then `softmax`."""
             ring = lax.rem(step, stages)
             plgpu.barrier_wait(k_ready.at[ring])
-
-            def scores(ref):
-                plgpu.wgmma(ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
-                turns.take()
-                return ref[...]
-
-            s = pl.run_scoped(scores, plgpu.ACC((ROWS, bk), jnp.float32))
+            s = scores(ring)
             plgpu.barrier_arrive(k_free.at[ring])
-            if masked:
+            if kv_start is not None:
                 q_pos = q_start + plgpu.broadcasted_iota(jnp.int32, (ROWS, bk), 0, layout=plgpu.Layout.WGMMA)
                 kv_pos = kv_start + kt * bk + plgpu.broadcasted_iota(
                     jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA
                 )
                 s = jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
-            # Base-2 softmax: m is kept in units of log2, so p = exp2(s * factor - m) is one FMA.
-            m_new = jnp.maximum(m_i, s.max(axis=1) * qk_factor)
-            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp2(m_i - m_use)
-            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(m_use, s.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l_i = l_i * alpha + p.sum(axis=1)
-            p16 = p.astype(q_ref.dtype)
-            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            return softmax(s, m_i, l_i, acc)
+
+        def visit(kt, carry, kv_start, masked: bool):
+            step, acc, m_i, l_i = carry
+            ring = lax.rem(step, stages)
+            acc, l_i, m_new, p16 = scored(kt, step, acc, m_i, l_i, kv_start if masked else None)
             turns.arrive()
             plgpu.barrier_wait(v_ready.at[ring])
             turns.wait()
-
-            def values(ref):
-                plgpu.wgmma(ref, p16, v_smem.at[ring])
-
-            acc = pl.run_state(values)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_free.at[ring])
+            acc = add_values(ring, acc, p16)
             return step + 1, acc, m_new, l_i
+
+        def values_first(lo, hi, carry):
+            """The steps of key tiles [lo, hi), which no mask cuts, with `Launch.values_first`; each
+            step's ``p v`` is issued by the next one, and the last after them."""
+
+            def first(carry):
+                step, acc, m_i, l_i = carry
+                acc, l_i, m_new, p16 = scored(lo, step, acc, m_i, l_i)
+                turns.arrive()
+                turns.wait()
+                return step + 1, acc, m_new, l_i, p16
+
+            def next_tile(kt, carry):
+                step, acc, m_i, l_i, p16 = carry  # p16: the previous tile's, its values in stage `prev`
+                ring, prev = lax.rem(step, stages), lax.rem(step - 1, stages)
+                plgpu.barrier_wait(k_ready.at[ring])
+                plgpu.barrier_wait(v_ready.at[prev])
+
+                def products(o_ref, s_ref):
+                    o_ref[...] = acc
+                    plgpu.wgmma(o_ref, p16, v_smem.at[prev])
+                    plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
+                    turns.take()
+                    return o_ref[...], s_ref[...]
+
+                acc, s = pl.run_scoped(products, plgpu.ACC(acc.shape, jnp.float32), plgpu.ACC((ROWS, bk), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[ring])
+                plgpu.barrier_arrive(v_free.at[prev])
+                acc, l_i, m_new, p16 = softmax(s, m_i, l_i, acc)
+                turns.arrive()
+                turns.wait()
+                return step + 1, acc, m_new, l_i, p16
+
+            def last(carry):
+                step, acc, m_i, l_i, p16 = carry
+                prev = lax.rem(step - 1, stages)
+                plgpu.barrier_wait(v_ready.at[prev])
+                return step, add_values(prev, acc, p16), m_i, l_i
+
+            def steps(carry):
+                return last(lax.fori_loop(lo + 1, hi, next_tile, first(carry)))
+
+            return lax.cond(hi > lo, steps, lambda carry: carry, carry)
 
         hd = q_ref.shape[-1]
         init = (
@@ -196,7 +265,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
         )
         turns.start()
-        _, acc, m_i, l_i = block.walk(own, skip, visit, init)
+        _, acc, m_i, l_i = block.walk(own, skip, visit, init, values_first if launch.values_first else None)
         turns.finish()
         # Once both compute warpgroups pass this, neither reads the key/value ring again,
         # and the output tiles may reuse its memory.

@@ -198,10 +198,12 @@ class QueryBlock:
         first, _, _, last = block_map.tile_ranges(self.span, chunk_start, self.block_kv, tiles, all_masked=True)
         return first, last
 
-    def walk(self, own: block_map.Span, skip, visit, carry):
+    def walk(self, own: block_map.Span, skip, visit, carry, plain_steps=None):
         """Folds a compute warpgroup's steps over the block's key tiles, pair by pair: for
         the rows of `own`, ``skip(kt, carry)`` on tiles they do not see, ``visit(kt, carry,
-        kv_start=, masked=)`` on the others (``kv_start``: the pair's first key position)."""
+        kv_start=, masked=)`` on the others (``kv_start``: the pair's first key position).
+        ``plain_steps(first, last, carry)``, if given, runs the steps of the tiles that no mask
+        cuts instead of ``visit``."""
 
         def pair(p, carry):
             _, chunk_start = self.pair_chunk(p)
@@ -210,7 +212,7 @@ class QueryBlock:
             mine = block_map.tile_ranges(own, chunk_start, self.block_kv, tiles, all_masked=False)
             masked = functools.partial(visit, kv_start=chunk_start, masked=True)
             plain = functools.partial(visit, kv_start=chunk_start, masked=False)
-            return walk(first, last, mine, skip, masked, plain, carry)
+            return walk(first, last, mine, skip, masked, plain, carry, plain_steps)
 
         return lax.fori_loop(0, self.pair_count, pair, carry)
 
@@ -225,13 +227,17 @@ def visible(band: Band, q_pos, kv_pos, q_limit, kv_limit):
     )
 
 
-def walk(first, last, own: tuple, skip, masked, plain, carry):
+def walk(first, last, own: tuple, skip, masked, plain, carry, plain_steps=None):
     """Folds one chunk's steps ``[first, last)``: `skip` outside the warpgroup's own range
-    `own` = (first, full_first, full_last, last), `masked` at its edges, `plain` inside."""
+    `own` = (first, full_first, full_last, last), `masked` at its edges, `plain` inside, or
+    ``plain_steps(full_first, full_last, carry)`` for all of the inside at once."""
     own_first, full_first, full_last, own_last = (jnp.clip(x, first, last) for x in own)
     carry = lax.fori_loop(first, own_first, skip, carry)
     carry = lax.fori_loop(own_first, full_first, masked, carry)
-    carry = lax.fori_loop(full_first, full_last, plain, carry)
+    if plain_steps is None:
+        carry = lax.fori_loop(full_first, full_last, plain, carry)
+    else:
+        carry = plain_steps(full_first, full_last, carry)
     carry = lax.fori_loop(full_last, own_last, masked, carry)
     return lax.fori_loop(own_last, last, skip, carry)
 
