@@ -11,13 +11,7 @@ zero, multiplying by one) leaves no trace. Identical text means the same program
 GPU compiler. The launches are the defaults unless ``--cluster`` forces every kernel's thread
 blocks per cluster (the forward's, the dq kernel's and the dk/dv kernel's), or ``--forward-fields`` and
 ``--backward-fields`` change fields of the forward's and the backward's (``values_first=1``,
-``dk_from_smem=1``).
-
-``--fences`` also prints, per kernel, how often it fences registers for a product while an earlier
-group of products may still run (`fences_in_flight`): ptxas then serializes every ``wgmma`` of the
-kernel (its warning C7513), which only a GPU compile shows otherwise.
-
-    PYTHONPATH=. python bench/kernel_programs.py --head-dim 64 --fences --backward-fields dk_from_smem=1
+``dq_turns=0``).
 """
 
 from __future__ import annotations
@@ -88,25 +82,6 @@ def kernel_programs(
     return texts
 
 
-def fences_in_flight(text: str) -> int:
-    """How many times the kernel program `text` fences registers for a tensor-core product (an
-    optimization barrier, then ``wgmma.fence``) after a group of products was committed and not yet
-    waited for. Reads the program top to bottom without following loops or branches, so a fence
-    reached only around a loop's back edge is not counted."""
-    in_flight, barrier, count = 0, False, 0
-    for line in text.splitlines():
-        line = line.strip()
-        if "wgmma.commit.group" in line:
-            in_flight, barrier = in_flight + 1, False
-        elif "wgmma.wait.group" in line:
-            in_flight = min(in_flight, int(line.split()[-1]))
-        elif 'asm_dialect = att ""' in line:  # the optimization barrier on the operand's registers
-            barrier = True
-        elif "wgmma.fence" in line and in_flight and barrier:
-            count += 1
-    return count
-
-
 def _field(launch_type: type, which: str):
     """A parser of ``FIELD=INTEGER`` for a field of `launch_type` (the `which` launch), giving (name,
     value of the field's type)."""
@@ -130,20 +105,14 @@ def main(argv=None) -> int:
                         help="fields of the forward's launch, FIELD=INTEGER (booleans as 0 or 1)")
     parser.add_argument("--backward-fields", type=_field(mosaic_gpu_backward.Launch, "backward"), nargs="+",
                         default=[], help="fields of the backward's launch, FIELD=INTEGER (booleans as 0 or 1)")
-    parser.add_argument("--fences", action="store_true", help="print each kernel's fences_in_flight")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     texts = kernel_programs(
         args.seq_len, args.head_dim, args.causal, args.cluster, dict(args.backward_fields), dict(args.forward_fields)
     )
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n// ---- next kernel ----\n".join(texts))
-        print(f"{len(texts)} kernels, {sum(map(len, texts))} characters -> {args.out}")
-    if args.fences:
-        names = ("forward", "dq", "dk/dv") if len(texts) == 3 else ("forward", "dk/dv with dq")  # fused dq
-        for name, text in zip(names, texts):
-            print(f"{name}: {fences_in_flight(text)} register fences while products may run")
+    with open(args.out, "w") as f:
+        f.write("\n// ---- next kernel ----\n".join(texts))
+    print(f"{len(texts)} kernels, {sum(map(len, texts))} characters -> {args.out}")
     return 0
 
 

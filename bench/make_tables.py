@@ -23,6 +23,15 @@ BEGIN, END = "<!-- generated tables: begin -->", "<!-- generated tables: end -->
 CHART = ROOT / "docs" / "benchmarks_kernel.png"
 MOSAIC_BEGIN, MOSAIC_END = "<!-- generated Hopper tables: begin -->", "<!-- generated Hopper tables: end -->"
 MOSAIC_CHART = ROOT / "docs" / "benchmarks_hopper.png"
+# Forward runs of the launch without and with `Launch.values_first`, oldest first.
+VALUES_FIRST_FILES = [
+    "fwd_values_first_d64.json",
+    "fwd_values_first_d128.json",
+    "fwd_values_first_d128_nc.json",
+    "fwd_values_first_1m_d128_nc.json",
+    "fwd_values_first_1m_d128_causal.json",
+    "fwd_values_first_1m_d128_nc_again.json",
+]
 # Forward runs, oldest first: a later run of the same case replaces an earlier one in the table.
 MOSAIC_FILES = [
     "mosaic_fwd_bf16.json",
@@ -41,6 +50,7 @@ MOSAIC_FILES = [
     "cluster_1m_d64_causal.json",
     "cluster_1m_d128_causal.json",
     "mosaic_fwd_1m_d64_nc_default.json",
+    *VALUES_FIRST_FILES,  # the default launch next to `Launch.values_first`: the default's rows count
 ]
 # Forward runs of single thread blocks next to pairs (`Launch.cluster`), in the order of the table.
 CLUSTER_FILES = [
@@ -87,6 +97,12 @@ H100_FORWARD_LAUNCH_FILES = [
     "h100_fwd_stages_d128.json",
     "h100_fwd_overlap_noturns_d64.json",
 ]
+# Runs on an H100: the forward with and without `Launch.values_first` at 64K, and forward plus backward with
+# dk's ds read from shared memory (an option since removed), each with ptxas's report in a log beside it.
+H100_VALUES_FIRST_FILES = ["h100_fwd_values_first_64k_d64.json", "h100_fwd_values_first_64k_d128.json"]
+H100_DK_FROM_SMEM_FILES = ["h100_dksmem_d64.json", "h100_dksmem_d128.json"]
+# Forward plus backward with 64-key dq tiles (ptxas's report in a log beside each).
+DQ_TILE_FILES = ["bwd_dq_tiles_64k_d64.json", "bwd_dq_tiles_64k_d128.json"]
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200, one forward thread block each at a time
 # Forward plus backward runs, oldest first: a later run of the same case replaces an earlier one.
 MOSAIC_BACKWARD_FILES = [
@@ -112,6 +128,7 @@ MOSAIC_BACKWARD_FILES = [
     "mosaic_bwd_d128_flush_default.json",  # 128-key dq tiles, segments in memory: the head dim 128 default
     "mosaic_bwd_1m_d128_nc_flush_default.json",
     *DQ_CLUSTER_FILES,  # only their rows that ran today's default launches count (`_default_now`)
+    "bwd_values_first_d128_nc.json",
 ]
 MOSAIC_GRAD_ACCURACY_FILES = [
     "accuracy_8k_grads_d64.json",
@@ -264,14 +281,21 @@ def generated() -> str:
     )
 
 
+def _default_forward(r: dict):
+    """The forward launch (`mosaic_gpu.Launch`) that today's default picks for the case of row `r` (one
+    subproblem of the whole sequence)."""
+    from stream_cqsa_jax import benchmark
+
+    case = benchmark.Case(r["seq_len"], r["head_dim"], r["causal"], r["direction"], r.get("batch", 1), r.get("heads", 8))
+    return case.forward_launch()
+
+
 def _default_clusters(r: dict) -> tuple[int, int]:
     """(forward `Launch.cluster`, dq `Launch.dq_cluster`) that today's default launches pick for the case of
     row `r` (one subproblem of the whole sequence)."""
-    from stream_cqsa_jax import benchmark
     from stream_cqsa_jax._src.kernels import mosaic_gpu_backward
 
-    case = benchmark.Case(r["seq_len"], r["head_dim"], r["causal"], r["direction"], r.get("batch", 1), r.get("heads", 8))
-    return case.forward_launch().cluster, mosaic_gpu_backward.default_launch(r["head_dim"]).dq_cluster
+    return _default_forward(r).cluster, mosaic_gpu_backward.default_launch(r["head_dim"]).dq_cluster
 
 
 def _forward_cluster(r: dict) -> int:
@@ -280,17 +304,26 @@ def _forward_cluster(r: dict) -> int:
     forward plus backward row that names a `dkv_cluster` (the first runs of those, made under today's forward
     rule), else 1 (runs made before pairs existed)."""
     if "forward_launch" in r:
-        return 2 if r["forward_launch"].endswith("cluster2") else 1
+        return 2 if "cluster2" in r["forward_launch"].split(",") else 1
     if r.get("direction") == "fwd_bwd" and "dkv_cluster" in r:
         return _default_clusters(r)[0]
     return r.get("cluster", 1)
+
+
+def _values_first(r: dict) -> bool:
+    """Whether the forward that ran row `r` issued values first (`Launch.values_first`; rows made before
+    it existed did not)."""
+    if "forward_launch" in r:
+        return "valuesfirst" in r["forward_launch"].split(",")
+    return bool(r.get("values_first"))
 
 
 def _default_now(r: dict) -> bool:
     """Whether a forward plus backward row of a pairs sweep ran what the default launches pick today."""
     if "forward_launch" not in r:
         return True  # rows of runs that time the default launch of their day
-    return (_forward_cluster(r), r.get("dq_cluster", 1)) == _default_clusters(r)
+    same_forward = _values_first(r) == _default_forward(r).values_first
+    return same_forward and (_forward_cluster(r), r.get("dq_cluster", 1)) == _default_clusters(r)
 
 
 def _heavy_first(r: dict) -> bool:
@@ -304,7 +337,10 @@ def _latest_mosaic_runs(files: list[str]) -> dict[tuple, tuple[dict, dict, str]]
     `_latest_runs`); within a file the heaviest-first launch (the default) replaces the in-order one."""
     runs = _latest_runs(
         files, _MOSAIC_FIELDS + ("batch", "heads"), "mosaic_gpu",
-        prefer=lambda r: (_heavy_first(r), _forward_cluster(r) == _default_clusters(r)[0]),
+        prefer=lambda r: (
+            _heavy_first(r), _forward_cluster(r) == _default_clusters(r)[0],
+            _values_first(r) == _default_forward(r).values_first,
+        ),
         keep=lambda r: r.get("block_order", "heads_first") == "heads_first",
     )
     return {key[:4]: run for key, run in runs.items() if key[4:] == (1, 8)}
@@ -322,7 +358,8 @@ def mosaic_table(files: list[str]) -> str:
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} "
             f"| {'heaviest first' if _heavy_first(r) else 'in order'} "
-            f"| {'pairs' if _forward_cluster(r) == 2 else 'single'} | {c['seconds']:.4f} "
+            f"| {'pairs' if _forward_cluster(r) == 2 else 'single'}{', values first' if _values_first(r) else ''} "
+            f"| {c['seconds']:.4f} "
             f"| {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.2f}x | `{name}` |"
         )
     return "\n".join(lines)
@@ -380,7 +417,7 @@ def backward_launch_table(name: str) -> str:
         dq += ", blocks in pairs" if r.get("dq_cluster", 1) == 2 else ""
         dq += ", turns" if r.get("dq_turns") else ""
         dq += ", dk/dv turns" if r.get("dkv_turns") else ""  # a launch option since removed
-        dq += ", dk's ds from shared memory" if r.get("dk_from_smem") else ""
+        dq += ", dk's ds from shared memory" if r.get("dk_from_smem") else ""  # removed too
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} "
             f"| {r['dq_block_kv']}, {r['dq_stages']} | {r['dkv_block_q']}, {r['dkv_stages']} "
@@ -564,7 +601,7 @@ def forward_launch_table(name: str) -> str:
         c = base[tuple(r[f] for f in _MOSAIC_FIELDS)]["seconds"]
         launch = f"{r['block_kv']} keys, {r['stages']} stages" + (", pairs" if r["cluster"] == 2 else "")
         launch += ", overlap" if r.get("overlap") else ""
-        launch += ", values first" if r.get("values_first") else ""
+        launch += ", values first" if _values_first(r) else ""
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {launch} | {c:.4f} "
             f"| {r['seconds']:.4f} | {c / r['seconds']:.3f}x |"
@@ -683,10 +720,13 @@ def generated_mosaic() -> str:
             "warm-up, median; 5 in `mosaic_f16_64k_d128_repeat.json`; in turns with cuDNN, `--interleave`, "
             "6, 4 and 3 rounds in `mosaic_fwd_256k_d64_nc_interleaved.json`, `mosaic_fwd_1m_d64_nc_interleaved.json` "
             "and `mosaic_block_order_1m.json`; 3 and 2 rounds in the `cluster_*.json` runs, 1 in "
-            "`mosaic_fwd_1m_d64_nc_default.json`). \"query tiles\": heaviest first "
+            "`mosaic_fwd_1m_d64_nc_default.json`; 5 in `fwd_values_first_d64.json` and `fwd_values_first_d128.json`, "
+            "7 in `fwd_values_first_d128_nc.json`, 3 in the 1M `fwd_values_first_*.json` runs). \"query tiles\": "
+            "heaviest first "
             "(`Launch.heavy_first`, the default) or in order (runs made before it was the default; without a "
             "causal mask the order changes nothing). \"blocks\": single thread blocks or pairs "
-            "(`Launch.cluster`); of a run with both, the one the default picks today. At 64K the single blocks "
+            "(`Launch.cluster`), and \"values first\" (`Launch.values_first`); of a run with several launches, the "
+            "one the default picks today. At 64K the single blocks "
             "ran slower in the `cluster_64k_256k.json` run than in the runs before it (head dim 128 without a "
             "mask: 0.0316 s against 0.0273 s in `mosaic_fwd_bf16_heavy_64k_256k.json`, cuDNN 0.0283 s against "
             "0.0275 s) with the same program (`bench/kernel_programs.py` gives the same text for both versions of "
@@ -725,7 +765,8 @@ def generated_mosaic() -> str:
             "products at head dim 64 from `mosaic_bwd_paired_d64.json` on; 128-key dq tiles with segments in "
             "memory at head dim 128 from `mosaic_bwd_d128_flush_default.json` on; thread blocks in pairs as the "
             "defaults pick them from the `cluster_bwd_*.json` runs on, in turns with cuDNN, 5 rounds at 64K, 3 "
-            "at 256K, 1 at 1M, only their rows that ran today's defaults); nondeterministic: the same "
+            "at 256K, 1 at 1M, only their rows that ran today's defaults; with values first at head dim 128 without "
+            "a mask from `bwd_values_first_d128_nc.json` on, 5 rounds); nondeterministic: the same "
             "with `deterministic_backward=False` (`mosaic_bwd_1m_d64_nondeterministic.json`; at 64K and 256K see the fused dq table below); "
             "portable: the Triton kernels (`pallas_triton`), from their latest run (`pallas_triton_bwd_*.json`), "
             "next to cuDNN in that run.",
@@ -793,6 +834,20 @@ def generated_mosaic() -> str:
             "the two compute warpgroups' turns on the tensor cores switched off (a patched build: the commands "
             "at the top say how), both launches.",
             *(forward_launch_table(name) for name in H100_FORWARD_LAUNCH_FILES),
+            "### The forward with values first (`Launch.values_first`)",
+            "Files: as named in each table's order: `" + "`, `".join(VALUES_FIRST_FILES) + "` (an H200; 5, 5, 7, "
+            "3, 3 and 3 rounds), then `" + "` and `".join(H100_VALUES_FIRST_FILES) + "` (an H100, 5 rounds); "
+            "bfloat16, B=1, 8 heads, in turns with cuDNN after a warm-up, median. \"values first\": over the key "
+            "tiles no mask cuts, each step issues the previous tile's p v and then its own scores, and waits "
+            "once for both. The default at head dim 128 without a mask since these runs.",
+            *(forward_launch_table(name) for name in [*VALUES_FIRST_FILES, *H100_VALUES_FIRST_FILES]),
+            "### Forward plus backward: dk's ds from shared memory, and 64-key dq tiles",
+            "Files: `" + "` and `".join(H100_DK_FROM_SMEM_FILES) + "` (an H100), then `" + "` and `".join(DQ_TILE_FILES)
+            + "` (an H200); 64K, no mask, bfloat16, B=1, 8 heads, 5 rounds in turns with cuDNN after a warm-up, "
+            "median. \"dk's ds from shared memory\": a launch option (`dk_from_smem`) removed since as slower. "
+            "ptxas's report of each run is in the log of the same name with `_ptxas.log` (read it with "
+            "`bench/ptxas_report.py`).",
+            *(backward_launch_table(name) for name in [*H100_DK_FROM_SMEM_FILES, *DQ_TILE_FILES]),
             "### dq in segments: forward plus backward with and without `Launch.dq_segment`",
             "Files: `mosaic_bwd_dq_segments_256k_d128.json`, `mosaic_bwd_dq_segments_256k_d64.json`, "
             "`mosaic_bwd_dq128_segments_256k_d128.json` (bfloat16, 2 timed runs after a warm-up, median; cuDNN in "

@@ -31,7 +31,6 @@ def test_backward_launch_flags():
     both = mosaic_kernel.backward_launch("128,2,64,2,seg8,flush,dkvcluster2")
     assert (both.dq_cluster, both.dkv_cluster, both.dq_flush) == (1, 2, True)
     assert mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,dqturns").dq_turns and not both.dq_turns
-    assert mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,dksmem").dk_from_smem and not both.dk_from_smem
     with pytest.raises(ValueError, match="'cluster2'"):
         mosaic_kernel.backward_launch("128,2,64,2,pairs")
 
@@ -82,24 +81,61 @@ def test_kernel_programs_are_the_same_text_for_the_same_code_and_differ_with_pai
     assert [a == b for a, b in zip(single, paired)] == [False, False, False]
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_register_fences_while_products_run_only_in_paired_dkv_products_with_ds_in_registers(head_dim):
-    """bench/kernel_programs.fences_in_flight finds the pattern for which ptxas serializes a kernel's
-    tensor-core instructions: in the dk/dv kernel's paired products, ds's registers fenced while dv's
-    product runs. With `Launch.dk_from_smem` no kernel has it; the forward (with or without
-    `Launch.values_first`) and the dq kernel never do."""
+def test_kernel_programs_change_with_launch_fields():
+    """bench/kernel_programs.py --forward-fields and --backward-fields reach the kernels they name, and
+    only those; a field of the other launch, or a value that is not an integer, is refused."""
     import kernel_programs
 
-    def counts(forward_fields=None, **fields):
-        texts = kernel_programs.kernel_programs(1024, head_dim, True, backward_fields=fields,
-                                                forward_fields=forward_fields)
-        return [kernel_programs.fences_in_flight(text) for text in texts]  # forward, dq, dk/dv
+    default = kernel_programs.kernel_programs(1024, 64, causal=True)
+    forward = kernel_programs.kernel_programs(1024, 64, causal=True, forward_fields=dict(values_first=True))
+    dq = kernel_programs.kernel_programs(1024, 64, causal=True, backward_fields=dict(dq_turns=False))
+    assert [a == b for a, b in zip(default, forward)] == [False, True, True]  # forward, dq, dk/dv
+    assert [a == b for a, b in zip(default, dq)] == [True, False, True]
+    for argv in (["--backward-fields", "dq_turns=yes"], ["--forward-fields", "dq_turns=1"]):
+        with pytest.raises(SystemExit):
+            kernel_programs.main([*argv, "--out", "unused.mlir"])
 
-    forward, dq, dkv = counts(dkv_paired=True)
-    assert forward == dq == 0 and dkv > 0
-    assert counts(dkv_paired=True, dk_from_smem=True) == [0, 0, 0]
-    assert counts(dict(values_first=True), dkv_paired=False) == [0, 0, 0]
-    with pytest.raises(SystemExit):
-        kernel_programs.main(["--backward-fields", "dk_from_smem=yes", "--fences"])
-    with pytest.raises(SystemExit):
-        kernel_programs.main(["--forward-fields", "dk_from_smem=1", "--fences"])
+
+# A ptxas report as MOSAIC_GPU_DUMP_PTXAS=1 prints it: a kernel's notes and warnings come before its
+# "Compiling entry function" line, and "Compile time" ends each kernel's report.
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'kernel_a' for 'sm_90a'
+ptxas info    : Function properties for kernel_a
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 1 bytes smem
+ptxas info    : Compile time = 220.356 ms
+
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 876 by compiler
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 1734 by compiler
+ptxas warning : (C7513) wgmma.mma_async instructions are serialized
+ptxas warning : Registers are spilled to local memory in function 'kernel_b', 40 bytes spill stores, 72 bytes spill loads
+some other output of the run
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'kernel_b' for 'sm_90a'
+ptxas info    : Function properties for kernel_b
+    32 bytes stack frame, 40 bytes spill stores, 72 bytes spill loads
+ptxas info    : Used 232 registers, used 16 barriers, 32 bytes cumulative stack size, 1 bytes smem
+ptxas info    : Compile time = 260.852 ms
+"""
+
+
+def test_ptxas_report_gives_each_kernel_its_own_notes_and_spills(tmp_path, capsys):
+    """bench/ptxas_report.py: the notes and the spill warning printed before a kernel's "Compiling entry
+    function" line count for that kernel, not for the one before it."""
+    import ptxas_report
+
+    first, second = ptxas_report.compiles(PTXAS_LOG)
+    assert (first.name, first.registers, first.spill_stores, first.stack, dict(first.notes)) == (
+        "kernel_a", 168, 0, 0, {}
+    )
+    assert (second.name, second.registers, second.spill_stores, second.spill_loads, second.stack) == (
+        "kernel_b", 232, 40, 72, 32
+    )
+    assert dict(second.notes) == {"C7519": 2, "C7513": 1}
+    log = tmp_path / "run.log"
+    log.write_text(PTXAS_LOG)
+    assert ptxas_report.main([str(log)]) == 0
+    assert "| 1 | 232 | 40 | 72 | 32 | C7513 x1, C7519 x2 |" in capsys.readouterr().out
+    log.write_text("no report here\n")
+    assert ptxas_report.main([str(log)]) == 1

@@ -233,6 +233,18 @@ def test_default_launches_pair_thread_blocks_where_that_was_faster():
     assert mosaic_gpu_backward.default_launch(64).dq_turns and not mosaic_gpu_backward.default_launch(128).dq_turns
 
 
+def test_default_forward_issues_values_first_at_head_dim_128_without_a_mask():
+    """`Launch.values_first` where it was faster: head dim 128 without a mask (not under a causal mask or a
+    window, not at head dim 64, not where the band is not known)."""
+    n = 1 << 16
+    dense = Band.of(n, n, False, None)
+    assert mosaic_gpu.default_launch(128, n, dense).values_first
+    assert not mosaic_gpu.default_launch(128, n, Band.of(n, n, True, None)).values_first
+    assert not mosaic_gpu.default_launch(128, n, Band.of(n, n, False, (256, 0))).values_first
+    assert not mosaic_gpu.default_launch(64, n, dense).values_first
+    assert not mosaic_gpu.default_launch(128).values_first
+
+
 def test_launches_refuse_clusters_other_than_one_or_two():
     with pytest.raises(ValueError, match="cluster must be 1 or 2"):
         mosaic_gpu.Launch(cluster=4)
@@ -447,26 +459,19 @@ def test_mosaic_fused_dq_in_pairs_of_key_tiles(monkeypatch):
     np.testing.assert_array_equal(dv, single[3])
 
 
-# Backward launch options that change when products are issued or where an operand is read from, not
-# what is added in what order: (other fields the option needs, the gradient it touches in (out, dq, dk, dv)).
-SAME_BITS_OPTIONS = {"dq_turns": ({}, 1), "dk_from_smem": ({"dkv_paired": True}, 2)}
-
-
 @hopper
-@pytest.mark.parametrize("option", list(SAME_BITS_OPTIONS))
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "window", "gqa_lengths_head128", "cross_causal_gqa_head128"])
-def test_mosaic_backward_options_give_the_same_bits(case, option, monkeypatch):
-    """The dq kernel's compute warpgroups taking turns on the tensor cores (`Launch.dq_turns`) and dk's
-    product reading ``ds^T`` from shared memory in the paired products (`Launch.dk_from_smem`) leave the
-    gradients the same bits (masked, plain and skipped tiles, windows, lengths and grouped heads all occur)."""
-    needs, touched = SAME_BITS_OPTIONS[option]
+def test_mosaic_backward_turns_give_the_same_bits(case, monkeypatch):
+    """The dq kernel's compute warpgroups taking turns on the tensor cores (`Launch.dq_turns`)
+    changes only when each issues its products: the gradients are the same bits (masked, plain and
+    skipped tiles, windows, lengths and grouped heads all occur)."""
     c = _float64_case(BACKWARD_CASES[case], case)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
-    base = dataclasses.replace(mosaic_gpu_backward.default_launch(c.q.shape[-1]), **needs, **{option: False})
-    without = _output_and_gradients(c, monkeypatch, base)
-    with_option = _output_and_gradients(c, monkeypatch, dataclasses.replace(base, **{option: True}))
-    assert rel_error(as64(with_option[touched]), c.ref_grads[touched - 1]) <= 1.5 * c.base_grads[touched - 1]
-    for name, a, b in zip(("out", "dq", "dk", "dv"), without, with_option):
+    plain = dataclasses.replace(mosaic_gpu_backward.default_launch(c.q.shape[-1]), dq_turns=False)
+    without = _output_and_gradients(c, monkeypatch, plain)
+    with_turns = _output_and_gradients(c, monkeypatch, dataclasses.replace(plain, dq_turns=True))
+    assert rel_error(as64(with_turns[1]), c.ref_grads[0]) <= 1.5 * c.base_grads[0]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), without, with_turns):
         np.testing.assert_array_equal(b, a, err_msg=name)
 
 
@@ -594,8 +599,6 @@ def _lower_gradient(head_dim: int, deterministic_backward: bool = True, vmapped:
     (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_cluster=2)),
     (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_cluster=2)),  # dq without turns
     (128, mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dq_turns=True)),  # dq's turns, segments in memory
-    (128, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_flush=True, dk_from_smem=True)),  # ds^T in smem
-    (64, mosaic_gpu_backward.Launch(fused_dq=True, dk_from_smem=True)),
 ])
 def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
     """Launches other than the default (what a tuning sweep tries) build and fit in shared memory."""
@@ -610,17 +613,6 @@ def test_dq_turns_change_the_gradient_program(monkeypatch):
     base = mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8)
     texts = []
     for launch in (base, dataclasses.replace(base, dq_turns=True)):
-        monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_, launch=launch: launch)
-        texts.append(_lower_gradient(64))
-    assert texts[0] != texts[1]
-
-
-def test_dk_from_smem_changes_the_gradient_program(monkeypatch):
-    """`Launch.dk_from_smem` reaches the gradient's program (paired products, the head dim 64 default)."""
-    _pretend_hopper(monkeypatch)
-    base = mosaic_gpu_backward.default_launch(64)
-    texts = []
-    for launch in (base, dataclasses.replace(base, dk_from_smem=True)):
         monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_, launch=launch: launch)
         texts.append(_lower_gradient(64))
     assert texts[0] != texts[1]
@@ -641,7 +633,6 @@ def _use_lowering_semantics(monkeypatch, name: str) -> None:
     (128, None),
     (64, mosaic_gpu_backward.Launch(fused_dq=True)),
     (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=16)),  # dq segments in registers
-    (128, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_flush=True, dk_from_smem=True)),
 ])
 def test_mosaic_gradient_lowers_with_either_lowering_semantics(head_dim, launch, semantics, monkeypatch):
     """The gradient (the forward and both backward kernels) lowers for CUDA with the lowering semantics

@@ -117,12 +117,6 @@ class Launch:
     dq_turns: the dq kernel's two compute warpgroups take turns on the tensor cores, as the
     forward's do: one issues its products while the other computes ``p`` and ``ds`` from its last ones
     (same products, same order, same bits).
-    dk_from_smem: with paired products (`dkv_paired`, or `fused_dq`; otherwise it does nothing),
-    dk's product reads ``ds^T`` from shared memory (each warpgroup writes it there first) instead of
-    registers. Mosaic GPU fences a register operand just before its product, so with ``ds`` in
-    registers that fence comes while dv's product runs: the pattern for which ptxas serialized every
-    tensor-core instruction of a kernel (its warning C7513, seen on a forward that had it). Same
-    products in the same order, so the same bits expected (a GPU test compares them).
     """
 
     dq_block_kv: int = 128
@@ -136,7 +130,6 @@ class Launch:
     dq_cluster: int = 1
     dkv_cluster: int = 1
     dq_turns: bool = False
-    dk_from_smem: bool = False
 
     def __post_init__(self):
         for name in ("dq_cluster", "dkv_cluster"):
@@ -445,8 +438,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
     tab_ref, lens_ref, inputs, outputs, scratch = split_refs(refs, has_lengths, 8 if fused else 5, 0 if fused else 2)
     q_ref, k_ref, v_ref, do_ref, rows_ref, *dq_refs = inputs[:6] if fused else inputs
     dk_ref, dv_ref = inputs[6:] if fused else outputs
-    (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem, *ds_dq_smem), *barriers = scratch
-    ds_smem = ds_dq_smem[0] if ds_dq_smem else None  # ds^T of each warpgroup (fused dq, dk_from_smem)
+    (((k_smem, v_smem, q_smem, do_smem), out_smem), rows_smem, *dq_smem), *barriers = scratch
     k_ready, v_ready, q_ready, do_ready, rows_ready, free, done = barriers
     band, cq, ck, bq, stages = cfg.band, cfg.q_chunk, cfg.kv_chunk, launch.dkv_block_q, launch.dkv_stages
     cluster = launch.dkv_cluster
@@ -514,11 +506,10 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
 
         def add_dq(j, ds, q_slot):
             """Adds ``ds^T^T k`` of this warpgroup's keys into dq's rows of step `j` (`fused_dq`)."""
-            (dq_ref,), dq_tile = dq_refs, ds_dq_smem[1].at[wg]
-            ds_tile = ds_smem.at[wg]
-            if not launch.dk_from_smem:  # else dk's product read it from there already
-                ds_tile[...] = ds
-                plgpu.commit_smem()
+            (dq_ref,), (ds_smem, dq_out) = dq_refs, dq_smem
+            ds_tile, dq_tile = ds_smem.at[wg], dq_out.at[wg]
+            ds_tile[...] = ds
+            plgpu.commit_smem()
 
             def product(ref):
                 plgpu.wgmma(ref, plgpu.transpose_ref(ds_tile, (1, 0)), k_tile)
@@ -552,16 +543,11 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             p = probabilities(s, bias)
             ds = score_gradient(p, dp, delta)
             p16 = p.astype(q_ref.dtype)
-            ds_operand = ds
-            if launch.dk_from_smem:
-                ds_operand = ds_smem.at[wg]
-                ds_operand[...] = ds
-                plgpu.commit_smem()
 
             def gradients(refs):
                 dv_ref, dk_ref = refs
                 plgpu.wgmma(dv_ref, p16, do_tile)
-                plgpu.wgmma(dk_ref, ds_operand, q_tile)
+                plgpu.wgmma(dk_ref, ds, q_tile)
 
             dv, dk = pl.run_state(gradients)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
             if fused:
@@ -665,10 +651,11 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
         plgpu.RefUnion(operands, plgpu.SMEM((2, 2, ROWS, h), jnp.float32)),  # then dk, dv of each warpgroup
         plgpu.SMEM((stages, 2, bq), jnp.float32),  # bias and delta ring
     )
-    if launch.fused_dq or launch.dk_from_smem:
-        smem += (plgpu.SMEM((2, ROWS, bq), dtype, transforms=swizzled),)  # ds^T of each warpgroup
     if launch.fused_dq:
-        smem += (plgpu.SMEM((2, bq, h), jnp.float32),)  # its share of dq, on its way to device memory
+        smem += (
+            plgpu.SMEM((2, ROWS, bq), dtype, transforms=swizzled),  # ds^T of each warpgroup
+            plgpu.SMEM((2, bq, h), jnp.float32),  # its share of dq, on its way to device memory
+        )
     cluster = cluster_fits(cfg.kv_chunk, BLOCK, launch.dkv_cluster)
     launch = dataclasses.replace(launch, dkv_cluster=cluster)
     scratch = (
