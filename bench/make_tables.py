@@ -360,7 +360,7 @@ def mosaic_table(files: list[str]) -> str:
             f"| {'heaviest first' if _heavy_first(r) else 'in order'} "
             f"| {'pairs' if _forward_cluster(r) == 2 else 'single'}{', values first' if _values_first(r) else ''} "
             f"| {c['seconds']:.4f} "
-            f"| {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.2f}x | `{name}` |"
+            f"| {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.3f}x | `{name}` |"
         )
     return "\n".join(lines)
 
@@ -384,7 +384,7 @@ def mosaic_backward_table(files: list[str]) -> str:
 
     def ratio(implementation, key):
         run = latest[implementation].get(key)
-        return f"{run[1]['seconds'] / run[0]['seconds']:.2f}x" if run else "not run"
+        return f"{run[1]['seconds'] / run[0]['seconds']:.3f}x" if run else "not run"
 
     def temp(implementation, key):
         run = latest[implementation].get(key)
@@ -394,7 +394,7 @@ def mosaic_backward_table(files: list[str]) -> str:
         m, c, name = latest["mosaic_gpu"][key]
         lines.append(
             f"| {_tokens(key[0])} | {key[1]} | {'yes' if key[2] else 'no'} | {c['seconds']:.4f} "
-            f"| {m['seconds']:.4f} | {c['seconds'] / m['seconds']:.2f}x | `{name}` "
+            f"| {m['seconds']:.4f} | {c['seconds'] / m['seconds']:.3f}x | `{name}` "
             f"| {ratio('mosaic_gpu:nondeterministic', key)} | {ratio('pallas_triton', key)} "
             f"| {c['temp_bytes'] / 2**30:.2f} / {temp('mosaic_gpu', key)} / {temp('mosaic_gpu:nondeterministic', key)} |"
         )
