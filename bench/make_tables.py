@@ -298,13 +298,21 @@ def _default_clusters(r: dict) -> tuple[int, int]:
     return _default_forward(r).cluster, mosaic_gpu_backward.default_launch(r["head_dim"]).dq_cluster
 
 
+def _recorded_forward(r: dict):
+    """The forward launch (`mosaic_gpu.Launch`) that a forward plus backward row names in `forward_launch`,
+    read by the parser of the script that wrote it (`bench/mosaic_kernel.py`)."""
+    from mosaic_kernel import _launch
+
+    return _launch(r["forward_launch"])
+
+
 def _forward_cluster(r: dict) -> int:
     """Thread blocks per cluster of the forward that ran row `r`: the launch it names (forward plus backward
     rows of one subproblem name it from the runs after the dk/dv pairs on), else today's default for a
     forward plus backward row that names a `dkv_cluster` (the first runs of those, made under today's forward
     rule), else 1 (runs made before pairs existed)."""
     if "forward_launch" in r:
-        return 2 if "cluster2" in r["forward_launch"].split(",") else 1
+        return _recorded_forward(r).cluster
     if r.get("direction") == "fwd_bwd" and "dkv_cluster" in r:
         return _default_clusters(r)[0]
     return r.get("cluster", 1)
@@ -314,7 +322,7 @@ def _values_first(r: dict) -> bool:
     """Whether the forward that ran row `r` issued values first (`Launch.values_first`; rows made before
     it existed did not)."""
     if "forward_launch" in r:
-        return "valuesfirst" in r["forward_launch"].split(",")
+        return _recorded_forward(r).values_first
     return bool(r.get("values_first"))
 
 

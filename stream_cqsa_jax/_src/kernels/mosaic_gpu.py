@@ -151,11 +151,19 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
         qk_factor = cfg.scale * LOG2E
         turns = Turns(turn, wg)
 
+        def issue_scores(ref, ring):
+            """Issues q k^T of the key tile in stage `ring` into the accumulator `ref`."""
+            plgpu.wgmma(ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
+
+        def issue_values(ref, ring, p16):
+            """Issues p v of the value tile in stage `ring` into the accumulator `ref`."""
+            plgpu.wgmma(ref, p16, v_smem.at[ring])
+
         def scores(ring):
             """q k^T of the key tile in stage `ring`, a turn passed while the product runs."""
 
             def issue(ref):
-                plgpu.wgmma(ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
+                issue_scores(ref, ring)
                 turns.take()
                 return ref[...]
 
@@ -176,10 +184,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
         def add_values(ring, acc, p16):
             """acc + p v with the value tile in stage `ring`, which is then free."""
 
-            def values(ref):
-                plgpu.wgmma(ref, p16, v_smem.at[ring])
-
-            acc = pl.run_state(values)(plgpu.ACC.init(acc))
+            acc = pl.run_state(lambda ref: issue_values(ref, ring, p16))(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_free.at[ring])
             return acc
 
@@ -239,8 +244,8 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
 
                 def products(o_ref, s_ref):
                     o_ref[...] = acc
-                    plgpu.wgmma(o_ref, p16, v_smem.at[prev])
-                    plgpu.wgmma(s_ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
+                    issue_values(o_ref, prev, p16)
+                    issue_scores(s_ref, ring)
                     turns.take()
                     return o_ref[...], s_ref[...]
 
