@@ -101,6 +101,8 @@ H100_FORWARD_LAUNCH_FILES = [
 # dk's ds read from shared memory (an option since removed), each with ptxas's report in a log beside it.
 H100_VALUES_FIRST_FILES = ["h100_fwd_values_first_64k_d64.json", "h100_fwd_values_first_64k_d128.json"]
 H100_DK_FROM_SMEM_FILES = ["h100_dksmem_d64.json", "h100_dksmem_d128.json"]
+H100_Q_REGISTERS_FILES = ["h100_fwd_qregs_64k_d128.json", "h100_fwd_qregs_64k_d64.json"]
+H100_NCU_STALLS = "h100_ncu_fwd_d128_nc_stalls.json"
 # Forward plus backward with 64-key dq tiles (ptxas's report in a log beside each).
 DQ_TILE_FILES = ["bwd_dq_tiles_64k_d64.json", "bwd_dq_tiles_64k_d128.json"]
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200, one forward thread block each at a time
@@ -610,6 +612,8 @@ def forward_launch_table(name: str) -> str:
         launch = f"{r['block_kv']} keys, {r['stages']} stages" + (", pairs" if r["cluster"] == 2 else "")
         launch += ", overlap" if r.get("overlap") else ""
         launch += ", values first" if _values_first(r) else ""
+        launch += ", scores first" if r.get("scores_first") else ""
+        launch += ", query in registers" if r.get("q_in_registers") else ""
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {launch} | {c:.4f} "
             f"| {r['seconds']:.4f} | {c / r['seconds']:.3f}x |"
@@ -639,6 +643,32 @@ def ncu_table(name: str) -> str:
                 f"| {m['dram__throughput.avg.pct_of_peak_sustained_elapsed']:.1f} "
                 f"| {m['lts__t_sector_hit_rate.pct']:.1f} | {m['lts__t_sectors_op_read.sum'] * 32 / 1e12:.2f} "
                 f"| {m['sm__cycles_elapsed.avg.per_second'] / 1e6:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+_STALLS = ("long_scoreboard", "wait", "barrier", "dispatch_stall", "not_selected", "short_scoreboard")
+
+
+def ncu_issue_table(name: str) -> str:
+    """Where each kernel's cycles go (`bench/ncu_metrics.py --extra-metrics`): the share of cycles the tensor
+    pipe is busy, the share in which a warp scheduler issues, and the warps stalled per issued instruction,
+    by reason. Cases that ncu did not finish are left out."""
+    lines = [
+        "| N | D | implementation | seconds | SM clock MHz | tensor pipe busy % | issuing % | "
+        + " | ".join(f"stalled: {reason.replace('_', ' ')}" for reason in _STALLS) + " |",
+        "| --- " * (7 + len(_STALLS)) + "|",
+    ]
+    for r in _load_rows([name]):
+        for k in r.get("kernels", []):
+            m = k["metrics"]
+            stalls = (m[f"smsp__average_warps_issue_stalled_{reason}_per_issue_active.ratio"] for reason in _STALLS)
+            lines.append(
+                f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {r['implementation']} "
+                f"| {m['gpu__time_duration.sum'] / 1e9:.4f} | {m['sm__cycles_elapsed.avg.per_second'] / 1e6:.0f} "
+                f"| {m['sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active']:.1f} "
+                f"| {m['smsp__issue_active.avg.pct_of_peak_sustained_active']:.1f} | "
+                + " | ".join(f"{x:.2f}" for x in stalls) + " |"
             )
     return "\n".join(lines)
 
@@ -849,6 +879,21 @@ def generated_mosaic() -> str:
             "tiles no mask cuts, each step issues the previous tile's p v and then its own scores, and waits "
             "once for both. The default at head dim 128 without a mask since these runs.",
             *(forward_launch_table(name) for name in [*VALUES_FIRST_FILES, *H100_VALUES_FIRST_FILES]),
+            "### On an H100: the query tile in registers",
+            "Files: `" + "` and `".join(H100_Q_REGISTERS_FILES) + "` (an H100; 64K, no mask, bfloat16, B=1, 8 heads, 5 "
+            "rounds in turns with cuDNN after a warm-up, median). \"query in registers\": each compute warpgroup "
+            "loaded its query tile into registers once and the scores took it from there instead of from shared "
+            "memory (a launch option, `q_in_registers`, removed since as slower). ptxas's report of the same "
+            "launches at 8K is in `h100_fwd_qregs_8k_d128_ptxas.log` and `h100_fwd_qregs_8k_d64_ptxas.log`: "
+            "the forward spills 352 bytes with it at head dim 128 (with values first), 12 at 64, none without.",
+            *(forward_launch_table(name) for name in H100_Q_REGISTERS_FILES),
+            "### On an H100: where the forward's cycles go, head dim 128 without a mask",
+            f"File: `{H100_NCU_STALLS}` (Nsight Compute around `bench/profile_case.py`, one run of each kernel after "
+            "a warm-up, clocks left to the card; bfloat16, B=1, 8 heads; default launches). \"tensor pipe busy\": "
+            "`sm__pipe_tensor_cycles_active`, as a share of the active cycles; \"issuing\": "
+            "`smsp__issue_active`; the stalls are `smsp__average_warps_issue_stalled_*_per_issue_active` (warps "
+            "waiting, per instruction issued). ncu did not finish cuDNN's 64K case within its time limit.",
+            ncu_issue_table(H100_NCU_STALLS),
             "### Forward plus backward: dk's ds from shared memory, and 64-key dq tiles",
             "Files: `" + "` and `".join(H100_DK_FROM_SMEM_FILES) + "` (an H100), then `" + "` and `".join(DQ_TILE_FILES)
             + "` (an H200); 64K, no mask, bfloat16, B=1, 8 heads, 5 rounds in turns with cuDNN after a warm-up, "

@@ -49,19 +49,23 @@ def parse_csv(text: str) -> list[dict]:
             r["ID"], {"kernel": r["Kernel Name"], "grid": r["Grid Size"], "block": r["Block Size"], "metrics": {}}
         )
         value = r["Metric Value"].replace(",", "")
-        kernel["metrics"][r["Metric Name"]] = float(value) if value else None
+        try:
+            kernel["metrics"][r["Metric Name"]] = float(value) if value else None
+        except ValueError:  # a metric that is a word (a limiter's name, say) is kept as it reads
+            kernel["metrics"][r["Metric Name"]] = value
     return list(kernels.values())
 
 
 def ncu_command(
-    ncu: str, implementation: str, seq_len: int, head_dim: int, causal: bool, heads: int, direction: str = "fwd"
+    ncu: str, implementation: str, seq_len: int, head_dim: int, causal: bool, heads: int, direction: str = "fwd",
+    extra_metrics: tuple[str, ...] = (),
 ) -> list[str]:
-    """The command line that profiles one case."""
+    """The command line that profiles one case (``extra_metrics`` after ``METRICS``; ncu takes ``regex:...``)."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile_case.py")
     case = ["--implementation", implementation, "--seq-len", str(seq_len), "--head-dim", str(head_dim),
             "--heads", str(heads), "--direction", direction] + (["--causal"] if causal else [])
     return [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "-k", KERNELS,
-            "--metrics", ",".join(METRICS), sys.executable, script, *case]
+            "--metrics", ",".join(METRICS + tuple(extra_metrics)), sys.executable, script, *case]
 
 
 def main(argv=None) -> int:
@@ -72,6 +76,7 @@ def main(argv=None) -> int:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--direction", choices=("fwd", "fwd_bwd"), default="fwd")
     parser.add_argument("--implementations", nargs="+", default=["mosaic_gpu", "cudnn"])
+    parser.add_argument("--extra-metrics", nargs="*", default=[], help="more metrics, or regex:EXPR")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per profiled case")
     parser.add_argument("--parse", default=None, help="print the kernels of an ncu CSV file and stop")
     parser.add_argument("--out", default=None)
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
     rows = []
     for n in args.seq_lens:
         for impl in args.implementations:
-            command = ncu_command(ncu, impl, n, args.head_dim, args.causal, args.heads, args.direction)
+            command = ncu_command(ncu, impl, n, args.head_dim, args.causal, args.heads, args.direction, args.extra_metrics)
             row = {"implementation": impl, "seq_len": n, "head_dim": args.head_dim, "causal": args.causal,
                    "heads": args.heads, "batch": 1, "direction": args.direction,
                    "ncu_options": " ".join(command[1 : command.index(sys.executable)])}

@@ -17,7 +17,7 @@ def test_forward_launch_flags():
     paired = mosaic_kernel._launch("64,3,heavy,cluster2")
     assert (paired.block_kv, paired.stages, paired.heavy_first, paired.cluster) == (64, 3, True, 2)
     assert mosaic_kernel._launch("128,2,heavy,valuesfirst").values_first and not paired.values_first
-    with pytest.raises(ValueError, match="'heavy', 'cluster2' and 'valuesfirst'"):
+    with pytest.raises(ValueError, match="'heavy', 'cluster2', 'valuesfirst'"):
         mosaic_kernel._launch("128,2,cluster4")
     for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2,valuesfirst"):
         # how backward rows record the forward's
@@ -43,15 +43,18 @@ mosaic_gpu Case(seq_len=1048576): ran once inside a capture range
 "0","921","python3.12","127.0.0.1","anonymous_mosaic_gpu_kernel","1","7","(384, 1, 1)","(1, 8192, 8)","0","9.0","Command line profiler metrics","dram__bytes_read.sum","byte","11,580,752,065,536"
 "0","921","python3.12","127.0.0.1","anonymous_mosaic_gpu_kernel","1","7","(384, 1, 1)","(1, 8192, 8)","0","9.0","Command line profiler metrics","lts__t_sector_hit_rate.pct","%","26.88"
 "1","921","python3.12","127.0.0.1","cudnn_generated_fort_native_sdpa_sm90","1","7","(384, 1, 1)","(132, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","ns","5,456,638,720"
+"1","921","python3.12","127.0.0.1","cudnn_generated_fort_native_sdpa_sm90","1","7","(384, 1, 1)","(132, 1, 1)","0","9.0","Command line profiler metrics","launch__occupancy_limit_reason","","Registers"
 """
 
 
-def test_ncu_csv_gives_one_entry_per_kernel_with_numeric_metrics():
+def test_ncu_csv_gives_one_entry_per_kernel_with_numeric_metrics_and_words_kept():
     kernels = ncu_metrics.parse_csv(_NCU_CSV)
     assert [k["kernel"] for k in kernels] == ["anonymous_mosaic_gpu_kernel", "cudnn_generated_fort_native_sdpa_sm90"]
     assert kernels[0]["grid"] == "(1, 8192, 8)" and kernels[0]["block"] == "(384, 1, 1)"
     assert kernels[0]["metrics"] == {"dram__bytes_read.sum": 11580752065536.0, "lts__t_sector_hit_rate.pct": 26.88}
-    assert kernels[1]["metrics"] == {"gpu__time_duration.sum": 5456638720.0}
+    assert kernels[1]["metrics"] == {
+        "gpu__time_duration.sum": 5456638720.0, "launch__occupancy_limit_reason": "Registers"
+    }
     assert ncu_metrics.parse_csv("==PROF== nothing profiled\n") == []
 
 
@@ -67,6 +70,9 @@ def test_ncu_command_profiles_one_run_of_the_case_with_the_clocks_left_alone():
     ]
     backward = ncu_metrics.ncu_command("ncu", "mosaic_gpu", 65536, 64, False, 8, "fwd_bwd")
     assert backward[-2:] == ["--direction", "fwd_bwd"]
+    stalls = "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"
+    more = ncu_metrics.ncu_command("ncu", "mosaic_gpu", 65536, 64, False, 8, "fwd", (stalls, "sm__cycles_active.avg"))
+    assert ",".join((*ncu_metrics.METRICS, stalls, "sm__cycles_active.avg")) in more
 
 
 def test_kernel_programs_are_the_same_text_for_the_same_code_and_differ_with_pairs():

@@ -113,11 +113,20 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
 
 
 @hopper
-@pytest.mark.parametrize("option", [dict(stages=3), dict(values_first=True), dict(values_first=True, cluster=2)])
+@pytest.mark.parametrize(
+    "option",
+    [dict(stages=3), dict(values_first=True), dict(values_first=True, cluster=2), dict(q_in_registers=True),
+     dict(q_in_registers=True, values_first=True, cluster=2), dict(scores_first=True),
+     dict(scores_first=True, cluster=2)],
+    ids=["stages3", "values_first", "values_first_pairs", "q_in_registers", "q_in_registers_values_first_pairs",
+         "scores_first", "scores_first_pairs"],
+)
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "dense_head128_f16", "window", "cross_lengths", "large_logits"])
 def test_mosaic_forward_options_give_the_same_bits(case, option, monkeypatch):
     """A third stage (whose output tiles all live in the ring's memory) changes only how far ahead
-    tiles are copied, and `Launch.values_first` only when the products are issued and waited for: the
+    tiles are copied, `Launch.values_first` and `Launch.scores_first` only when the products are issued
+    and waited for, and
+    `Launch.q_in_registers` only where the scores read the query tile from: the
     output and the log-sum-exp are the same bits as the default's (masked, plain and skipped tiles all
     occur; with pairs of thread blocks where the query chunks allow)."""
     c = _float64_case(CASES[case], case)
@@ -193,14 +202,21 @@ def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, cluster
         assert ("cluster_block_id" in text) == (cluster == 2)
 
 
+@pytest.mark.parametrize("option", ["values_first", "scores_first"])
 @pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
 @pytest.mark.parametrize("case,cluster", [("causal_head64", 1), ("gqa_lengths_head128", 2), ("window_decomposed", 1)])
-def test_mosaic_forward_values_first_lowers_for_cuda(case, cluster, semantics, monkeypatch):
-    """`Launch.values_first` (the previous tile's p v issued with the scores, one wait for both) lowers
-    for CUDA under the lowering semantics of jax 0.10 and 0.11, and changes the forward's program."""
+def test_mosaic_forward_one_behind_lowers_for_cuda(case, cluster, semantics, option, monkeypatch):
+    """`Launch.values_first` (the previous tile's p v issued before the scores, one wait for both) and
+    `Launch.scores_first` (issued after them, the probabilities computed while it runs) lower for CUDA
+    under the lowering semantics of jax 0.10 and 0.11, and change the forward's program."""
     _use_lowering_semantics(monkeypatch, semantics)
-    texts = [_lower_forward(case, monkeypatch, cluster=cluster, values_first=first) for first in (False, True)]
+    texts = [_lower_forward(case, monkeypatch, cluster=cluster, **{option: on}) for on in (False, True)]
     assert texts[0] != texts[1]
+
+
+def test_values_first_and_scores_first_exclude_each_other():
+    with pytest.raises(ValueError, match="exclude each other"):
+        mosaic_gpu.Launch(values_first=True, scores_first=True)
 
 
 def test_mosaic_forward_three_stages_fit_at_head_dim_128(monkeypatch):

@@ -82,6 +82,15 @@ class Launch:
     for both, instead of waiting for ``p v`` before issuing the scores. ``p``'s registers are
     fenced before either product starts, so no fence falls while a product runs. The softmax
     still waits for both; each addition into the output keeps its order: the same bits.
+
+    scores_first: over the same tiles, each step issues this tile's scores and then the previous
+    tile's ``p v``, waits for the scores alone and computes the probabilities while ``p v`` runs;
+    the output is rescaled and ``p`` rounded to the inputs' dtype once ``p v`` is done. The same
+    products and additions in the same order: the same bits.
+
+    q_in_registers: each compute warpgroup loads its query tile into registers once, and its
+    scores take ``q`` from there instead of reading it from shared memory at every key tile.
+    The same products: the same bits.
     """
 
     block_kv: int = 128
@@ -89,10 +98,14 @@ class Launch:
     heavy_first: bool = True
     cluster: int = 1
     values_first: bool = False
+    q_in_registers: bool = False
+    scores_first: bool = False
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
             raise ValueError(f"Launch.cluster must be 1 or 2, got {self.cluster}")
+        if self.values_first and self.scores_first:
+            raise ValueError("Launch.values_first and Launch.scores_first exclude each other")
 
 
 # Rows of a subproblem's key array (examples x keys x key/value heads) from which head dim 64 pairs its
@@ -148,12 +161,13 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
         own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_tile, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
+        q_operand = q_tile[...] if launch.q_in_registers else q_tile  # registers in the WGMMA layout
         qk_factor = cfg.scale * LOG2E
         turns = Turns(turn, wg)
 
         def issue_scores(ref, ring):
             """Issues q k^T of the key tile in stage `ring` into the accumulator `ref`."""
-            plgpu.wgmma(ref, q_tile, plgpu.transpose_ref(k_smem.at[ring], (1, 0)))
+            plgpu.wgmma(ref, q_operand, k_smem.at[ring].transpose((1, 0)))
 
         def issue_values(ref, ring, p16):
             """Issues p v of the value tile in stage `ring` into the accumulator `ref`."""
@@ -169,13 +183,19 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
 
             return pl.run_scoped(issue, plgpu.ACC((ROWS, bk), jnp.float32))
 
-        def softmax(s, m_i, l_i, acc):
-            """(acc times alpha, l, m, p in the inputs' dtype) after the scores `s`, held before the
-            next pass. Base-2: m is kept in units of log2, so p = exp2(s * factor - m) is one FMA."""
+        def probabilities(s, m_i):
+            """(m, alpha, p in float32) after the scores `s`. Base-2: m is kept in units of log2,
+            so p = exp2(s * factor - m) is one FMA."""
             m_new = jnp.maximum(m_i, s.max(axis=1) * qk_factor)
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             alpha = jnp.exp2(m_i - m_use)
             p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(m_use, s.shape, [0]))
+            return m_new, alpha, p
+
+        def softmax(s, m_i, l_i, acc):
+            """(acc times alpha, l, m, p in the inputs' dtype) after the scores `s`, held before the
+            next pass."""
+            m_new, alpha, p = probabilities(s, m_i)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(q_ref.dtype)
@@ -225,9 +245,10 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             acc = add_values(ring, acc, p16)
             return step + 1, acc, m_new, l_i
 
-        def values_first(lo, hi, carry):
-            """The steps of key tiles [lo, hi), which no mask cuts, with `Launch.values_first`; each
-            step's ``p v`` is issued by the next one, and the last after them."""
+        def one_behind(lo, hi, carry, next_tile):
+            """The steps of key tiles [lo, hi), which no mask cuts, where each step issues the previous
+            tile's ``p v`` with its own scores (``next_tile(kt, carry)``): the first tile's scores come
+            alone and the last tile's ``p v`` after the others."""
 
             def first(carry):
                 step, acc, m_i, l_i = carry
@@ -235,6 +256,21 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
                 turns.arrive()
                 turns.wait()
                 return step + 1, acc, m_new, l_i, p16
+
+            def last(carry):
+                step, acc, m_i, l_i, p16 = carry
+                prev = lax.rem(step - 1, stages)
+                plgpu.barrier_wait(v_ready.at[prev])
+                return step, add_values(prev, acc, p16), m_i, l_i
+
+            def steps(carry):
+                return last(lax.fori_loop(lo + 1, hi, next_tile, first(carry)))
+
+            return lax.cond(hi > lo, steps, lambda carry: carry, carry)
+
+        def values_first(lo, hi, carry):
+            """`one_behind` with `Launch.values_first`: a step issues the previous tile's ``p v``, then
+            its scores, and waits for both."""
 
             def next_tile(kt, carry):
                 step, acc, m_i, l_i, p16 = carry  # p16: the previous tile's, its values in stage `prev`
@@ -257,16 +293,42 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
                 turns.wait()
                 return step + 1, acc, m_new, l_i, p16
 
-            def last(carry):
-                step, acc, m_i, l_i, p16 = carry
-                prev = lax.rem(step - 1, stages)
+            return one_behind(lo, hi, carry, next_tile)
+
+        def scores_first(lo, hi, carry):
+            """`one_behind` with `Launch.scores_first`: a step issues its scores, then the previous
+            tile's ``p v``, and computes its probabilities while ``p v`` runs."""
+
+            def next_tile(kt, carry):
+                step, acc, m_i, l_i, p16 = carry  # p16: the previous tile's, its values in stage `prev`
+                ring, prev = lax.rem(step, stages), lax.rem(step - 1, stages)
+                plgpu.barrier_wait(k_ready.at[ring])
                 plgpu.barrier_wait(v_ready.at[prev])
-                return step, add_values(prev, acc, p16), m_i, l_i
 
-            def steps(carry):
-                return last(lax.fori_loop(lo + 1, hi, next_tile, first(carry)))
+                def products(s_ref, o_ref):
+                    o_ref[...] = acc  # fenced before either product is issued
+                    issue_scores(s_ref, ring)
+                    issue_values(o_ref, prev, p16)
+                    turns.take()
+                    s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # p v may still run
+                    plgpu.barrier_arrive(k_free.at[ring])
+                    m_new, alpha, p = probabilities(s, m_i)
+                    l_new = l_i * alpha + p.sum(axis=1)
+                    return plgpu.wgmma_accumulator_load(o_ref, wait_n=0), m_new, alpha, l_new, p
 
-            return lax.cond(hi > lo, steps, lambda carry: carry, carry)
+                acc, m_new, alpha, l_i, p = pl.run_scoped(
+                    products, plgpu.ACC((ROWS, bk), jnp.float32), plgpu.ACC(acc.shape, jnp.float32)
+                )
+                plgpu.barrier_arrive(v_free.at[prev])
+                # p's copy in the inputs' dtype takes the registers that p v read: made once p v is done.
+                acc, p = lax.optimization_barrier((acc, p))
+                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p.astype(q_ref.dtype)))
+                turns.arrive()
+                turns.wait()
+                return step + 1, acc, m_new, l_i, p16
+
+            return one_behind(lo, hi, carry, next_tile)
 
         hd = q_ref.shape[-1]
         init = (
@@ -276,7 +338,8 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
         )
         turns.start()
-        _, acc, m_i, l_i = block.walk(own, skip, visit, init, values_first if launch.values_first else None)
+        plain_steps = values_first if launch.values_first else scores_first if launch.scores_first else None
+        _, acc, m_i, l_i = block.walk(own, skip, visit, init, plain_steps)
         turns.finish()
         # Once both compute warpgroups pass this, neither reads the key/value ring again,
         # and the output tiles may reuse its memory.

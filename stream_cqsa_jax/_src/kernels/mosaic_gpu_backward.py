@@ -326,9 +326,9 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
 
             s, dp = _product_pair(
                 shape,
-                (q_tile, plgpu.transpose_ref(k_tile, (1, 0))),
+                (q_tile, k_tile.transpose((1, 0))),
                 v_ready.at[ring],
-                (do_tile, plgpu.transpose_ref(v_tile, (1, 0))),
+                (do_tile, v_tile.transpose((1, 0))),
                 issued=turns.take,
             )
             plgpu.barrier_arrive(v_free.at[ring])
@@ -512,7 +512,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             plgpu.commit_smem()
 
             def product(ref):
-                plgpu.wgmma(ref, plgpu.transpose_ref(ds_tile, (1, 0)), k_tile)
+                plgpu.wgmma(ref, ds_tile.transpose((1, 0)), k_tile)
                 return ref[...]
 
             dq = pl.run_scoped(product, plgpu.ACC((bq, k_ref.shape[-1]), jnp.float32))
@@ -531,9 +531,9 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
 
             s, dp = _product_pair(  # s^T (keys x query rows) and dp^T
                 shape,
-                (k_tile, plgpu.transpose_ref(q_tile, (1, 0))),
+                (k_tile, q_tile.transpose((1, 0))),
                 do_ready.at[ring],
-                (v_tile, plgpu.transpose_ref(do_tile, (1, 0))),
+                (v_tile, do_tile.transpose((1, 0))),
             )
             if masked:
                 s = mask(s, j, q_start)
@@ -562,7 +562,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             plgpu.barrier_wait(q_ready.at[ring])
 
             def scores(ref):
-                plgpu.wgmma(ref, k_tile, plgpu.transpose_ref(q_tile, (1, 0)))
+                plgpu.wgmma(ref, k_tile, q_tile.transpose((1, 0)))
                 return ref[...]
 
             s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))  # s^T: keys x query rows
@@ -576,7 +576,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             def values(refs):
                 dv_ref, dp_ref = refs
                 plgpu.wgmma(dv_ref, p16, do_tile)
-                plgpu.wgmma(dp_ref, v_tile, plgpu.transpose_ref(do_tile, (1, 0)))
+                plgpu.wgmma(dp_ref, v_tile, do_tile.transpose((1, 0)))
 
             zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
             dv, dp = pl.run_state(values)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
