@@ -19,7 +19,9 @@ def test_forward_launch_flags():
     assert mosaic_kernel._launch("128,2,heavy,valuesfirst").values_first and not paired.values_first
     with pytest.raises(ValueError, match="'heavy', 'cluster2', 'valuesfirst'"):
         mosaic_kernel._launch("128,2,cluster4")
-    for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2,valuesfirst"):
+    assert mosaic_kernel._launch("128,2,heavy,cluster2,scoresfirst").scores_first
+    for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2,valuesfirst",
+                 "128,2,heavy,cluster2,scoresfirst"):
         # how backward rows record the forward's
         assert mosaic_kernel.launch_text(mosaic_kernel._launch(text)) == text
 

@@ -115,20 +115,16 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
 @hopper
 @pytest.mark.parametrize(
     "option",
-    [dict(stages=3), dict(values_first=True), dict(values_first=True, cluster=2), dict(q_in_registers=True),
-     dict(q_in_registers=True, values_first=True, cluster=2), dict(scores_first=True),
+    [dict(stages=3), dict(values_first=True), dict(values_first=True, cluster=2), dict(scores_first=True),
      dict(scores_first=True, cluster=2)],
-    ids=["stages3", "values_first", "values_first_pairs", "q_in_registers", "q_in_registers_values_first_pairs",
-         "scores_first", "scores_first_pairs"],
+    ids=["stages3", "values_first", "values_first_pairs", "scores_first", "scores_first_pairs"],
 )
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "dense_head128_f16", "window", "cross_lengths", "large_logits"])
 def test_mosaic_forward_options_give_the_same_bits(case, option, monkeypatch):
     """A third stage (whose output tiles all live in the ring's memory) changes only how far ahead
-    tiles are copied, `Launch.values_first` and `Launch.scores_first` only when the products are issued
-    and waited for, and
-    `Launch.q_in_registers` only where the scores read the query tile from: the
-    output and the log-sum-exp are the same bits as the default's (masked, plain and skipped tiles all
-    occur; with pairs of thread blocks where the query chunks allow)."""
+    tiles are copied, and `Launch.values_first` and `Launch.scores_first` only when the products are
+    issued and waited for: the output and the log-sum-exp are the same bits as the default's (masked,
+    plain and skipped tiles all occur; with pairs of thread blocks where the query chunks allow)."""
     c = _float64_case(CASES[case], case)
     monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
     f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, return_residuals=True, **c.structured,

@@ -87,10 +87,6 @@ class Launch:
     tile's ``p v``, waits for the scores alone and computes the probabilities while ``p v`` runs;
     the output is rescaled and ``p`` rounded to the inputs' dtype once ``p v`` is done. The same
     products and additions in the same order: the same bits.
-
-    q_in_registers: each compute warpgroup loads its query tile into registers once, and its
-    scores take ``q`` from there instead of reading it from shared memory at every key tile.
-    The same products: the same bits.
     """
 
     block_kv: int = 128
@@ -98,7 +94,6 @@ class Launch:
     heavy_first: bool = True
     cluster: int = 1
     values_first: bool = False
-    q_in_registers: bool = False
     scores_first: bool = False
 
     def __post_init__(self):
@@ -161,13 +156,12 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
         own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_tile, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
-        q_operand = q_tile[...] if launch.q_in_registers else q_tile  # registers in the WGMMA layout
         qk_factor = cfg.scale * LOG2E
         turns = Turns(turn, wg)
 
         def issue_scores(ref, ring):
             """Issues q k^T of the key tile in stage `ring` into the accumulator `ref`."""
-            plgpu.wgmma(ref, q_operand, k_smem.at[ring].transpose((1, 0)))
+            plgpu.wgmma(ref, q_tile, k_smem.at[ring].transpose((1, 0)))
 
         def issue_values(ref, ring, p16):
             """Issues p v of the value tile in stage `ring` into the accumulator `ref`."""
