@@ -613,6 +613,7 @@ def forward_launch_table(name: str) -> str:
         launch += ", overlap" if r.get("overlap") else ""
         launch += ", values first" if _values_first(r) else ""
         launch += ", scores first" if r.get("scores_first") else ""
+        launch += ", turns at a hardware barrier" if r.get("named_turns") else ""
         launch += ", query in registers" if r.get("q_in_registers") else ""  # a removed option's rows
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {launch} | {c:.4f} "

@@ -87,6 +87,11 @@ class Launch:
     tile's ``p v``, waits for the scores alone and computes the probabilities while ``p v`` runs;
     the output is rescaled and ``p`` rounded to the inputs' dtype once ``p v`` is done. The same
     products and additions in the same order: the same bits.
+
+    named_turns: the compute warpgroups take their turns at a hardware barrier (``bar.sync``),
+    where a waiting warp sleeps until the other warpgroup arrives, instead of at a barrier in
+    shared memory, which a waiting warp polls. Only when products are issued changes: the same
+    bits.
     """
 
     block_kv: int = 128
@@ -95,6 +100,7 @@ class Launch:
     cluster: int = 1
     values_first: bool = False
     scores_first: bool = False
+    named_turns: bool = False
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
@@ -157,7 +163,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_tile, q_ready.at[wg])
         plgpu.barrier_wait(q_ready.at[wg])
         qk_factor = cfg.scale * LOG2E
-        turns = Turns(turn, wg)
+        turns = Turns(turn, wg, named=launch.named_turns)
 
         def issue_scores(ref, ring):
             """Issues q k^T of the key tile in stage `ring` into the accumulator `ref`."""

@@ -25,10 +25,15 @@ from . import block_map
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
     from jax.experimental.pallas import mosaic_gpu as plgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import llvm
 except ImportError:  # pragma: no cover
     plgpu = None
 
 LOG2E = math.log2(math.e)
+# The hardware barrier at which the compute warpgroups take turns with `Turns(named=True)`. Mosaic GPU
+# keeps 0 (the whole block) and 1 to 3 (one per warpgroup) for its own synchronization.
+TURN_BARRIER = 8
 
 
 def split_refs(refs, has_lengths: bool, inputs: int, outputs: int):
@@ -125,22 +130,39 @@ def cluster_member(cluster: int):
     return lax.axis_index("cluster") if cluster > 1 else 0
 
 
+def sync_compute_warpgroups() -> None:
+    """Both compute warpgroups (256 threads) meet at the hardware barrier `TURN_BARRIER`."""
+
+    @plgpu.inline_mgpu()
+    def sync(_):
+        void = ir.Type.parse("!llvm.void")
+        llvm.inline_asm(void, [], f"bar.sync {TURN_BARRIER}, 256;", "", has_side_effects=True)
+
+    sync()
+
+
 class Turns:
     """The two compute warpgroups taking turns on the tensor cores through the barrier `turn` (two
     arrivals), or doing nothing where `turn` is None. Each pass (`take`, or `arrive` then `wait`) is a sync
     point of both. Warpgroup 1 starts one pass behind (`start`) and warpgroup 0 catches up at the end
-    (`finish`), so that while one issues its products the other computes from its last ones."""
+    (`finish`), so that while one issues its products the other computes from its last ones.
 
-    def __init__(self, turn, wg):
-        self._turn, self._wg = turn, wg
+    With `named`, a pass is the hardware barrier `TURN_BARRIER` instead of the memory barrier `turn`
+    (which a waiting warp polls): `arrive` does nothing and `wait` meets the other warpgroup there."""
+
+    def __init__(self, turn, wg, named: bool = False):
+        self._turn, self._wg, self._named = turn, wg, named
 
     def arrive(self) -> None:
-        if self._turn is not None:
+        if self._turn is not None and not self._named:
             plgpu.barrier_arrive(self._turn)
 
     def wait(self) -> None:
         if self._turn is not None:
-            plgpu.barrier_wait(self._turn)
+            if self._named:
+                sync_compute_warpgroups()
+            else:
+                plgpu.barrier_wait(self._turn)
 
     def take(self) -> None:
         self.arrive()
