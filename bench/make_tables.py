@@ -884,8 +884,9 @@ def generated_mosaic() -> str:
             "Files: `" + "` and `".join(H100_Q_REGISTERS_FILES) + "` (an H100; 64K, no mask, bfloat16, B=1, 8 heads, 5 "
             "rounds in turns with cuDNN after a warm-up, median). \"query in registers\": each compute warpgroup "
             "loaded its query tile into registers once and the scores took it from there instead of from shared "
-            "memory (a launch option, `q_in_registers`, at commit 2755e21, removed since as slower). ptxas's report of the same "
-            "launches at 8K is in `h100_fwd_qregs_8k_d128_ptxas.log` and `h100_fwd_qregs_8k_d64_ptxas.log`: "
+            "memory (a launch option, `q_in_registers`, at commit 2755e21, removed since as slower). ptxas's "
+            "report of the same launches at 8K is in `h100_fwd_qregs_8k_d128_ptxas.log` and "
+            "`h100_fwd_qregs_8k_d64_ptxas.log`: "
             "the forward spills 352 bytes with it at head dim 128 (with values first), 12 at 64, none without.",
             *(forward_launch_table(name) for name in H100_Q_REGISTERS_FILES),
             "### On an H100: where the forward's cycles go, head dim 128 without a mask",

@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     rows = []
     for n in args.seq_lens:
         for impl in args.implementations:
-            command = ncu_command(ncu, impl, n, args.head_dim, args.causal, args.heads, args.direction, args.extra_metrics)
+            command = ncu_command(
+                ncu, impl, n, args.head_dim, args.causal, args.heads, args.direction, args.extra_metrics
+            )
             row = {"implementation": impl, "seq_len": n, "head_dim": args.head_dim, "causal": args.causal,
                    "heads": args.heads, "batch": 1, "direction": args.direction,
                    "ncu_options": " ".join(command[1 : command.index(sys.executable)])}

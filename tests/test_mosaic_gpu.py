@@ -116,7 +116,8 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
 @pytest.mark.parametrize(
     "option",
     [dict(stages=3), dict(values_first=True), dict(values_first=True, cluster=2), dict(scores_first=True),
-     dict(scores_first=True, cluster=2), dict(named_turns=True), dict(named_turns=True, values_first=True, cluster=2)],
+     dict(scores_first=True, cluster=2), dict(named_turns=True),
+     dict(named_turns=True, values_first=True, cluster=2)],
     ids=["stages3", "values_first", "values_first_pairs", "scores_first", "scores_first_pairs", "named_turns",
          "named_turns_values_first_pairs"],
 )
