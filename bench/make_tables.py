@@ -426,6 +426,7 @@ def backward_launch_table(name: str) -> str:
         dq += f", dk/dv {r['dkv_segment']}-step segments" if r.get("dkv_segment") else ""
         dq += ", blocks in pairs" if r.get("dq_cluster", 1) == 2 else ""
         dq += ", turns" if r.get("dq_turns") else ""
+        dq += " at a hardware barrier" if r.get("dq_named_turns") else ""
         dq += ", dk/dv turns" if r.get("dkv_turns") else ""  # a launch option since removed
         dq += ", dk's ds from shared memory" if r.get("dk_from_smem") else ""  # removed too
         lines.append(

@@ -22,8 +22,8 @@ With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too; with ``--decomposed``, on both plans), once per backward launch, written
 ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
 (`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN``, ``,flush``,
-``,cluster2``, ``,dkvcluster2`` and ``,dqturns`` set ``dkv_paired``, ``fused_dq``,
-``dq_segment``, ``dq_flush``, ``dq_cluster``, ``dkv_cluster`` and ``dq_turns``),
+``,cluster2``, ``,dkvcluster2``, ``,dqturns`` and ``,dqnamed`` set ``dkv_paired``, ``fused_dq``,
+``dq_segment``, ``dq_flush``, ``dq_cluster``, ``dkv_cluster``, ``dq_turns`` and ``dq_named_turns``),
 with the forward's own launch or ``--forward-launch``.
 """
 
@@ -69,22 +69,23 @@ def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     """``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``, then optionally ``,paired``
     (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N),
     ``,flush`` (`Launch.dq_flush`), ``,cluster2`` (`Launch.dq_cluster` = 2), ``,dkvcluster2``
-    (`Launch.dkv_cluster` = 2) and ``,dqturns`` (`Launch.dq_turns`)."""
+    (`Launch.dkv_cluster` = 2), ``,dqturns`` (`Launch.dq_turns`) and ``,dqnamed``
+    (`Launch.dq_named_turns`)."""
     parts = text.split(",")
     dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
     flags = set(parts[4:])
     segments = [f for f in flags if f.startswith("seg") and f[3:].isdigit()]
-    known = {"paired", "fused", "flush", "cluster2", "dkvcluster2", "dqturns"}
+    known = {"paired", "fused", "flush", "cluster2", "dkvcluster2", "dqturns", "dqnamed"}
     if flags - known - set(segments) or len(segments) > 1:
         raise ValueError(
             f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'flush', 'cluster2',"
-            " 'dkvcluster2', 'dqturns' and one 'segN'"
+            " 'dkvcluster2', 'dqturns', 'dqnamed' and one 'segN'"
         )
     return mosaic_gpu_backward.Launch(
         dq_block_kv, dq_stages, dkv_block_q, dkv_stages, dkv_paired="paired" in flags, fused_dq="fused" in flags,
         dq_segment=int(segments[0][3:]) if segments else 0, dq_flush="flush" in flags,
         dq_cluster=2 if "cluster2" in flags else 1, dkv_cluster=2 if "dkvcluster2" in flags else 1,
-        dq_turns="dqturns" in flags,
+        dq_turns="dqturns" in flags, dq_named_turns="dqnamed" in flags,
     )
 
 

@@ -33,6 +33,8 @@ def test_backward_launch_flags():
     both = mosaic_kernel.backward_launch("128,2,64,2,seg8,flush,dkvcluster2")
     assert (both.dq_cluster, both.dkv_cluster, both.dq_flush) == (1, 2, True)
     assert mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,dqturns").dq_turns and not both.dq_turns
+    named = mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,dqturns,dqnamed")
+    assert named.dq_turns and named.dq_named_turns and not both.dq_named_turns
     with pytest.raises(ValueError, match="'cluster2'"):
         mosaic_kernel.backward_launch("128,2,64,2,pairs")
 

@@ -479,17 +479,19 @@ def test_mosaic_fused_dq_in_pairs_of_key_tiles(monkeypatch):
 @hopper
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "window", "gqa_lengths_head128", "cross_causal_gqa_head128"])
 def test_mosaic_backward_turns_give_the_same_bits(case, monkeypatch):
-    """The dq kernel's compute warpgroups taking turns on the tensor cores (`Launch.dq_turns`)
-    changes only when each issues its products: the gradients are the same bits (masked, plain and
-    skipped tiles, windows, lengths and grouped heads all occur)."""
+    """The dq kernel's compute warpgroups taking turns on the tensor cores (`Launch.dq_turns`, at a
+    memory barrier or at a hardware one) changes only when each issues its products: the gradients
+    are the same bits (masked, plain and skipped tiles, windows, lengths and grouped heads all occur)."""
     c = _float64_case(BACKWARD_CASES[case], case)
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
     plain = dataclasses.replace(mosaic_gpu_backward.default_launch(c.q.shape[-1]), dq_turns=False)
     without = _output_and_gradients(c, monkeypatch, plain)
-    with_turns = _output_and_gradients(c, monkeypatch, dataclasses.replace(plain, dq_turns=True))
-    assert rel_error(as64(with_turns[1]), c.ref_grads[0]) <= 1.5 * c.base_grads[0]
-    for name, a, b in zip(("out", "dq", "dk", "dv"), without, with_turns):
-        np.testing.assert_array_equal(b, a, err_msg=name)
+    for named in (False, True):
+        turns = dataclasses.replace(plain, dq_turns=True, dq_named_turns=named)
+        with_turns = _output_and_gradients(c, monkeypatch, turns)
+        assert rel_error(as64(with_turns[1]), c.ref_grads[0]) <= 1.5 * c.base_grads[0]
+        for name, a, b in zip(("out", "dq", "dk", "dv"), without, with_turns):
+            np.testing.assert_array_equal(b, a, err_msg=f"{name}, turns at a hardware barrier: {named}")
 
 
 def _output_and_gradients(c, monkeypatch, backward, forward=None) -> list[np.ndarray]:
@@ -624,15 +626,20 @@ def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeyp
     _lower_gradient(head_dim)
 
 
-def test_dq_turns_change_the_gradient_program(monkeypatch):
-    """`Launch.dq_turns` reaches the gradient's program."""
+@pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
+def test_dq_turns_change_the_gradient_program(semantics, monkeypatch):
+    """`Launch.dq_turns` reaches the gradient's program, and `Launch.dq_named_turns` turns them into
+    hardware barriers (under the lowering semantics of jax 0.10 and 0.11)."""
     _pretend_hopper(monkeypatch)
+    _use_lowering_semantics(monkeypatch, semantics)
     base = mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8)
     texts = []
-    for launch in (base, dataclasses.replace(base, dq_turns=True)):
+    for launch in (base, dataclasses.replace(base, dq_turns=True), dataclasses.replace(base, dq_turns=True,
+                                                                                      dq_named_turns=True)):
         monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_, launch=launch: launch)
         texts.append(_lower_gradient(64))
-    assert texts[0] != texts[1]
+    assert len(set(texts)) == 3
+    assert ["bar.sync 8, 256" in text for text in texts] == [False, False, True]
 
 
 def _use_lowering_semantics(monkeypatch, name: str) -> None:

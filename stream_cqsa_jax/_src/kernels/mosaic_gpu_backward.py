@@ -117,6 +117,8 @@ class Launch:
     dq_turns: the dq kernel's two compute warpgroups take turns on the tensor cores, as the
     forward's do: one issues its products while the other computes ``p`` and ``ds`` from its last ones
     (same products, same order, same bits).
+    dq_named_turns: with `dq_turns`, the turns are taken at a hardware barrier, as the forward's
+    with `mosaic_gpu.Launch.named_turns` (same bits).
     """
 
     dq_block_kv: int = 128
@@ -130,6 +132,7 @@ class Launch:
     dq_cluster: int = 1
     dkv_cluster: int = 1
     dq_turns: bool = False
+    dq_named_turns: bool = False
 
     def __post_init__(self):
         for name in ("dq_cluster", "dkv_cluster"):
@@ -306,7 +309,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
         plgpu.barrier_wait(do_ready.at[wg])
         qk_factor = cfg.scale * LOG2E
         shape = (ROWS, bk)
-        turns = Turns(turn[0] if turn else None, wg)
+        turns = Turns(turn[0] if turn else None, wg, named=launch.dq_named_turns)
 
         def skip(kt, carry):
             ring = lax.rem(carry[0], stages)
