@@ -614,6 +614,7 @@ def forward_launch_table(name: str) -> str:
         launch += ", overlap" if r.get("overlap") else ""
         launch += ", values first" if _values_first(r) else ""
         launch += ", scores first" if r.get("scores_first") else ""
+        launch += ", p through shared memory" if r.get("p_through_smem") else ""
         launch += ", turns at a hardware barrier" if r.get("named_turns") else ""
         launch += ", query in registers" if r.get("q_in_registers") else ""  # a removed option's rows
         lines.append(

@@ -21,7 +21,8 @@ def test_forward_launch_flags():
         mosaic_kernel._launch("128,2,cluster4")
     assert mosaic_kernel._launch("128,2,heavy,cluster2,scoresfirst").scores_first
     for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2,valuesfirst",
-                 "128,2,heavy,cluster2,scoresfirst", "128,2,heavy,cluster2,valuesfirst,namedturns"):
+                 "128,2,heavy,cluster2,scoresfirst", "128,2,heavy,cluster2,valuesfirst,namedturns",
+                 "128,2,heavy,cluster2,scoresfirst,psmem,namedturns"):
         # how backward rows record the forward's
         assert mosaic_kernel.launch_text(mosaic_kernel._launch(text)) == text
 

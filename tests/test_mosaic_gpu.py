@@ -117,9 +117,9 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
     "option",
     [dict(stages=3), dict(values_first=True), dict(values_first=True, cluster=2), dict(scores_first=True),
      dict(scores_first=True, cluster=2), dict(named_turns=True),
-     dict(named_turns=True, values_first=True, cluster=2)],
+     dict(named_turns=True, values_first=True, cluster=2), dict(scores_first=True, p_through_smem=True, cluster=2)],
     ids=["stages3", "values_first", "values_first_pairs", "scores_first", "scores_first_pairs", "named_turns",
-         "named_turns_values_first_pairs"],
+         "named_turns_values_first_pairs", "scores_first_p_through_smem_pairs"],
 )
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "dense_head128_f16", "window", "cross_lengths", "large_logits"])
 def test_mosaic_forward_options_give_the_same_bits(case, option, monkeypatch):
@@ -201,16 +201,18 @@ def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, cluster
         assert ("cluster_block_id" in text) == (cluster == 2)
 
 
-@pytest.mark.parametrize("option", ["values_first", "scores_first", "named_turns"])
+@pytest.mark.parametrize("option", ["values_first", "scores_first", "named_turns", "p_through_smem"])
 @pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
 @pytest.mark.parametrize("case,cluster", [("causal_head64", 1), ("gqa_lengths_head128", 2), ("window_decomposed", 1)])
 def test_mosaic_forward_launch_options_lower_for_cuda(case, cluster, semantics, option, monkeypatch):
     """`Launch.values_first` (the previous tile's p v issued before the scores, one wait for both),
-    `Launch.scores_first` (issued after them, the probabilities computed while it runs) and
-    `Launch.named_turns` (turns at a hardware barrier) lower for CUDA under the lowering semantics of
-    jax 0.10 and 0.11, and change the forward's program."""
+    `Launch.scores_first` (issued after them, the probabilities computed while it runs), with or
+    without `Launch.p_through_smem`, and `Launch.named_turns` (turns at a hardware barrier) lower for
+    CUDA under the lowering semantics of jax 0.10 and 0.11 (shared memory included), and change the
+    forward's program."""
     _use_lowering_semantics(monkeypatch, semantics)
-    texts = [_lower_forward(case, monkeypatch, cluster=cluster, **{option: on}) for on in (False, True)]
+    base = dict(scores_first=True) if option == "p_through_smem" else {}
+    texts = [_lower_forward(case, monkeypatch, cluster=cluster, **base, **{option: on}) for on in (False, True)]
     assert texts[0] != texts[1]
     assert ("bar.sync 8, 256" in texts[1]) == (option == "named_turns")
 
@@ -218,6 +220,8 @@ def test_mosaic_forward_launch_options_lower_for_cuda(case, cluster, semantics, 
 def test_values_first_and_scores_first_exclude_each_other():
     with pytest.raises(ValueError, match="exclude each other"):
         mosaic_gpu.Launch(values_first=True, scores_first=True)
+    with pytest.raises(ValueError, match="p_through_smem needs Launch.scores_first"):
+        mosaic_gpu.Launch(p_through_smem=True)
 
 
 def test_mosaic_forward_three_stages_fit_at_head_dim_128(monkeypatch):

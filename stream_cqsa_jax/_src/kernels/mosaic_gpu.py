@@ -92,6 +92,10 @@ class Launch:
     where a waiting warp sleeps until the other warpgroup arrives, instead of at a barrier in
     shared memory, which a waiting warp polls. Only when products are issued changes: the same
     bits.
+
+    p_through_smem: with `scores_first`, each step puts the previous tile's ``p`` into shared memory
+    (a [64, block_kv] tile per compute warpgroup) before issuing its products, and ``p v`` reads it
+    from there: no register operand is fenced between the two products. The same bits.
     """
 
     block_kv: int = 128
@@ -101,12 +105,15 @@ class Launch:
     values_first: bool = False
     scores_first: bool = False
     named_turns: bool = False
+    p_through_smem: bool = False
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
             raise ValueError(f"Launch.cluster must be 1 or 2, got {self.cluster}")
         if self.values_first and self.scores_first:
             raise ValueError("Launch.values_first and Launch.scores_first exclude each other")
+        if self.p_through_smem and not self.scores_first:
+            raise ValueError("Launch.p_through_smem needs Launch.scores_first")
 
 
 # Rows of a subproblem's key array (examples x keys x key/value heads) from which head dim 64 pairs its
@@ -145,6 +152,8 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     """refs: the packed table, lengths (if any), q, k, v; acc, m, l; then the scratch of `forward`."""
     tab_ref, lens_ref, (q_ref, k_ref, v_ref), (acc_ref, m_ref, l_ref), scratch = split_refs(refs, has_lengths, 3, 3)
     (q_smem, ring, *apart), q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
+    if launch.p_through_smem:
+        *apart, p_smem = apart
     (k_smem, v_smem), in_ring = ring
     o_smem, m_smem, l_smem = (*in_ring, *apart)
     band, bk, stages, cluster = cfg.band, launch.block_kv, launch.stages, launch.cluster
@@ -305,10 +314,18 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
                 plgpu.barrier_wait(k_ready.at[ring])
                 plgpu.barrier_wait(v_ready.at[prev])
 
+                if launch.p_through_smem:
+                    p_tile = p_smem.at[wg]
+                    p_tile[...] = p16
+                    plgpu.commit_smem()
+
                 def products(s_ref, o_ref):
                     o_ref[...] = acc  # fenced before either product is issued
                     issue_scores(s_ref, ring)
-                    issue_values(o_ref, prev, p16)
+                    if launch.p_through_smem:
+                        plgpu.wgmma(o_ref, p_tile, v_smem.at[prev])
+                    else:
+                        issue_values(o_ref, prev, p16)
                     turns.take()
                     s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # p v may still run
                     plgpu.barrier_arrive(k_free.at[ring])
@@ -391,7 +408,8 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
         plgpu.SMEM((2, ROWS, h), dtype, transforms=swizzled),  # q
         plgpu.RefUnion(ring, out[:in_ring]),
         *out[in_ring:],
-    )
+        *([plgpu.SMEM((2, ROWS, launch.block_kv), dtype, transforms=swizzled)] if launch.p_through_smem else []),
+    )  # the last: p, with `Launch.p_through_smem`
     free = functools.partial(free_barrier, launch.cluster)
     scratch = (
         smem,
