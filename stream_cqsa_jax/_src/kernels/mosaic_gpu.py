@@ -178,9 +178,10 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             """Issues q k^T of the key tile in stage `ring` into the accumulator `ref`."""
             plgpu.wgmma(ref, q_tile, k_smem.at[ring].transpose((1, 0)))
 
-        def issue_values(ref, ring, p16):
-            """Issues p v of the value tile in stage `ring` into the accumulator `ref`."""
-            plgpu.wgmma(ref, p16, v_smem.at[ring])
+        def issue_values(ref, ring, p):
+            """Issues p v of the value tile in stage `ring` into the accumulator `ref` (`p` in registers
+            or in shared memory)."""
+            plgpu.wgmma(ref, p, v_smem.at[ring])
 
         def scores(ring):
             """q k^T of the key tile in stage `ring`, a turn passed while the product runs."""
@@ -314,18 +315,16 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
                 plgpu.barrier_wait(k_ready.at[ring])
                 plgpu.barrier_wait(v_ready.at[prev])
 
+                p_operand = p16
                 if launch.p_through_smem:
-                    p_tile = p_smem.at[wg]
-                    p_tile[...] = p16
+                    p_operand = p_smem.at[wg]
+                    p_operand[...] = p16
                     plgpu.commit_smem()
 
                 def products(s_ref, o_ref):
                     o_ref[...] = acc  # fenced before either product is issued
                     issue_scores(s_ref, ring)
-                    if launch.p_through_smem:
-                        plgpu.wgmma(o_ref, p_tile, v_smem.at[prev])
-                    else:
-                        issue_values(o_ref, prev, p16)
+                    issue_values(o_ref, prev, p_operand)
                     turns.take()
                     s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # p v may still run
                     plgpu.barrier_arrive(k_free.at[ring])
