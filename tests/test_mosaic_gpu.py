@@ -117,9 +117,10 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
     "option",
     [dict(stages=3), dict(values_first=True), dict(values_first=True, cluster=2), dict(scores_first=True),
      dict(scores_first=True, cluster=2), dict(named_turns=True),
-     dict(named_turns=True, values_first=True, cluster=2), dict(scores_first=True, p_through_smem=True, cluster=2)],
+     dict(named_turns=True, values_first=True, cluster=2), dict(scores_first=True, p_through_smem=True, cluster=2),
+     dict(scores_first=True, named_turns=True, cluster=2)],
     ids=["stages3", "values_first", "values_first_pairs", "scores_first", "scores_first_pairs", "named_turns",
-         "named_turns_values_first_pairs", "scores_first_p_through_smem_pairs"],
+         "named_turns_values_first_pairs", "scores_first_p_through_smem_pairs", "scores_first_named_turns_pairs"],
 )
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "dense_head128_f16", "window", "cross_lengths", "large_logits"])
 def test_mosaic_forward_options_give_the_same_bits(case, option, monkeypatch):
@@ -132,7 +133,7 @@ def test_mosaic_forward_options_give_the_same_bits(case, option, monkeypatch):
     monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
     f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, return_residuals=True, **c.structured,
                                                  **c.extra)
-    default = dataclasses.replace(mosaic_gpu.default_launch(c.q.shape[-1]), cluster=option.get("cluster", 1))
+    default = mosaic_gpu.Launch(cluster=option.get("cluster", 1))  # every option off
     results = []
     for launch in (default, dataclasses.replace(default, **option)):
         monkeypatch.setattr(mosaic_gpu, "default_launch", lambda *_, launch=launch: launch)
@@ -211,8 +212,8 @@ def test_mosaic_forward_launch_options_lower_for_cuda(case, cluster, semantics, 
     CUDA under the lowering semantics of jax 0.10 and 0.11 (shared memory included), and change the
     forward's program."""
     _use_lowering_semantics(monkeypatch, semantics)
-    base = dict(scores_first=True) if option == "p_through_smem" else {}
-    texts = [_lower_forward(case, monkeypatch, cluster=cluster, **base, **{option: on}) for on in (False, True)]
+    plain = dict(values_first=False, scores_first=option == "p_through_smem", named_turns=False, p_through_smem=False)
+    texts = [_lower_forward(case, monkeypatch, cluster=cluster, **{**plain, option: on}) for on in (False, True)]
     assert texts[0] != texts[1]
     assert ("bar.sync 8, 256" in texts[1]) == (option == "named_turns")
 
@@ -254,16 +255,15 @@ def test_default_launches_pair_thread_blocks_where_that_was_faster():
     assert mosaic_gpu_backward.default_launch(64).dq_turns and not mosaic_gpu_backward.default_launch(128).dq_turns
 
 
-def test_default_forward_issues_values_first_at_head_dim_128_without_a_mask():
-    """`Launch.values_first` where it was faster: head dim 128 without a mask (not under a causal mask or a
-    window, not at head dim 64, not where the band is not known)."""
+def test_default_forward_issues_scores_first_with_named_turns_at_head_dim_128():
+    """`Launch.scores_first` and `Launch.named_turns` where they were faster: head dim 128, with or without a
+    mask (not at head dim 64)."""
     n = 1 << 16
-    dense = Band.of(n, n, False, None)
-    assert mosaic_gpu.default_launch(128, n, dense).values_first
-    assert not mosaic_gpu.default_launch(128, n, Band.of(n, n, True, None)).values_first
-    assert not mosaic_gpu.default_launch(128, n, Band.of(n, n, False, (256, 0))).values_first
-    assert not mosaic_gpu.default_launch(64, n, dense).values_first
-    assert not mosaic_gpu.default_launch(128).values_first
+    for band in (Band.of(n, n, False, None), Band.of(n, n, True, None), Band.of(n, n, False, (256, 0)), None):
+        launch = mosaic_gpu.default_launch(128, n, band)
+        assert launch.scores_first and launch.named_turns
+        launch = mosaic_gpu.default_launch(64, n, band)
+        assert not launch.scores_first and not launch.named_turns
 
 
 def test_launches_refuse_clusters_other_than_one_or_two():

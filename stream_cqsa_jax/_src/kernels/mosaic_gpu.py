@@ -125,13 +125,14 @@ def default_launch(head_dim: int, key_rows: int = 0, band: Band | None = None) -
     """128-key tiles, 2 stages, heaviest query tiles first, for head dims 64 and 128; thread blocks in
     pairs (`Launch.cluster`) at head dim 128, and at 64 for subproblems whose key array has `LARGE_KEYS`
     rows or more (`key_rows`: examples x keys x key/value heads) without a mask (`band` dense), where
-    the key and value reads of single blocks missed L2 the most. Values first (`Launch.values_first`)
-    at head dim 128 without a mask, where it was 1-9% faster (under a causal mask, and at head dim 64,
-    it was 1-3% slower). Measurements in docs/hopper_kernel.md."""
+    the key and value reads of single blocks missed L2 the most. At head dim 128, scores first
+    (`Launch.scores_first`) and turns at a hardware barrier (`Launch.named_turns`), 1-7% faster causal
+    or not (at head dim 64 both were slower). Measurements in docs/hopper_kernel.md."""
     dense = band is not None and band.is_dense
     pairs = head_dim > 64 or (dense and key_rows >= LARGE_KEYS)
+    wide = head_dim > 64
     return Launch(
-        block_kv=128, stages=2, heavy_first=True, cluster=2 if pairs else 1, values_first=dense and head_dim > 64
+        block_kv=128, stages=2, heavy_first=True, cluster=2 if pairs else 1, scores_first=wide, named_turns=wide
     )
 
 
