@@ -10,7 +10,7 @@ deduplicated (``canonicalize``, ``cse``), so that index arithmetic that folds aw
 zero, multiplying by one) leaves no trace. Identical text means the same program reaches the
 GPU compiler. The launches are the defaults unless ``--cluster`` forces every kernel's thread
 blocks per cluster (the forward's, the dq kernel's and the dk/dv kernel's), or ``--forward-fields`` and
-``--backward-fields`` change fields of the forward's and the backward's (``values_first=1``,
+``--backward-fields`` change fields of the forward's and the backward's (``scores_first=1``,
 ``dq_turns=0``).
 """
 

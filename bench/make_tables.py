@@ -307,12 +307,11 @@ def _default_clusters(r: dict) -> tuple[int, int]:
     return _default_forward(r).cluster, mosaic_gpu_backward.default_launch(r["head_dim"]).dq_cluster
 
 
-def _recorded_forward(r: dict):
-    """The forward launch (`mosaic_gpu.Launch`) that a forward plus backward row names in `forward_launch`,
-    read by the parser of the script that wrote it (`bench/mosaic_kernel.py`)."""
-    from mosaic_kernel import _launch
-
-    return _launch(r["forward_launch"])
+def _recorded_flags(r: dict) -> set[str]:
+    """The flags of the forward launch that a forward plus backward row names in `forward_launch`, written
+    as `bench/mosaic_kernel.py` writes launches (``block_kv,stages[,heavy][,cluster2][,scoresfirst]...``;
+    rows of removed options name theirs too, such as ``valuesfirst``)."""
+    return set(r["forward_launch"].split(",")[2:])
 
 
 def _forward_cluster(r: dict) -> int:
@@ -321,26 +320,47 @@ def _forward_cluster(r: dict) -> int:
     forward plus backward row that names a `dkv_cluster` (the first runs of those, made under today's forward
     rule), else 1 (runs made before pairs existed)."""
     if "forward_launch" in r:
-        return _recorded_forward(r).cluster
+        return 2 if "cluster2" in _recorded_flags(r) else 1
     if r.get("direction") == "fwd_bwd" and "dkv_cluster" in r:
         return _default_clusters(r)[0]
     return r.get("cluster", 1)
 
 
-def _values_first(r: dict) -> bool:
-    """Whether the forward that ran row `r` issued values first (`Launch.values_first`; rows made before
-    it existed did not)."""
+def _forward_options(r: dict) -> tuple[bool, bool, bool]:
+    """(values first, scores first, turns at a hardware barrier) of the forward that ran row `r`: the removed
+    `Launch.values_first` (at commit e8b045b), `Launch.scores_first` and `Launch.named_turns` (rows made
+    before an option existed ran without it)."""
     if "forward_launch" in r:
-        return _recorded_forward(r).values_first
-    return bool(r.get("values_first"))
+        flags = _recorded_flags(r)
+        return "valuesfirst" in flags, "scoresfirst" in flags, "namedturns" in flags
+    return bool(r.get("values_first")), bool(r.get("scores_first")), bool(r.get("named_turns"))
+
+
+def _default_options(r: dict) -> tuple[bool, bool, bool]:
+    """`_forward_options` of the forward launch that today's default picks for the case of row `r`."""
+    launch = _default_forward(r)
+    return False, launch.scores_first, launch.named_turns
+
+
+def _earlier_default_options(r: dict) -> tuple[bool, bool, bool]:
+    """`_forward_options` of the default before scores first: values first at head dim 128 without a mask.
+    No H200 run has timed today's head dim 128 default yet, so its tables fall back to that one."""
+    return r["head_dim"] > 64 and not r["causal"], False, False
 
 
 def _default_now(r: dict) -> bool:
-    """Whether a forward plus backward row of a pairs sweep ran what the default launches pick today."""
+    """Whether a forward plus backward row of a pairs sweep ran what the default launches pick today (or, for
+    the forward's options, what they picked before scores first; `_earlier_default_options`)."""
     if "forward_launch" not in r:
         return True  # rows of runs that time the default launch of their day
-    same_forward = _values_first(r) == _default_forward(r).values_first
+    same_forward = _forward_options(r) in (_default_options(r), _earlier_default_options(r))
     return same_forward and (_forward_cluster(r), r.get("dq_cluster", 1)) == _default_clusters(r)
+
+
+def _options_label(r: dict) -> str:
+    """The forward options of row `r` in words, each after a comma ('' for none)."""
+    names = ("values first", "scores first", "turns at a hardware barrier")
+    return "".join(f", {name}" for name, on in zip(names, _forward_options(r)) if on)
 
 
 def _heavy_first(r: dict) -> bool:
@@ -356,7 +376,7 @@ def _latest_mosaic_runs(files: list[str]) -> dict[tuple, tuple[dict, dict, str]]
         files, _MOSAIC_FIELDS + ("batch", "heads"), "mosaic_gpu",
         prefer=lambda r: (
             _heavy_first(r), _forward_cluster(r) == _default_clusters(r)[0],
-            _values_first(r) == _default_forward(r).values_first,
+            _forward_options(r) == _default_options(r), _forward_options(r) == _earlier_default_options(r),
         ),
         keep=lambda r: r.get("block_order", "heads_first") == "heads_first",
     )
@@ -375,7 +395,7 @@ def mosaic_table(files: list[str]) -> str:
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {r['dtype']} "
             f"| {'heaviest first' if _heavy_first(r) else 'in order'} "
-            f"| {'pairs' if _forward_cluster(r) == 2 else 'single'}{', values first' if _values_first(r) else ''} "
+            f"| {'pairs' if _forward_cluster(r) == 2 else 'single'}{_options_label(r)} "
             f"| {c['seconds']:.4f} "
             f"| {r['seconds']:.4f} | {r['tflops']:.0f} | {c['seconds'] / r['seconds']:.3f}x | `{name}` |"
         )
@@ -619,11 +639,9 @@ def forward_launch_table(name: str) -> str:
         c = base[tuple(r[f] for f in _MOSAIC_FIELDS)]["seconds"]
         launch = f"{r['block_kv']} keys, {r['stages']} stages" + (", pairs" if r["cluster"] == 2 else "")
         launch += ", overlap" if r.get("overlap") else ""
-        launch += ", values first" if _values_first(r) else ""
-        launch += ", scores first" if r.get("scores_first") else ""
-        launch += ", p through shared memory" if r.get("p_through_smem") else ""
-        launch += ", turns at a hardware barrier" if r.get("named_turns") else ""
-        launch += ", query in registers" if r.get("q_in_registers") else ""  # a removed option's rows
+        launch += _options_label(r)
+        launch += ", p through shared memory" if r.get("p_through_smem") else ""  # removed options' rows
+        launch += ", query in registers" if r.get("q_in_registers") else ""
         lines.append(
             f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {'yes' if r['causal'] else 'no'} | {launch} | {c:.4f} "
             f"| {r['seconds']:.4f} | {c / r['seconds']:.3f}x |"

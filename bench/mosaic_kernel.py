@@ -8,9 +8,8 @@
 
 Each launch is written ``block_kv,stages`` (``block_kv,stages,heavy`` takes the
 query tiles in reverse order, heaviest first when causal; a trailing ``,cluster2`` pairs
-thread blocks that share their key and value copies, and ``,valuesfirst``, ``,scoresfirst``,
-``,psmem`` and ``,namedturns`` set `mosaic_gpu.Launch.values_first`, ``scores_first``,
-``p_through_smem`` and ``named_turns``); every launch given is timed on the single-subproblem
+thread blocks that share their key and value copies, and ``,scoresfirst`` and ``,namedturns``
+set `mosaic_gpu.Launch.scores_first` and ``named_turns``); every launch given is timed on the single-subproblem
 plan (kernel speed alone) and, with ``--decomposed C``, on a plan forced to ``C`` chunks (C
 subproblems, all on the device), which measures what the decomposition itself costs.
 ``--portable`` adds the Triton kernel. All programs of a case are compiled first, on the same
@@ -42,18 +41,17 @@ from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
 
 def _launch(text: str) -> mosaic_gpu.Launch:
     """``block_kv,stages``, then optionally ``,heavy`` (query tiles in reverse order), ``,cluster2``
-    (`Launch.cluster` = 2), ``,valuesfirst`` (`Launch.values_first`), ``,scoresfirst``
-    (`Launch.scores_first`), ``,psmem`` (`Launch.p_through_smem`) and ``,namedturns``
+    (`Launch.cluster` = 2), ``,scoresfirst`` (`Launch.scores_first`) and ``,namedturns``
     (`Launch.named_turns`)."""
     parts = text.split(",")
     flags = set(parts[2:])
-    known = ("heavy", "cluster2", "valuesfirst", "scoresfirst", "psmem", "namedturns")
+    known = ("heavy", "cluster2", "scoresfirst", "namedturns")
     if flags - set(known):
         raise ValueError(f"forward launch {text!r}: flags after the numbers are {', '.join(map(repr, known))}")
     return mosaic_gpu.Launch(
         block_kv=int(parts[0]), stages=int(parts[1]), heavy_first="heavy" in flags,
-        cluster=2 if "cluster2" in flags else 1, values_first="valuesfirst" in flags,
-        scores_first="scoresfirst" in flags, p_through_smem="psmem" in flags, named_turns="namedturns" in flags,
+        cluster=2 if "cluster2" in flags else 1, scores_first="scoresfirst" in flags,
+        named_turns="namedturns" in flags,
     )
 
 
@@ -61,8 +59,7 @@ def launch_text(launch: mosaic_gpu.Launch) -> str:
     """The forward launch written as `_launch` reads it."""
     return (
         f"{launch.block_kv},{launch.stages}" + (",heavy" if launch.heavy_first else "")
-        + (",cluster2" if launch.cluster == 2 else "") + (",valuesfirst" if launch.values_first else "")
-        + (",scoresfirst" if launch.scores_first else "") + (",psmem" if launch.p_through_smem else "")
+        + (",cluster2" if launch.cluster == 2 else "") + (",scoresfirst" if launch.scores_first else "")
         + (",namedturns" if launch.named_turns else "")
     )
 

@@ -16,13 +16,15 @@ def test_forward_launch_flags():
     assert (plain.block_kv, plain.stages, plain.heavy_first, plain.cluster) == (128, 2, False, 1)
     paired = mosaic_kernel._launch("64,3,heavy,cluster2")
     assert (paired.block_kv, paired.stages, paired.heavy_first, paired.cluster) == (64, 3, True, 2)
-    assert mosaic_kernel._launch("128,2,heavy,valuesfirst").values_first and not paired.values_first
-    with pytest.raises(ValueError, match="'heavy', 'cluster2', 'valuesfirst'"):
+    assert mosaic_kernel._launch("128,2,heavy,scoresfirst").scores_first and not paired.scores_first
+    assert mosaic_kernel._launch("128,2,namedturns").named_turns and not paired.named_turns
+    with pytest.raises(ValueError, match="'heavy', 'cluster2', 'scoresfirst', 'namedturns'"):
         mosaic_kernel._launch("128,2,cluster4")
-    assert mosaic_kernel._launch("128,2,heavy,cluster2,scoresfirst").scores_first
-    for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2,valuesfirst",
-                 "128,2,heavy,cluster2,scoresfirst", "128,2,heavy,cluster2,valuesfirst,namedturns",
-                 "128,2,heavy,cluster2,scoresfirst,psmem,namedturns"):
+    for flag in ("valuesfirst", "psmem"):  # removed options
+        with pytest.raises(ValueError, match="flags after the numbers"):
+            mosaic_kernel._launch(f"128,2,heavy,{flag}")
+    for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2,scoresfirst",
+                 "128,2,heavy,cluster2,namedturns", "128,2,heavy,cluster2,scoresfirst,namedturns"):
         # how backward rows record the forward's
         assert mosaic_kernel.launch_text(mosaic_kernel._launch(text)) == text
 
@@ -98,7 +100,7 @@ def test_kernel_programs_change_with_launch_fields():
     import kernel_programs
 
     default = kernel_programs.kernel_programs(1024, 64, causal=True)
-    forward = kernel_programs.kernel_programs(1024, 64, causal=True, forward_fields=dict(values_first=True))
+    forward = kernel_programs.kernel_programs(1024, 64, causal=True, forward_fields=dict(scores_first=True))
     dq = kernel_programs.kernel_programs(1024, 64, causal=True, backward_fields=dict(dq_turns=False))
     assert [a == b for a, b in zip(default, forward)] == [False, True, True]  # forward, dq, dk/dv
     assert [a == b for a, b in zip(default, dq)] == [True, False, True]

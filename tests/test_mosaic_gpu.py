@@ -115,20 +115,18 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
 @hopper
 @pytest.mark.parametrize(
     "option",
-    [dict(stages=3), dict(values_first=True), dict(values_first=True, cluster=2), dict(scores_first=True),
-     dict(scores_first=True, cluster=2), dict(named_turns=True),
-     dict(named_turns=True, values_first=True, cluster=2), dict(scores_first=True, p_through_smem=True, cluster=2),
-     dict(scores_first=True, named_turns=True, cluster=2)],
-    ids=["stages3", "values_first", "values_first_pairs", "scores_first", "scores_first_pairs", "named_turns",
-         "named_turns_values_first_pairs", "scores_first_p_through_smem_pairs", "scores_first_named_turns_pairs"],
+    [dict(stages=3), dict(scores_first=True), dict(scores_first=True, cluster=2), dict(named_turns=True),
+     dict(named_turns=True, cluster=2), dict(scores_first=True, named_turns=True, cluster=2)],
+    ids=["stages3", "scores_first", "scores_first_pairs", "named_turns", "named_turns_pairs",
+         "scores_first_named_turns_pairs"],
 )
 @pytest.mark.parametrize("case", ["causal_gqa_odd", "dense_head128_f16", "window", "cross_lengths", "large_logits"])
 def test_mosaic_forward_options_give_the_same_bits(case, option, monkeypatch):
     """A third stage (whose output tiles all live in the ring's memory) changes only how far ahead
-    tiles are copied, and `Launch.values_first`, `Launch.scores_first` and `Launch.named_turns` only
-    when the products are issued and waited for: the output and the log-sum-exp are the same bits as the
-    default's (masked, plain and skipped tiles all occur; with pairs of thread blocks where the query
-    chunks allow)."""
+    tiles are copied, and `Launch.scores_first` and `Launch.named_turns` (the default at head dim 128 has
+    both) only when the products are issued and waited for: the output and the log-sum-exp are the same
+    bits as those of the launch with no options (masked, plain and skipped tiles all occur; with pairs of
+    thread blocks where the query chunks allow)."""
     c = _float64_case(CASES[case], case)
     monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
     f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, return_residuals=True, **c.structured,
@@ -202,27 +200,18 @@ def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, cluster
         assert ("cluster_block_id" in text) == (cluster == 2)
 
 
-@pytest.mark.parametrize("option", ["values_first", "scores_first", "named_turns", "p_through_smem"])
+@pytest.mark.parametrize("option", ["scores_first", "named_turns"])
 @pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
 @pytest.mark.parametrize("case,cluster", [("causal_head64", 1), ("gqa_lengths_head128", 2), ("window_decomposed", 1)])
 def test_mosaic_forward_launch_options_lower_for_cuda(case, cluster, semantics, option, monkeypatch):
-    """`Launch.values_first` (the previous tile's p v issued before the scores, one wait for both),
-    `Launch.scores_first` (issued after them, the probabilities computed while it runs), with or
-    without `Launch.p_through_smem`, and `Launch.named_turns` (turns at a hardware barrier) lower for
-    CUDA under the lowering semantics of jax 0.10 and 0.11 (shared memory included), and change the
-    forward's program."""
+    """`Launch.scores_first` (the previous tile's p v issued after the scores, the probabilities computed
+    while it runs) and `Launch.named_turns` (turns at a hardware barrier) lower for CUDA under the lowering
+    semantics of jax 0.10 and 0.11 (shared memory included), and change the forward's program."""
     _use_lowering_semantics(monkeypatch, semantics)
-    plain = dict(values_first=False, scores_first=option == "p_through_smem", named_turns=False, p_through_smem=False)
+    plain = dict(scores_first=False, named_turns=False)
     texts = [_lower_forward(case, monkeypatch, cluster=cluster, **{**plain, option: on}) for on in (False, True)]
     assert texts[0] != texts[1]
     assert ("bar.sync 8, 256" in texts[1]) == (option == "named_turns")
-
-
-def test_values_first_and_scores_first_exclude_each_other():
-    with pytest.raises(ValueError, match="exclude each other"):
-        mosaic_gpu.Launch(values_first=True, scores_first=True)
-    with pytest.raises(ValueError, match="p_through_smem needs Launch.scores_first"):
-        mosaic_gpu.Launch(p_through_smem=True)
 
 
 def test_mosaic_forward_three_stages_fit_at_head_dim_128(monkeypatch):

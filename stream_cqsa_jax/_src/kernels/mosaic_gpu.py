@@ -9,8 +9,9 @@ tile through the tensor cores (``wgmma``: ``q k^T`` from shared memory, then
 ``p v`` with ``p`` in registers), masking only the tiles that cut its own
 band; tiles its 64 rows do not see it skips, keeping only the barriers in
 step. The two compute warpgroups take turns on the tensor cores (one
-multiplies while the other does its softmax); with `Launch.values_first`
-each issues a tile's ``p v`` together with the next tile's scores. With
+multiplies while the other does its softmax); with `Launch.scores_first`
+each issues a tile's scores and then the previous tile's ``p v``, and
+computes its softmax while ``p v`` runs. With
 `Launch.cluster` 2, two thread blocks of neighbouring query tiles form a
 cluster that walks the key tiles of both, each copy warpgroup bringing half
 of every tile into both blocks' rings.
@@ -77,43 +78,28 @@ class Launch:
     and value reads from L2, the same bits. Query slots whose chunks are not a
     multiple of 256 rows run with 1.
 
-    values_first: over the key tiles that a compute warpgroup sees whole (no mask cuts them),
-    each step issues the previous tile's ``p v`` and then this tile's scores, and waits once
-    for both, instead of waiting for ``p v`` before issuing the scores. ``p``'s registers are
-    fenced before either product starts, so no fence falls while a product runs. The softmax
-    still waits for both; each addition into the output keeps its order: the same bits.
-
-    scores_first: over the same tiles, each step issues this tile's scores and then the previous
-    tile's ``p v``, waits for the scores alone and computes the probabilities while ``p v`` runs;
-    the output is rescaled and ``p`` rounded to the inputs' dtype once ``p v`` is done. The same
-    products and additions in the same order: the same bits.
+    scores_first: over the key tiles that a compute warpgroup sees whole (no mask cuts them), each
+    step issues this tile's scores and then the previous tile's ``p v``, waits for the scores alone
+    and computes the probabilities while ``p v`` runs; the output is rescaled and ``p`` rounded to the
+    inputs' dtype once ``p v`` is done. The same products and additions in the same order: the same
+    bits.
 
     named_turns: the compute warpgroups take their turns at a hardware barrier (``bar.sync``),
     where a waiting warp sleeps until the other warpgroup arrives, instead of at a barrier in
     shared memory, which a waiting warp polls. Only when products are issued changes: the same
     bits.
-
-    p_through_smem: with `scores_first`, each step puts the previous tile's ``p`` into shared memory
-    (a [64, block_kv] tile per compute warpgroup) before issuing its products, and ``p v`` reads it
-    from there: no register operand is fenced between the two products. The same bits.
     """
 
     block_kv: int = 128
     stages: int = 2
     heavy_first: bool = True
     cluster: int = 1
-    values_first: bool = False
     scores_first: bool = False
     named_turns: bool = False
-    p_through_smem: bool = False
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
             raise ValueError(f"Launch.cluster must be 1 or 2, got {self.cluster}")
-        if self.values_first and self.scores_first:
-            raise ValueError("Launch.values_first and Launch.scores_first exclude each other")
-        if self.p_through_smem and not self.scores_first:
-            raise ValueError("Launch.p_through_smem needs Launch.scores_first")
 
 
 # Rows of a subproblem's key array (examples x keys x key/value heads) from which head dim 64 pairs its
@@ -153,8 +139,6 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     """refs: the packed table, lengths (if any), q, k, v; acc, m, l; then the scratch of `forward`."""
     tab_ref, lens_ref, (q_ref, k_ref, v_ref), (acc_ref, m_ref, l_ref), scratch = split_refs(refs, has_lengths, 3, 3)
     (q_smem, ring, *apart), q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
-    if launch.p_through_smem:
-        *apart, p_smem = apart
     (k_smem, v_smem), in_ring = ring
     o_smem, m_smem, l_smem = (*in_ring, *apart)
     band, bk, stages, cluster = cfg.band, launch.block_kv, launch.stages, launch.cluster
@@ -180,8 +164,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.wgmma(ref, q_tile, k_smem.at[ring].transpose((1, 0)))
 
         def issue_values(ref, ring, p):
-            """Issues p v of the value tile in stage `ring` into the accumulator `ref` (`p` in registers
-            or in shared memory)."""
+            """Issues p v of the value tile in stage `ring` into the accumulator `ref` (`p` in registers)."""
             plgpu.wgmma(ref, p, v_smem.at[ring])
 
         def scores(ring):
@@ -256,10 +239,10 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             acc = add_values(ring, acc, p16)
             return step + 1, acc, m_new, l_i
 
-        def one_behind(lo, hi, carry, next_tile):
-            """The steps of key tiles [lo, hi), which no mask cuts, where each step issues the previous
-            tile's ``p v`` with its own scores (``next_tile(kt, carry)``): the first tile's scores come
-            alone and the last tile's ``p v`` after the others."""
+        def scores_first(lo, hi, carry):
+            """The steps of key tiles [lo, hi), which no mask cuts, with `Launch.scores_first`: a step
+            issues its scores, then the previous tile's ``p v``, and computes its probabilities while
+            ``p v`` runs. The first tile's scores come alone and the last tile's ``p v`` after the others."""
 
             def first(carry):
                 step, acc, m_i, l_i = carry
@@ -268,64 +251,16 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
                 turns.wait()
                 return step + 1, acc, m_new, l_i, p16
 
-            def last(carry):
-                step, acc, m_i, l_i, p16 = carry
-                prev = lax.rem(step - 1, stages)
-                plgpu.barrier_wait(v_ready.at[prev])
-                return step, add_values(prev, acc, p16), m_i, l_i
-
-            def steps(carry):
-                return last(lax.fori_loop(lo + 1, hi, next_tile, first(carry)))
-
-            return lax.cond(hi > lo, steps, lambda carry: carry, carry)
-
-        def values_first(lo, hi, carry):
-            """`one_behind` with `Launch.values_first`: a step issues the previous tile's ``p v``, then
-            its scores, and waits for both."""
-
             def next_tile(kt, carry):
                 step, acc, m_i, l_i, p16 = carry  # p16: the previous tile's, its values in stage `prev`
                 ring, prev = lax.rem(step, stages), lax.rem(step - 1, stages)
                 plgpu.barrier_wait(k_ready.at[ring])
                 plgpu.barrier_wait(v_ready.at[prev])
-
-                def products(o_ref, s_ref):
-                    o_ref[...] = acc
-                    issue_values(o_ref, prev, p16)
-                    issue_scores(s_ref, ring)
-                    turns.take()
-                    return o_ref[...], s_ref[...]
-
-                acc, s = pl.run_scoped(products, plgpu.ACC(acc.shape, jnp.float32), plgpu.ACC((ROWS, bk), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[ring])
-                plgpu.barrier_arrive(v_free.at[prev])
-                acc, l_i, m_new, p16 = softmax(s, m_i, l_i, acc)
-                turns.arrive()
-                turns.wait()
-                return step + 1, acc, m_new, l_i, p16
-
-            return one_behind(lo, hi, carry, next_tile)
-
-        def scores_first(lo, hi, carry):
-            """`one_behind` with `Launch.scores_first`: a step issues its scores, then the previous
-            tile's ``p v``, and computes its probabilities while ``p v`` runs."""
-
-            def next_tile(kt, carry):
-                step, acc, m_i, l_i, p16 = carry  # p16: the previous tile's, its values in stage `prev`
-                ring, prev = lax.rem(step, stages), lax.rem(step - 1, stages)
-                plgpu.barrier_wait(k_ready.at[ring])
-                plgpu.barrier_wait(v_ready.at[prev])
-
-                p_operand = p16
-                if launch.p_through_smem:
-                    p_operand = p_smem.at[wg]
-                    p_operand[...] = p16
-                    plgpu.commit_smem()
 
                 def products(s_ref, o_ref):
                     o_ref[...] = acc  # fenced before either product is issued
                     issue_scores(s_ref, ring)
-                    issue_values(o_ref, prev, p_operand)
+                    issue_values(o_ref, prev, p16)
                     turns.take()
                     s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # p v may still run
                     plgpu.barrier_arrive(k_free.at[ring])
@@ -345,7 +280,16 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
                 turns.wait()
                 return step + 1, acc, m_new, l_i, p16
 
-            return one_behind(lo, hi, carry, next_tile)
+            def last(carry):
+                step, acc, m_i, l_i, p16 = carry
+                prev = lax.rem(step - 1, stages)
+                plgpu.barrier_wait(v_ready.at[prev])
+                return step, add_values(prev, acc, p16), m_i, l_i
+
+            def steps(carry):
+                return last(lax.fori_loop(lo + 1, hi, next_tile, first(carry)))
+
+            return lax.cond(hi > lo, steps, lambda carry: carry, carry)
 
         hd = q_ref.shape[-1]
         init = (
@@ -355,7 +299,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
             plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
         )
         turns.start()
-        plain_steps = values_first if launch.values_first else scores_first if launch.scores_first else None
+        plain_steps = scores_first if launch.scores_first else None
         _, acc, m_i, l_i = block.walk(own, skip, visit, init, plain_steps)
         turns.finish()
         # Once both compute warpgroups pass this, neither reads the key/value ring again,
@@ -408,8 +352,7 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
         plgpu.SMEM((2, ROWS, h), dtype, transforms=swizzled),  # q
         plgpu.RefUnion(ring, out[:in_ring]),
         *out[in_ring:],
-        *([plgpu.SMEM((2, ROWS, launch.block_kv), dtype, transforms=swizzled)] if launch.p_through_smem else []),
-    )  # the last: p, with `Launch.p_through_smem`
+    )
     free = functools.partial(free_barrier, launch.cluster)
     scratch = (
         smem,
