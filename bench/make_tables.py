@@ -104,6 +104,15 @@ H100_VALUES_FIRST_FILES = ["h100_fwd_values_first_64k_d64.json", "h100_fwd_value
 H100_DK_FROM_SMEM_FILES = ["h100_dksmem_d64.json", "h100_dksmem_d128.json"]
 H100_Q_REGISTERS_FILES = ["h100_fwd_qregs_64k_d128.json", "h100_fwd_qregs_64k_d64.json"]
 H100_NCU_STALLS = "h100_ncu_fwd_d128_nc_stalls.json"
+# Runs on an H100: the forward with scores first and turns at a hardware barrier, the first with ptxas's report
+# in a log beside it.
+H100_FORWARD_TURNS_FILES = [
+    "h100_fwd_turns_64k_d128.json",
+    "h100_fwd_turns_256k_d128_nc.json",
+    "h100_fwd_turns_causal_d128.json",
+    "h100_fwd_turns_64k_d64.json",
+    "h100_fwd_turns_64k_d64_causal.json",
+]
 # Forward plus backward with 64-key dq tiles (ptxas's report in a log beside each).
 DQ_TILE_FILES = ["bwd_dq_tiles_64k_d64.json", "bwd_dq_tiles_64k_d128.json"]
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200, one forward thread block each at a time
@@ -791,8 +800,10 @@ def generated_mosaic() -> str:
             "heaviest first "
             "(`Launch.heavy_first`, the default) or in order (runs made before it was the default; without a "
             "causal mask the order changes nothing). \"blocks\": single thread blocks or pairs "
-            "(`Launch.cluster`), and \"values first\" (`Launch.values_first`); of a run with several launches, the "
-            "one the default picks today. At 64K the single blocks "
+            "(`Launch.cluster`), then the forward's options: \"values first\" (removed since), \"scores first\" and "
+            "\"turns at a hardware barrier\"; of a run with several launches, the one the default picks today, "
+            "else the one it picked before scores first (no H200 run has timed today's head dim 128 default yet; "
+            "its H100 runs are further down). At 64K the single blocks "
             "ran slower in the `cluster_64k_256k.json` run than in the runs before it (head dim 128 without a "
             "mask: 0.0316 s against 0.0273 s in `mosaic_fwd_bf16_heavy_64k_256k.json`, cuDNN 0.0283 s against "
             "0.0275 s) with the same program (`bench/kernel_programs.py` gives the same text for both versions of "
@@ -831,8 +842,9 @@ def generated_mosaic() -> str:
             "products at head dim 64 from `mosaic_bwd_paired_d64.json` on; 128-key dq tiles with segments in "
             "memory at head dim 128 from `mosaic_bwd_d128_flush_default.json` on; thread blocks in pairs as the "
             "defaults pick them from the `cluster_bwd_*.json` runs on, in turns with cuDNN, 5 rounds at 64K, 3 "
-            "at 256K, 1 at 1M, only their rows that ran today's defaults; with values first at head dim 128 without "
-            "a mask from `bwd_values_first_d128_nc.json` on, 5 rounds); nondeterministic: the same "
+            "at 256K, 1 at 1M, only their rows that ran today's defaults, or for the forward's options the defaults "
+            "before scores first; with values first at head dim 128 without a mask from "
+            "`bwd_values_first_d128_nc.json` on, 5 rounds); nondeterministic: the same "
             "with `deterministic_backward=False` (`mosaic_bwd_1m_d64_nondeterministic.json`; at 64K and 256K see the fused dq table below); "
             "portable: the Triton kernels (`pallas_triton`), from their latest run (`pallas_triton_bwd_*.json`), "
             "next to cuDNN in that run.",
@@ -905,7 +917,8 @@ def generated_mosaic() -> str:
             "3, 3 and 3 rounds), then `" + "` and `".join(H100_VALUES_FIRST_FILES) + "` (an H100, 5 rounds); "
             "bfloat16, B=1, 8 heads, in turns with cuDNN after a warm-up, median. \"values first\": over the key "
             "tiles no mask cuts, each step issues the previous tile's p v and then its own scores, and waits "
-            "once for both. The default at head dim 128 without a mask since these runs.",
+            "once for both. The default at head dim 128 without a mask from these runs until scores first (below); "
+            "removed since (`Launch.values_first`, at commit e8b045b).",
             *(forward_launch_table(name) for name in [*VALUES_FIRST_FILES, *H100_VALUES_FIRST_FILES]),
             "### On an H100: the query tile in registers",
             "Files: `" + "` and `".join(H100_Q_REGISTERS_FILES) + "` (an H100; 64K, no mask, bfloat16, B=1, 8 heads, 5 "
@@ -923,6 +936,17 @@ def generated_mosaic() -> str:
             "`smsp__issue_active`; the stalls are `smsp__average_warps_issue_stalled_*_per_issue_active` (warps "
             "waiting, per instruction issued). ncu did not finish cuDNN's 64K case within its time limit.",
             ncu_issue_table(H100_NCU_STALLS),
+            "### On an H100: scores first and turns at a hardware barrier",
+            "Files: `" + "`, `".join(H100_FORWARD_TURNS_FILES) + "` (an H100; bfloat16, B=1, 8 heads, 5 rounds in turns "
+            "with cuDNN after a warm-up, median). \"scores first\": over the key tiles no mask cuts, each step "
+            "issues its scores and then the previous tile's p v, and computes its probabilities while p v runs "
+            "(`Launch.scores_first`); \"turns at a hardware barrier\": the compute warpgroups take turns at "
+            "`bar.sync` (`Launch.named_turns`); \"p through shared memory\": p v read p from shared memory (a "
+            "launch option, `p_through_smem`, at commit e8b045b, removed since as slower, as was values first). "
+            "Scores first with turns at a hardware barrier is the default at head dim 128 since these runs. "
+            "ptxas's report of the first run is in `h100_fwd_turns_64k_d128_ptxas.log`: no launch has its "
+            "tensor-core instructions serialized (C7513), and only p through shared memory spills (24 bytes).",
+            *(forward_launch_table(name) for name in H100_FORWARD_TURNS_FILES),
             "### Forward plus backward: dk's ds from shared memory, and 64-key dq tiles",
             "Files: `" + "` and `".join(H100_DK_FROM_SMEM_FILES) + "` (an H100), then `" + "` and `".join(DQ_TILE_FILES)
             + "` (an H200); 64K, no mask, bfloat16, B=1, 8 heads, 5 rounds in turns with cuDNN after a warm-up, "
