@@ -937,8 +937,8 @@ def generated_mosaic() -> str:
             "waiting, per instruction issued). ncu did not finish cuDNN's 64K case within its time limit.",
             ncu_issue_table(H100_NCU_STALLS),
             "### On an H100: scores first and turns at a hardware barrier",
-            "Files: `" + "`, `".join(H100_FORWARD_TURNS_FILES) + "` (an H100; bfloat16, B=1, 8 heads, 5 rounds in turns "
-            "with cuDNN after a warm-up, median). \"scores first\": over the key tiles no mask cuts, each step "
+            "Files: `" + "`, `".join(H100_FORWARD_TURNS_FILES) + "` (an H100; bfloat16, B=1, 8 heads, 5 rounds "
+            "in turns with cuDNN after a warm-up, median). \"scores first\": over the key tiles no mask cuts, each step "
             "issues its scores and then the previous tile's p v, and computes its probabilities while p v runs "
             "(`Launch.scores_first`); \"turns at a hardware barrier\": the compute warpgroups take turns at "
             "`bar.sync` (`Launch.named_turns`); \"p through shared memory\": p v read p from shared memory (a "
