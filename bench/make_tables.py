@@ -62,6 +62,7 @@ CLUSTER_FILES = [
     "cluster_1m_d128_causal.json",
     "cluster_1m_d128_nc.json",
 ]
+CLUSTER_SINGLE_AGAIN = "cluster_1m_d64_nc_single.json"  # single blocks again, the case where pairs gained most
 # Forward plus backward runs of the dq kernel's single thread blocks next to pairs (`Launch.dq_cluster`).
 DQ_CLUSTER_FILES = [
     "cluster_bwd_64k_d64.json",
@@ -583,6 +584,12 @@ def _single_and_pairs(files: list[str], fields: tuple[str, ...], launch_field: s
             yield name, key, by_case[key][1], by_case[key][2], base[key]["seconds"]
 
 
+def _ratio_of(name: str) -> str:
+    """cuDNN's time over ours, written as in the tables, of a results file with one row of ours."""
+    (r,), base = _ours_and_cudnn([name], _MOSAIC_FIELDS, "mosaic_gpu")
+    return f"{base[tuple(r[f] for f in _MOSAIC_FIELDS)]['seconds'] / r['seconds']:.3f}x"
+
+
 def cluster_table(files: list[str]) -> str:
     """The forward with single thread blocks and with pairs (`Launch.cluster`), in turns with cuDNN."""
     lines = [
@@ -831,7 +838,8 @@ def generated_mosaic() -> str:
             "### Thread blocks in pairs: the forward with single blocks and with pairs (`Launch.cluster`)",
             "Files: as named (bfloat16, B=1, 8 heads, in turns with cuDNN after a warm-up, median of 3 rounds "
             "in `cluster_64k_256k.json`, 2 in the others). \"default\": what `mosaic_gpu.default_launch` picks "
-            "for the case.",
+            "for the case. A second run of single blocks alone at 1M, head dim 64, without a mask (2 rounds, "
+            f"`{CLUSTER_SINGLE_AGAIN}`) gave {_ratio_of(CLUSTER_SINGLE_AGAIN)} cuDNN.",
             cluster_table(CLUSTER_FILES),
             "### Forward plus backward: one subproblem, all data on the device (B=1, 8 heads, bfloat16)",
             "Each row is the latest run of its case (file named), with cuDNN timed in the same run: 2 or 3 "
