@@ -196,6 +196,8 @@ def test_mosaic_kernel_lowers_for_cuda_on_any_machine(case, heavy_first, cluster
     `cluster` 2 the thread blocks run in pairs where the query chunks allow (the causal case's do)."""
     text = _lower_forward(case, monkeypatch, heavy_first=heavy_first, cluster=cluster)
     assert "mosaic_gpu" in text
+    # the default's turns at a hardware barrier (head dim 128) reach the program
+    assert ("bar.sync 8, 256" in text) == (LOWERING_CASES[case][5] == 128)
     if case == "causal_head64":
         assert ("cluster_block_id" in text) == (cluster == 2)
 
