@@ -113,7 +113,8 @@ def default_launch(head_dim: int, key_rows: int = 0, band: Band | None = None) -
     rows or more (`key_rows`: examples x keys x key/value heads) without a mask (`band` dense), where
     the key and value reads of single blocks missed L2 the most. At head dim 128, scores first
     (`Launch.scores_first`) and turns at a hardware barrier (`Launch.named_turns`), 1-7% faster causal
-    or not (at head dim 64 both were slower). Measurements in docs/hopper_kernel.md."""
+    or not (at head dim 64 scores first lost 5% without a mask, and the barrier 6-8%). Measurements in
+    docs/hopper_kernel.md."""
     dense = band is not None and band.is_dense
     pairs = head_dim > 64 or (dense and key_rows >= LARGE_KEYS)
     wide = head_dim > 64
