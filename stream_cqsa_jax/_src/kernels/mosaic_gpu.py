@@ -116,8 +116,8 @@ def default_launch(head_dim: int, key_rows: int = 0, band: Band | None = None) -
     or not (at head dim 64 scores first lost 5% without a mask, and the barrier 6-8%). Measurements in
     docs/hopper_kernel.md."""
     dense = band is not None and band.is_dense
-    pairs = head_dim > 64 or (dense and key_rows >= LARGE_KEYS)
     wide = head_dim > 64
+    pairs = wide or (dense and key_rows >= LARGE_KEYS)
     return Launch(
         block_kv=128, stages=2, heavy_first=True, cluster=2 if pairs else 1, scores_first=wide, named_turns=wide
     )
