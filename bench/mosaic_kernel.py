@@ -169,8 +169,8 @@ def main(argv=None) -> int:
         for text, row, _ in programs:
             _report(row, base, text)
             rows.append(row)
-    if args.out:
-        benchmark.write_results(args.out, rows=rows)
+        if args.out:  # after every case, so that a run stopped at a time limit keeps the cases it finished
+            benchmark.write_results(args.out, rows=rows)
     return 0
 
 
