@@ -38,8 +38,12 @@ def test_backward_launch_flags():
     assert mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,dqturns").dq_turns and not both.dq_turns
     named = mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,dqturns,dqnamed")
     assert named.dq_turns and named.dq_named_turns and not both.dq_named_turns
+    assert mosaic_kernel.backward_launch("128,2,64,2,seg8,flush,pass65536").dq_pass_keys == 65536
+    assert mosaic_kernel.backward_launch("128,2,64,2,seg8,flush").dq_pass_keys == 0
     with pytest.raises(ValueError, match="'cluster2'"):
         mosaic_kernel.backward_launch("128,2,64,2,pairs")
+    with pytest.raises(ValueError, match="one 'passN'"):
+        mosaic_kernel.backward_launch("128,2,64,2,pass1024,pass2048")
 
 
 # The shape of ncu's --csv output: its own lines, the program's output, then one row per kernel and metric.

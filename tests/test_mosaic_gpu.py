@@ -489,6 +489,52 @@ def test_mosaic_backward_turns_give_the_same_bits(case, monkeypatch):
             np.testing.assert_array_equal(b, a, err_msg=f"{name}, turns at a hardware barrier: {named}")
 
 
+@hopper
+@pytest.mark.parametrize("case,segment", [
+    ("causal_gqa_odd", None), ("window", None), ("gqa_lengths_head128", 1), ("cross_causal_gqa_head128", 2),
+])
+def test_mosaic_dq_passes_match_float64(case, segment, monkeypatch):
+    """The dq kernel in passes over 256-key windows of the key array (`Launch.dq_pass_keys`), each
+    adding onto the last: dq is within 1.5x of the XLA kernel's error, zero for rows that see no key, the
+    same bits twice; dk and dv are the default's bits (passes touch only the dq kernel). Chunks in
+    several key slots, masked, plain and skipped tiles, lengths and grouped heads all occur. At head
+    dim 128 dq's segments go to device memory, and a pass must hold whole segments: `segment` tiles
+    (at 64 the default's segments, in registers)."""
+    c = _float64_case(BACKWARD_CASES[case], case)
+    assert all(len(sp.kv_chunks) * c.plan.kv_chunk > 256 for sp in c.plan.subproblems)  # two passes or more
+    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    default = mosaic_gpu_backward.default_launch(c.q.shape[-1])
+    plain = _output_and_gradients(c, monkeypatch, default)
+    passes = dataclasses.replace(default, dq_pass_keys=256, dq_segment=segment or default.dq_segment)
+    _, dq, dk, dv = _output_and_gradients(c, monkeypatch, passes)
+    np.testing.assert_array_equal(_output_and_gradients(c, monkeypatch, passes)[1], dq)
+    assert rel_error(as64(dq), c.ref_grads[0]) <= 1.5 * c.base_grads[0]
+    assert np.all(dq[~c.vis.any(-1)] == 0)  # rows that see no key
+    np.testing.assert_array_equal(dk, plain[2])
+    np.testing.assert_array_equal(dv, plain[3])
+
+
+@hopper
+@pytest.mark.parametrize("causal", [False, True])
+def test_mosaic_dq_passes_of_whole_segments_give_the_same_bits(causal, monkeypatch):
+    """In one key chunk the dq kernel walks the key tiles in order; passes of whole segments (head dim
+    128's default: 1024-key segments in device memory) then add the same segments onto dq in the same
+    order as one pass: dq is the same bits (3 passes over 3072 keys)."""
+    q, k, v = random_inputs(13, 1, 3072, 3072, 4, 2, 128, jnp.bfloat16)
+    plan = sc.plan(q_len=3072, num_q_heads=4, num_kv_heads=2, head_dim=128, dtype=jnp.bfloat16, num_chunks=1,
+                   implementation="mosaic_gpu", is_causal=causal)
+    assert plan.kv_chunk == 3072
+    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    default = mosaic_gpu_backward.default_launch(128)
+    assert default.dq_flush and default.dq_segment * default.dq_block_kv == 1024
+    do = jnp.asarray(np.random.default_rng(13).standard_normal(q.shape), jnp.bfloat16)
+    c = types.SimpleNamespace(q=q, k=k, v=v, do=do, plan=plan, structured=dict(is_causal=causal), extra={})
+    one = _output_and_gradients(c, monkeypatch, default)
+    three = _output_and_gradients(c, monkeypatch, dataclasses.replace(default, dq_pass_keys=1024))
+    for name, a, b in zip(("out", "dq", "dk", "dv"), one, three):
+        np.testing.assert_array_equal(b, a, err_msg=name)
+
+
 def _output_and_gradients(c, monkeypatch, backward, forward=None) -> list[np.ndarray]:
     """(out, dq, dk, dv) of the case `c` (`_float64_case`) with the backward's default launch replaced by
     `backward`, and the forward's by `forward` if given."""
@@ -567,6 +613,37 @@ def test_vmap_of_the_gradient_lowers_for_cuda(deterministic, monkeypatch):
     text = _lower_gradient(64, deterministic_backward=deterministic, vmapped=3)
     assert text.count("custom_call @mosaic_gpu") == 3
     assert "stablehlo.while" not in text  # batched, not one element at a time
+
+
+@pytest.mark.parametrize("head_dim,pass_keys,segment,kernels", [
+    (64, 256, None, 6), (128, 1024, None, 3), (128, 512, 4, 4),
+])
+def test_dq_passes_lower_for_cuda_as_one_kernel_each(head_dim, pass_keys, segment, kernels, monkeypatch):
+    """`Launch.dq_pass_keys` runs the dq kernel once per window of the 1024-row key array (the
+    forward, the passes and dk/dv: `kernels` Mosaic calls; one pass where a window holds every key),
+    and under `jax.vmap` in one pass, batched. At head dim 128 a pass holds whole segments of
+    `segment` tiles (None: the default's)."""
+    _pretend_hopper(monkeypatch)
+    default = mosaic_gpu_backward.default_launch(head_dim)
+    launch = dataclasses.replace(default, dq_pass_keys=pass_keys, dq_segment=segment or default.dq_segment)
+    monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
+    assert _lower_gradient(head_dim).count("custom_call @mosaic_gpu") == kernels
+    vmapped = _lower_gradient(head_dim, vmapped=3)
+    assert vmapped.count("custom_call @mosaic_gpu") == 3 and "stablehlo.while" not in vmapped
+
+
+def test_dq_pass_keys_must_be_whole_tiles_and_segments():
+    """Passes end where a key tile ends, and where a segment ends when dq's segments go to device memory."""
+    assert mosaic_gpu_backward.key_windows(1000, 0) == [None]
+    assert mosaic_gpu_backward.key_windows(1000, 1024) == [None]
+    assert mosaic_gpu_backward.key_windows(1000, 384) == [(0, 384), (384, 768), (768, 1000)]
+    mosaic_gpu_backward.Launch(dq_pass_keys=256)
+    with pytest.raises(ValueError, match="dq_pass_keys must be 0 or a positive multiple of 128, got 200"):
+        mosaic_gpu_backward.Launch(dq_pass_keys=200)
+    with pytest.raises(ValueError, match="multiple of 1024, got 512"):
+        mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dq_pass_keys=512)
+    with pytest.raises(ValueError, match="got -128"):
+        mosaic_gpu_backward.Launch(dq_pass_keys=-128)
 
 
 def _pretend_hopper(monkeypatch) -> None:

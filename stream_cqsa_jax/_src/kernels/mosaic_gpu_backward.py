@@ -18,7 +18,8 @@ that running sum moves into a float32 total (additions that round to nearest),
 in registers or, with `Launch.dq_flush` (the default at head dim 128), in device memory.
 Tiles its own rows do not see it skips, keeping only the barriers in step. With
 `Launch.dq_cluster` 2 (the default at head dim 64) two blocks of neighbouring query tiles
-share their key and value copies, as the forward's pairs.
+share their key and value copies, as the forward's pairs. With `Launch.dq_pass_keys`
+it runs once per window of the key array, each launch adding onto the dq of the last.
 Output: ``dq scale`` [B, Lq, N, H].
 
 dk/dv: one thread block per (128 keys, key/value head, example); each compute
@@ -119,6 +120,14 @@ class Launch:
     (same products, same order, same bits).
     dq_named_turns: with `dq_turns`, the turns are taken at a hardware barrier, as the forward's
     with `mosaic_gpu.Launch.named_turns` (same bits).
+    dq_pass_keys: the dq kernel runs in passes over windows of this many rows of the key array
+    (0: one pass over all), each a launch that adds onto the dq of the passes before it. The
+    thread blocks running at once then read keys and values from one window, which L2 holds
+    however far apart their walks drift if it is small enough (64K keys at head dim 128: 32 MiB of
+    keys and values). Not timed yet (docs/hopper_kernel.md). A multiple of `dq_block_kv`; with
+    `dq_flush`, of ``dq_segment dq_block_kv`` too, so that a pass ends where a segment does. Under
+    `jax.vmap` the dq kernel runs in one pass (a kernel that adds in place batches only for a
+    batch of one).
     """
 
     dq_block_kv: int = 128
@@ -133,11 +142,15 @@ class Launch:
     dkv_cluster: int = 1
     dq_turns: bool = False
     dq_named_turns: bool = False
+    dq_pass_keys: int = 0
 
     def __post_init__(self):
         for name in ("dq_cluster", "dkv_cluster"):
             if getattr(self, name) not in (1, 2):
                 raise ValueError(f"Launch.{name} must be 1 or 2, got {getattr(self, name)}")
+        step = self.dq_block_kv * (self.dq_segment if self.dq_in_memory else 1)
+        if self.dq_pass_keys < 0 or self.dq_pass_keys % step:
+            raise ValueError(f"Launch.dq_pass_keys must be 0 or a positive multiple of {step}, got {self.dq_pass_keys}")
 
     @property
     def dq_in_memory(self) -> bool:
@@ -268,9 +281,9 @@ def _flush(stage, blocks, onto) -> None:
 
 
 def _copy_or_add(smem, gmem, onto) -> None:
-    """A bulk copy of `smem` to `gmem`; with `onto` nonzero, one that adds onto `gmem` instead."""
-    if onto is None:
-        plgpu.copy_smem_to_gmem(smem, gmem)
+    """A bulk copy of `smem` to `gmem`; with `onto` nonzero (or True), one that adds onto `gmem` instead."""
+    if onto is None or onto is True:
+        plgpu.copy_smem_to_gmem(smem, gmem, **(dict(reduction_op="add") if onto else {}))
         return
     plgpu.copy_smem_to_gmem(smem, gmem, predicate=onto == 0)
     plgpu.copy_smem_to_gmem(smem, gmem, predicate=onto != 0, reduction_op="add")
@@ -279,16 +292,25 @@ def _copy_or_add(smem, gmem, onto) -> None:
 # -- dq -------------------------------------------------------------------------------
 
 
-def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool):
-    """refs: table, lengths (if any), q, k, v, dO, row terms; dq; then the scratch of `_dq`."""
-    tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref), (dq_ref,), scratch = split_refs(refs, has_lengths, 5, 1)
+def _dq_kernel(
+    *refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_lengths: bool,
+    window: tuple[int, int] | None = None, adds: bool = False,
+):
+    """refs: table, lengths (if any), q, k, v, dO, row terms; dq; then the scratch of `_dq`. The walk
+    keeps the key tiles in `window` (`QueryBlock`); with `adds`, dq comes as an operand after the row
+    terms, holding earlier passes' sums, and the kernel adds onto it."""
+    inputs, outputs = (6, 0) if adds else (5, 1)
+    tab_ref, lens_ref, (q_ref, k_ref, v_ref, do_ref, rows_ref, *dq_in), dq_out, scratch = split_refs(
+        refs, has_lengths, inputs, outputs
+    )
+    (dq_ref,) = dq_in or dq_out
     smem, q_ready, do_ready, rows_ready, k_ready, v_ready, k_free, v_free, done, *turn = scratch
     (qdo_smem, out_smem), rows_smem, k_smem, v_smem, *stage_smem = smem
     flushes = launch.dq_in_memory
     band, bk, stages, cluster = cfg.band, launch.dq_block_kv, launch.dq_stages, launch.dq_cluster
     head, t, bi, wg = (lax.axis_index(a) for a in ("heads", "tiles", "batch", "wg"))
     t = q_ref.shape[1] // (BLOCK * cluster) - 1 - t  # the query tiles with the most keys (causal) first
-    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK, bk, cluster)
+    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK, bk, cluster, window)
     q_limit, kv_limit = block.q_limit, block.kv_limit
 
     @pl.when(wg < 2)
@@ -371,7 +393,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
         hd = q_ref.shape[-1]
         zeros = _zeros((ROWS, hd))
         # the sum of the finished segments in registers, or the flag that device memory holds it
-        extra = ((jnp.int32(0),) if flushes else (zeros,)) if launch.dq_segment else ()
+        extra = ((jnp.int32(int(adds)),) if flushes else (zeros,)) if launch.dq_segment else ()
         turns.start()
         _, dq, *total = block.walk(own, skip, visit, (jnp.int32(0), zeros, *extra))
         turns.finish()
@@ -380,7 +402,7 @@ def _dq_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_l
         elif total:
             dq = dq + total[0]
         _both_done(done)
-        _store((dq * cfg.scale, out_smem.at[wg], dq_ref.at[rows]), onto=total[0] if flushes else None)
+        _store((dq * cfg.scale, out_smem.at[wg], dq_ref.at[rows]), onto=total[0] if flushes else adds or None)
 
     @pl.when(wg == 2)
     def _memory():
@@ -427,7 +449,33 @@ def _dq(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch: 
     )
     out_type = jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32)
     grid = (n, lq // (BLOCK * cluster), b)
-    return run_kernel(body, out_type, scratch, grid, tab, lens, inp.q, inp.k, inp.v, do, rows, cluster=cluster)
+    windows = key_windows(inp.k.shape[1], launch.dq_pass_keys)
+    if len(windows) == 1:
+        return run_kernel(body, out_type, scratch, grid, tab, lens, inp.q, inp.k, inp.v, do, rows, cluster=cluster)
+    one_pass = dataclasses.replace(launch, dq_pass_keys=0)
+
+    @batched_as(lambda inp, do, rows, tab, lens: _dq(inp, do, rows, tab, lay, lens, cfg, one_pass))
+    def passes(inp, do, rows, tab, lens):
+        operands = (inp.q, inp.k, inp.v, do, rows)
+        first = functools.partial(body, window=windows[0])
+        dq = run_kernel(first, out_type, scratch, grid, tab, lens, *operands, cluster=cluster)
+
+        def later(dq_ref):  # the kernel adds onto dq in place: `pl.run_state` keeps this a pure function
+            for window in windows[1:]:
+                adding = functools.partial(body, window=window, adds=True)
+                run_kernel(adding, (), scratch, grid, tab, lens, *operands, dq_ref, cluster=cluster)
+
+        return pl.run_state(later)(dq)
+
+    return passes(inp, do, rows, tab, lens)
+
+
+def key_windows(key_rows: int, pass_keys: int) -> list[tuple[int, int] | None]:
+    """The dq kernel's passes over a key array of `key_rows` rows: [lo, hi) row windows of
+    `pass_keys` rows, or one pass over all of them ([None]) when `pass_keys` is 0 or covers them."""
+    if not pass_keys or pass_keys >= key_rows:
+        return [None]
+    return [(lo, min(lo + pass_keys, key_rows)) for lo in range(0, key_rows, pass_keys)]
 
 
 # -- dk, dv ---------------------------------------------------------------------------

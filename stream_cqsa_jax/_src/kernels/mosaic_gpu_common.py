@@ -191,10 +191,14 @@ class QueryBlock:
     """The query rows of cluster `t` (slot-major over the plan's query slots): `cluster` tiles of
     `rows` rows from ``start``, their limits, and the key tiles of `block_kv` keys that some of
     them see, which every thread block of the cluster walks. This thread block's own tile is
-    number `member` of the cluster (`warpgroup_rows`)."""
+    number `member` of the cluster (`warpgroup_rows`). With `window` = (lo, hi), multiples of
+    `block_kv`, the walk keeps only the tiles in rows [lo, hi) of the key array (`pair_tiles`)."""
 
-    def __init__(self, tab_ref, lens_ref, lay, cfg, bi, t, rows: int, block_kv: int, cluster: int = 1):
-        self._tab, self._lay = tab_ref, lay
+    def __init__(
+        self, tab_ref, lens_ref, lay, cfg, bi, t, rows: int, block_kv: int, cluster: int = 1,
+        window: tuple[int, int] | None = None,
+    ):
+        self._tab, self._lay, self._window = tab_ref, lay, window
         self.block_kv, self.kv_chunk = block_kv, cfg.kv_chunk
         self._t, self._rows, self._cluster = t, rows, cluster
         self.slot, self.start = cluster_tile(tab_ref, lay.q_chunks, cfg.q_chunk, t, rows, cluster)
@@ -214,11 +218,17 @@ class QueryBlock:
         kv_slot = self._tab[self._lay.pair_kv + self.slot * self._lay.pairs + p]
         return kv_slot, self._tab[self._lay.kv_chunks + kv_slot] * self.kv_chunk
 
-    def shared_tiles(self, chunk_start):
-        """[first, last) key tiles of the chunk at `chunk_start` that some row of the block sees."""
+    def pair_tiles(self, p):
+        """(key slot, first key position, first tile, last tile) of the block's pair `p`: the tiles
+        [first, last) of its key chunk that some row of the block sees, within the `window`."""
+        kv_slot, chunk_start = self.pair_chunk(p)
         tiles = self.kv_chunk // self.block_kv
         first, _, _, last = block_map.tile_ranges(self.span, chunk_start, self.block_kv, tiles, all_masked=True)
-        return first, last
+        if self._window is not None:
+            lo, hi = (jnp.clip(bound // self.block_kv - kv_slot * tiles, 0, tiles) for bound in self._window)
+            first = jnp.clip(first, lo, hi)
+            last = jnp.clip(last, first, hi)
+        return kv_slot, chunk_start, first, last
 
     def walk(self, own: block_map.Span, skip, visit, carry, plain_steps=None):
         """Folds a compute warpgroup's steps over the block's key tiles, pair by pair: for
@@ -228,8 +238,7 @@ class QueryBlock:
         cuts instead of ``visit``."""
 
         def pair(p, carry):
-            _, chunk_start = self.pair_chunk(p)
-            first, last = self.shared_tiles(chunk_start)
+            _, chunk_start, first, last = self.pair_tiles(p)
             tiles = self.kv_chunk // self.block_kv
             mine = block_map.tile_ranges(own, chunk_start, self.block_kv, tiles, all_masked=False)
             masked = functools.partial(visit, kv_start=chunk_start, masked=True)
@@ -280,8 +289,7 @@ def stream_kv(
     bk, ck = block.block_kv, block.kv_chunk
 
     def pair(p, step):
-        kv_slot, chunk_start = block.pair_chunk(p)
-        first, last = block.shared_tiles(chunk_start)
+        kv_slot, _, first, last = block.pair_tiles(p)
 
         def tile(kt, step):
             ring = lax.rem(step, stages)
