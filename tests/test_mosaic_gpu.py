@@ -729,6 +729,8 @@ def _use_lowering_semantics(monkeypatch, name: str) -> None:
     (128, None),
     (64, mosaic_gpu_backward.Launch(fused_dq=True)),
     (128, mosaic_gpu_backward.Launch(dq_block_kv=64, dq_segment=16)),  # dq segments in registers
+    (128, mosaic_gpu_backward.Launch(dq_segment=4, dq_flush=True, dq_pass_keys=512)),  # dq in two passes
+    (64, mosaic_gpu_backward.Launch(dq_segment=8, dq_pass_keys=256)),  # in four, totals in registers
 ])
 def test_mosaic_gradient_lowers_with_either_lowering_semantics(head_dim, launch, semantics, monkeypatch):
     """The gradient (the forward and both backward kernels) lowers for CUDA with the lowering semantics
