@@ -19,6 +19,10 @@ for CUDA in reverse; Nsight Compute reports the forward's grid at 1M tokens,
 8 heads as (1, 8192, 8)), so under ``heads_first`` the blocks running at once
 are query tiles of one head, which read the same key/value tiles, and under
 ``tiles_first`` they cover every head.
+
+``--backward-launches`` times ours once per backward launch, written as
+`bench/mosaic_kernel.py` takes them (``128,2,64,2,seg8,flush,pass65536``), in
+place of the default; each row records its launch.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from mosaic_kernel import backward_launch
 from stream_cqsa_jax import benchmark
 from stream_cqsa_jax._src.kernels import mosaic_gpu_backward, mosaic_gpu_common
 
@@ -69,6 +74,20 @@ def backward_without(kernel: str | None):
         mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv = saved
 
 
+@contextlib.contextmanager
+def backward_launch_as(text: str | None):
+    """Within: the Hopper backward runs the launch `text` (`mosaic_kernel.backward_launch`) in place of
+    its default (None: the default)."""
+    default = mosaic_gpu_backward.default_launch
+    if text is not None:
+        launch = backward_launch(text)
+        mosaic_gpu_backward.default_launch = lambda *args, **kwargs: launch
+    try:
+        yield
+    finally:
+        mosaic_gpu_backward.default_launch = default
+
+
 def _time(impl: str, case: benchmark.Case, iters: int, without: str | None = None) -> float | None:
     with backward_without(without):
         row = benchmark.run_case(impl, case, iters)
@@ -103,6 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--causal", choices=["yes", "no", "both"], default="no")
     parser.add_argument("--block-orders", nargs="+", choices=["heads_first", "tiles_first"], default=["heads_first"])
+    parser.add_argument("--backward-launches", nargs="+", default=[None],
+                        help="backward launches to time in place of the default, as bench/mosaic_kernel.py takes them")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -111,26 +132,30 @@ def main(argv=None) -> int:
     for n, d, c in itertools.product(args.seq_lens, args.head_dims, causal):
         fwd, both = benchmark.Case(n, d, c, "fwd"), benchmark.Case(n, d, c, "fwd_bwd")
         cudnn = {"cudnn_fwd": _time("cudnn", fwd, args.iters), "cudnn_fwd_bwd": _time("cudnn", both, args.iters)}
-        for order in args.block_orders:
+        for order, launch in itertools.product(args.block_orders, args.backward_launches):
             use_block_order(order)
             try:
-                t = {
-                    **cudnn,
-                    "fwd": _time("mosaic_gpu", fwd, args.iters),
-                    "fwd_bwd": _time("mosaic_gpu", both, args.iters),
-                    "fwd_bwd_without_dq": _time("mosaic_gpu", both, args.iters, without="dq"),
-                    "fwd_bwd_without_dkv": _time("mosaic_gpu", both, args.iters, without="dkv"),
-                }
+                with backward_launch_as(launch):
+                    t = {
+                        **cudnn,
+                        "fwd": _time("mosaic_gpu", fwd, args.iters),
+                        "fwd_bwd": _time("mosaic_gpu", both, args.iters),
+                        "fwd_bwd_without_dq": _time("mosaic_gpu", both, args.iters, without="dq"),
+                        "fwd_bwd_without_dkv": _time("mosaic_gpu", both, args.iters, without="dkv"),
+                    }
             finally:
                 use_block_order("heads_first")
             row = {"seq_len": n, "head_dim": d, "causal": c, "block_order": order, "seconds": t, **_parts(t, fwd)}
+            if launch is not None:
+                row["backward_launch"] = launch
             rows.append(row)
             if "parts" in row:
                 text = ", ".join(
                     f"{k} {v['ms']:.1f} ms" + (f" ({v['tflops']:.0f} TF/s)" if v["tflops"] else "")
                     for k, v in row["parts"].items()
                 )
-                print(f"N={n} D={d} causal={c} {order}: {row['ratio_vs_cudnn']:.3f}x cuDNN; {text}", flush=True)
+                label = order if launch is None else f"{order}, {launch}"
+                print(f"N={n} D={d} causal={c} {label}: {row['ratio_vs_cudnn']:.3f}x cuDNN; {text}", flush=True)
     if args.out:
         benchmark.write_results(args.out, rows=rows)
     return 0

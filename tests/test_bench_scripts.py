@@ -1,4 +1,5 @@
-"""Argument parsing of bench/mosaic_kernel.py and the CSV reading of bench/ncu_metrics.py."""
+"""Argument parsing of bench/mosaic_kernel.py (and the launches bench/mosaic_backward_parts.py times) and the
+CSV reading of bench/ncu_metrics.py."""
 
 import os
 import sys
@@ -7,8 +8,10 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
+import mosaic_backward_parts  # noqa: E402
 import mosaic_kernel  # noqa: E402
 import ncu_metrics  # noqa: E402
+from stream_cqsa_jax._src.kernels import mosaic_gpu_backward  # noqa: E402
 
 
 def test_forward_launch_flags():
@@ -44,6 +47,16 @@ def test_backward_launch_flags():
         mosaic_kernel.backward_launch("128,2,64,2,pairs")
     with pytest.raises(ValueError, match="one 'passN'"):
         mosaic_kernel.backward_launch("128,2,64,2,pass1024,pass2048")
+
+
+def test_backward_parts_time_the_launch_given_and_restore_the_default():
+    default = mosaic_gpu_backward.default_launch(128)
+    with mosaic_backward_parts.backward_launch_as("128,2,64,2,seg8,flush,pass65536"):
+        chosen = mosaic_gpu_backward.default_launch(128)
+        assert (chosen.dq_pass_keys, chosen.dq_segment, chosen.dq_flush) == (65536, 8, True)
+    assert mosaic_gpu_backward.default_launch(128) == default
+    with mosaic_backward_parts.backward_launch_as(None):
+        assert mosaic_gpu_backward.default_launch(128) == default
 
 
 # The shape of ncu's --csv output: its own lines, the program's output, then one row per kernel and metric.
