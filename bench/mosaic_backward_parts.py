@@ -75,12 +75,10 @@ def backward_without(kernel: str | None):
 
 
 @contextlib.contextmanager
-def backward_launch_as(text: str | None):
-    """Within: the Hopper backward runs the launch `text` (`mosaic_kernel.backward_launch`) in place of
-    its default (None: the default)."""
+def backward_launch_as(launch: mosaic_gpu_backward.Launch | None):
+    """Within: the Hopper backward runs `launch` in place of its default (None: the default)."""
     default = mosaic_gpu_backward.default_launch
-    if text is not None:
-        launch = backward_launch(text)
+    if launch is not None:
         mosaic_gpu_backward.default_launch = lambda *args, **kwargs: launch
     try:
         yield
@@ -128,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
+    # parsed before any timing, so that a mistyped launch stops the run at once
+    launches = {text: text and backward_launch(text) for text in args.backward_launches}
     rows = []
     for n, d, c in itertools.product(args.seq_lens, args.head_dims, causal):
         fwd, both = benchmark.Case(n, d, c, "fwd"), benchmark.Case(n, d, c, "fwd_bwd")
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         for order, launch in itertools.product(args.block_orders, args.backward_launches):
             use_block_order(order)
             try:
-                with backward_launch_as(launch):
+                with backward_launch_as(launches[launch]):
                     t = {
                         **cudnn,
                         "fwd": _time("mosaic_gpu", fwd, args.iters),

@@ -51,7 +51,7 @@ def test_backward_launch_flags():
 
 def test_backward_parts_time_the_launch_given_and_restore_the_default():
     default = mosaic_gpu_backward.default_launch(128)
-    with mosaic_backward_parts.backward_launch_as("128,2,64,2,seg8,flush,pass65536"):
+    with mosaic_backward_parts.backward_launch_as(mosaic_kernel.backward_launch("128,2,64,2,seg8,flush,pass65536")):
         chosen = mosaic_gpu_backward.default_launch(128)
         assert (chosen.dq_pass_keys, chosen.dq_segment, chosen.dq_flush) == (65536, 8, True)
     assert mosaic_gpu_backward.default_launch(128) == default
