@@ -40,6 +40,13 @@ CASES = {
 }
 
 
+def _plan_args(params: tuple) -> dict:
+    """`stream_cqsa_jax.plan`'s arguments for one row of `CASES` or `BACKWARD_CASES`."""
+    b, t, s, n, kh, h, dtype_name, structured, _, chunks, _ = params
+    return dict(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=jnp.dtype(dtype_name), batch=b,
+                num_chunks=chunks, implementation="mosaic_gpu", **structured)
+
+
 def _float64_case(params: tuple, case: str) -> types.SimpleNamespace:
     """Inputs, float64 references, the XLA kernel's errors and a Mosaic plan for one row of `CASES`
     or `BACKWARD_CASES` (params); inputs are drawn from the case's name."""
@@ -54,8 +61,7 @@ def _float64_case(params: tuple, case: str) -> types.SimpleNamespace:
     ref_out, ref_lse = attention(as64(q), as64(k), as64(v), **rk)
     ref_grads = attention_grads(as64(q), as64(k), as64(v), as64(do), **rk)
     base_out, base_grads = xla_errors(q, k, v, do, vis, structured, extra, ref_out, ref_grads)
-    plan_args = dict(q_len=t, kv_len=s, num_q_heads=n, num_kv_heads=kh, head_dim=h, dtype=dtype, batch=b,
-                     num_chunks=chunks, implementation="mosaic_gpu", **structured)
+    plan_args = _plan_args(params)
     plan = sc.plan(**plan_args)
     assert plan.implementation == "mosaic_gpu" and len(plan.subproblems) >= min(chunks, 2)
     return types.SimpleNamespace(
@@ -489,10 +495,25 @@ def test_mosaic_backward_turns_give_the_same_bits(case, monkeypatch):
             np.testing.assert_array_equal(b, a, err_msg=f"{name}, turns at a hardware barrier: {named}")
 
 
+DQ_PASS_CASES = [("causal_gqa_odd", None), ("window", None), ("gqa_lengths_head128", 1), ("cross_causal_gqa_head128", 2)]
+
+
+def _key_rows(plan) -> list[int]:
+    """Rows of each subproblem's key array (its key chunks, end to end)."""
+    return [len(sp.kv_chunks) * plan.kv_chunk for sp in plan.subproblems]
+
+
+@pytest.mark.parametrize("case", sorted({case for case, _ in DQ_PASS_CASES}))
+def test_dq_pass_cases_take_several_passes(case):
+    """The plans of `test_mosaic_dq_passes_match_float64` (checked here, where no GPU is needed): some
+    subproblem's key array spans two 256-key passes or more, and the windows hold whole 128-key tiles."""
+    plan = sc.plan(**_plan_args(BACKWARD_CASES[case]))
+    assert max(_key_rows(plan)) > 256
+    assert plan.kv_chunk % 128 == 0
+
+
 @hopper
-@pytest.mark.parametrize("case,segment", [
-    ("causal_gqa_odd", None), ("window", None), ("gqa_lengths_head128", 1), ("cross_causal_gqa_head128", 2),
-])
+@pytest.mark.parametrize("case,segment", DQ_PASS_CASES)
 def test_mosaic_dq_passes_match_float64(case, segment, monkeypatch):
     """The dq kernel in passes over 256-key windows of the key array (`Launch.dq_pass_keys`), each
     adding onto the last: dq is within 1.5x of the XLA kernel's error, zero for rows that see no key, the
@@ -501,7 +522,7 @@ def test_mosaic_dq_passes_match_float64(case, segment, monkeypatch):
     dim 128 dq's segments go to device memory, and a pass must hold whole segments: `segment` tiles
     (at 64 the default's segments, in registers)."""
     c = _float64_case(BACKWARD_CASES[case], case)
-    assert all(len(sp.kv_chunks) * c.plan.kv_chunk > 256 for sp in c.plan.subproblems)  # two passes or more
+    assert max(_key_rows(c.plan)) > 256  # some subproblem's dq kernel runs in two passes or more
     monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
     default = mosaic_gpu_backward.default_launch(c.q.shape[-1])
     plain = _output_and_gradients(c, monkeypatch, default)
