@@ -113,7 +113,11 @@ H100_FORWARD_TURNS_FILES = [
     "h100_fwd_turns_causal_d128.json",
     "h100_fwd_turns_64k_d64.json",
     "h100_fwd_turns_64k_d64_causal.json",
+    "h100_fwd_turns_d128_defaults.json",
 ]
+# Runs on an H100: forward plus backward with the dq kernel in passes over windows of keys (`Launch.dq_pass_keys`)
+# and in 32-tile segments, next to the default launch of each head dim.
+H100_DQ_PASSES_FILES = ["h100_dq_passes_256k_d128_nc.json", "h100_dq_passes_256k_d64_nc.json"]
 # Forward plus backward with 64-key dq tiles (ptxas's report in a log beside each).
 DQ_TILE_FILES = ["bwd_dq_tiles_64k_d64.json", "bwd_dq_tiles_64k_d128.json"]
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200, one forward thread block each at a time
@@ -464,6 +468,7 @@ def backward_launch_table(name: str) -> str:
         dq += ", blocks in pairs" if r.get("dq_cluster", 1) == 2 else ""
         dq += ", turns" if r.get("dq_turns") else ""
         dq += " at a hardware barrier" if r.get("dq_named_turns") else ""
+        dq += f", passes of {r['dq_pass_keys'] // 1024}K keys" if r.get("dq_pass_keys") else ""
         dq += ", dk/dv turns" if r.get("dkv_turns") else ""  # a launch option since removed
         dq += ", dk's ds from shared memory" if r.get("dk_from_smem") else ""  # removed too
         lines.append(
@@ -951,10 +956,20 @@ def generated_mosaic() -> str:
             "(`Launch.scores_first`); \"turns at a hardware barrier\": the compute warpgroups take turns at "
             "`bar.sync` (`Launch.named_turns`); \"p through shared memory\": p v read p from shared memory (a "
             "launch option, `p_through_smem`, at commit e8b045b, removed since as slower, as was values first). "
-            "Scores first with turns at a hardware barrier is the default at head dim 128 since these runs. "
+            "Scores first with turns at a hardware barrier is the default at head dim 128 since these runs; the "
+            "last file times it against both options off at 64K and 256K, causal and not, in one later run. "
             "ptxas's report of the first run is in `h100_fwd_turns_64k_d128_ptxas.log`: no launch has its "
             "tensor-core instructions serialized (C7513), and only p through shared memory spills (24 bytes).",
             *(forward_launch_table(name) for name in H100_FORWARD_TURNS_FILES),
+            "### On an H100: the dq kernel in passes over windows of keys, and in 32-tile segments",
+            "Files: `" + "` and `".join(H100_DQ_PASSES_FILES) + "` (an H100; 256K, no mask, bfloat16, B=1, 8 heads, "
+            "3 rounds in turns with cuDNN after a warm-up, median; each of our programs' three rounds lay within 0.3% "
+            "of one another, cuDNN's within 0.9%). The first row of each case is its head dim's default launch. "
+            "\"passes of 64K keys\": the dq kernel runs once per 64K-key window of the key array, each launch "
+            "adding onto dq (`Launch.dq_pass_keys`); \"32-tile segments\": dq's running sum goes to device memory "
+            "every 4096 keys instead of every 1024. Neither is a default: passes gained 0.5% at head dim 128 and "
+            "lost 0.6% at 64 (docs/hopper_kernel.md).",
+            *(backward_launch_table(name) for name in H100_DQ_PASSES_FILES),
             "### Forward plus backward: dk's ds from shared memory, and 64-key dq tiles",
             "Files: `" + "` and `".join(H100_DK_FROM_SMEM_FILES) + "` (an H100), then `" + "` and `".join(DQ_TILE_FILES)
             + "` (an H200); 64K, no mask, bfloat16, B=1, 8 heads, 5 rounds in turns with cuDNN after a warm-up, "
