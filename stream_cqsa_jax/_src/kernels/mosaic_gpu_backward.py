@@ -254,10 +254,10 @@ def _both_done(done):
     plgpu.barrier_wait(done)
 
 
-def _store(*tiles, onto=None):
+def _store(*tiles, onto=False):
     """Writes float32 register tiles to device memory through shared memory; each tile is
-    (value, shared-memory ref, device-memory ref). With `onto` (an int32 flag; nonzero: device
-    memory already holds part of the sums) the tiles are added onto device memory instead."""
+    (value, shared-memory ref, device-memory ref). With `onto` True, or an int32 flag that is nonzero
+    (device memory already holds part of the sums), the tiles are added onto device memory instead."""
     for value, smem, _ in tiles:
         smem[...] = value
     plgpu.commit_smem()
@@ -281,9 +281,10 @@ def _flush(stage, blocks, onto) -> None:
 
 
 def _copy_or_add(smem, gmem, onto) -> None:
-    """A bulk copy of `smem` to `gmem`; with `onto` nonzero (or True), one that adds onto `gmem` instead."""
-    if onto is None or onto is True:
-        plgpu.copy_smem_to_gmem(smem, gmem, **(dict(reduction_op="add") if onto else {}))
+    """A bulk copy of `smem` to `gmem`, or one that adds onto `gmem` where `onto` (a bool, or an int32
+    flag known only when the kernel runs) is nonzero."""
+    if isinstance(onto, bool):
+        plgpu.copy_smem_to_gmem(smem, gmem, reduction_op="add" if onto else None)
         return
     plgpu.copy_smem_to_gmem(smem, gmem, predicate=onto == 0)
     plgpu.copy_smem_to_gmem(smem, gmem, predicate=onto != 0, reduction_op="add")
@@ -402,7 +403,7 @@ def _dq_kernel(
         elif total:
             dq = dq + total[0]
         _both_done(done)
-        _store((dq * cfg.scale, out_smem.at[wg], dq_ref.at[rows]), onto=total[0] if flushes else adds or None)
+        _store((dq * cfg.scale, out_smem.at[wg], dq_ref.at[rows]), onto=total[0] if flushes else adds)
 
     @pl.when(wg == 2)
     def _memory():
