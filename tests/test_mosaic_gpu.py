@@ -506,7 +506,8 @@ def _key_rows(plan) -> list[int]:
 @pytest.mark.parametrize("case", sorted({case for case, _ in DQ_PASS_CASES}))
 def test_dq_pass_cases_take_several_passes(case):
     """The plans of `test_mosaic_dq_passes_match_float64` (checked here, where no GPU is needed): some
-    subproblem's key array spans two 256-key passes or more, and the windows hold whole 128-key tiles."""
+    subproblem's key array spans two 256-key passes or more, and the key chunks are whole 128-key dq
+    tiles, as the Hopper backward needs (`mosaic_gpu_backward.supports`)."""
     plan = sc.plan(**_plan_args(BACKWARD_CASES[case]))
     assert max(_key_rows(plan)) > 256
     assert plan.kv_chunk % 128 == 0
