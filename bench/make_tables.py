@@ -534,6 +534,39 @@ def launch_error_table(runs: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def clock_probe_table(name: str) -> str:
+    """Each part's time from programs run back to back for seconds (`bench/clock_probe.py`): the
+    seconds per call of each program, the dq and dk/dv kernels' shares as in `backward_parts_table`,
+    and in brackets each part's time per unit of work against the shortest length's (non-causal: work
+    grows with the square of the length)."""
+    spans = json.loads((RESULTS / name).read_text())["spans"]
+    per_call = {(s["seq_len"], s["head_dim"], s["program"]): 1 / s["calls_per_second"] for s in spans}
+    cases = sorted({(n, d) for n, d, _ in per_call})
+    parts = {}
+    for n, d in cases:
+        t = lambda program: per_call[(n, d, program)]
+        parts[n, d] = {
+            "cuDNN fwd+bwd": t("cudnn_fwd_bwd"), "fwd": t("fwd"),
+            "dq": t("fwd_bwd") - t("fwd_bwd_without_dq"), "dk/dv": t("fwd_bwd") - t("fwd_bwd_without_dkv"),
+        }
+    lines = [
+        "| N | D | " + " | ".join(parts[cases[0]]) + " | SM MHz, W |",
+        "| --- | --- |" + " --- |" * (len(parts[cases[0]]) + 1),
+    ]
+    for n, d in cases:
+        shortest = min(m for m, e in cases if e == d)
+        work = (n / shortest) ** 2
+        cells = [
+            f"{ms * 1e3:.1f} ms" + (f" ({ms / (work * parts[shortest, d][k]):.3f}x)" if n != shortest else "")
+            for k, ms in parts[n, d].items()
+        ]
+        sampled = [s for s in spans if (s["seq_len"], s["head_dim"]) == (n, d) and "sm_mhz" in s]
+        span = lambda key: f"{min(s[key] for s in sampled):.0f}-{max(s[key] for s in sampled):.0f}"
+        clock = f"{span('sm_mhz')}, {span('watts')}" if sampled else "-"
+        lines.append(f"| {_tokens(n)} | {d} | " + " | ".join(cells) + f" | {clock} |")
+    return "\n".join(lines)
+
+
 def backward_parts_table(name: str) -> str:
     """Milliseconds (and TFLOP/s of each part's own products) of the forward and each backward kernel,
     ours and cuDNN's (`bench/mosaic_backward_parts.py`)."""
@@ -881,6 +914,13 @@ def generated_mosaic() -> str:
             "one head) or tiles (they cover every head).",
             backward_parts_table("mosaic_backward_parts.json"),
             backward_parts_table("mosaic_block_order.json"),
+            "File: `clock_probe_d128.json` (an H200; no mask, bfloat16, B=1, 8 heads; `bench/clock_probe.py`): each "
+            "program ran back to back for 5 s after a warm-up while `nvidia-smi` sampled the SM clock and the power "
+            "every 50 ms (the samples stop after the first four programs at 64K). The parts come from the calls per "
+            "second as above; in brackets, the part's time per unit of work at 256K against 64K. At the card's power "
+            "cap throughout at 64K, the dq kernel still takes 10% longer per unit of work at 256K, and no other part "
+            "does.",
+            clock_probe_table("clock_probe_d128.json"),
             "### The dq kernel's thread blocks in pairs: forward plus backward (`Launch.dq_cluster`)",
             "Files: as named (bfloat16, B=1, 8 heads, in turns with cuDNN after a warm-up, median of 5 rounds at "
             "64K, 3 at 256K, 1 at 1M). Each case ran one forward launch (\"forward blocks\") and the default "
