@@ -12,7 +12,9 @@ thread blocks that share their key and value copies, and ``,scoresfirst`` and ``
 set `mosaic_gpu.Launch.scores_first` and ``named_turns``); every launch given is timed on the single-subproblem
 plan (kernel speed alone) and, with ``--decomposed C``, on a plan forced to ``C`` chunks (C
 subproblems, all on the device), which measures what the decomposition itself costs.
-``--portable`` adds the Triton kernel. All programs of a case are compiled first, on the same
+``--portable`` adds the Triton kernel, ``--cudnn-deterministic`` cuDNN compiled for the same bits
+on every run (``cudnn:deterministic`` in `stream_cqsa_jax.benchmark`; ratios against it are
+``ratio_vs_cudnn_deterministic``). All programs of a case are compiled first, on the same
 inputs; then each is timed after the other, or, with ``--interleave``, in turns
 (`benchmark.run_interleaved`: a long run warms the card, which favours
 whichever runs first).
@@ -91,7 +93,7 @@ def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     )
 
 
-def _report(row: dict, base: dict, label: str) -> None:
+def _report(row: dict, base: dict, label: str, deterministic_base: dict | None = None) -> None:
     if "seconds" not in row:
         text = row.get("error", "?")
     else:
@@ -99,6 +101,9 @@ def _report(row: dict, base: dict, label: str) -> None:
         if "seconds" in base:
             row["ratio_vs_cudnn"] = base["seconds"] / row["seconds"]
             text += f", {row['ratio_vs_cudnn']:.3f}x cuDNN"
+        if deterministic_base is not None and "seconds" in deterministic_base:
+            row["ratio_vs_cudnn_deterministic"] = deterministic_base["seconds"] / row["seconds"]
+            text += f", {row['ratio_vs_cudnn_deterministic']:.3f}x deterministic cuDNN"
     print(f"{label}: {text}", flush=True)
 
 
@@ -115,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--forward-launch", default=None,
                         help="with --backward-launches: the forward's launch (default: the kernel's own)")
     parser.add_argument("--portable", action="store_true", help="also time the Triton kernel")
+    parser.add_argument("--cudnn-deterministic", action="store_true",
+                        help="also time cuDNN compiled for the same bits on every run (cudnn:deterministic)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--interleave", action="store_true",
                         help="time the programs of a case in turns (`--iters` rounds; benchmark.run_interleaved)")
@@ -131,6 +138,9 @@ def main(argv=None) -> int:
         inputs = benchmark.case_inputs(case)
         # (label, row, run) per program; each compiled with its launch patched in
         programs = [(f"{label} cudnn", *benchmark.prepare_case("cudnn", case, args=inputs))]
+        if args.cudnn_deterministic:
+            name = benchmark.DETERMINISTIC_CUDNN
+            programs.append((f"{label} {name}", *benchmark.prepare_case(name, case, args=inputs)))
         if args.portable:
             programs.append((f"{label} pallas_triton", *benchmark.prepare_case("pallas_triton", case, args=inputs)))
         # one subproblem's own forward launch (the runs' key and value heads are their query heads)
@@ -169,8 +179,9 @@ def main(argv=None) -> int:
             for row, run in prepared:
                 benchmark.time_alone(row, run, case, args.iters)
         base = programs[0][1]
+        deterministic_base = programs[1][1] if args.cudnn_deterministic else None
         for text, row, _ in programs:
-            _report(row, base, text)
+            _report(row, base, text, deterministic_base)
             rows.append(row)
         if args.out:  # after every case, so that a run stopped at a time limit keeps the cases it finished
             benchmark.write_results(args.out, rows=rows)

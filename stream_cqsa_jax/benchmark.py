@@ -13,7 +13,9 @@ per round, every other round in reverse order, so that the card warming up
 over a long run does not favour whichever runs first. Ratios are against
 cuDNN when it runs (GPU), else against XLA's dense attention. A kernel name
 followed by ``:nondeterministic`` (``mosaic_gpu:nondeterministic``) plans with
-``deterministic_backward=False``.
+``deterministic_backward=False``; ``cudnn:deterministic`` is cuDNN compiled with
+XLA's ``xla_gpu_deterministic_ops``, under which cuDNN's backward gives the same
+bits on every run (its default adds into dq in an order that varies).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import stream_cqsa_jax as sc
 from stream_cqsa_jax._src.plan import default_implementation, resolve_implementation
 
 BASELINES = ("cudnn", "xla_dense")
+DETERMINISTIC_CUDNN = "cudnn:deterministic"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +75,20 @@ def split_variant(impl: str) -> tuple[str, str]:
     return kernel, variant
 
 
+def is_baseline(impl: str) -> bool:
+    """Whether `impl` is one of the baselines (`BASELINES`, or `DETERMINISTIC_CUDNN`)."""
+    return impl in BASELINES or impl == DETERMINISTIC_CUDNN
+
+
+def compiler_options(impl: str) -> dict | None:
+    """XLA options `impl`'s programs are compiled with: the deterministic ops for `DETERMINISTIC_CUDNN`."""
+    return {"xla_gpu_deterministic_ops": True} if impl == DETERMINISTIC_CUDNN else None
+
+
 def attention_for(impl: str, case: Case, num_chunks: int | None, **plan_options) -> Callable:
     """f(q, k, v) -> output for implementation `impl` (a baseline or one of this library's kernels)."""
-    if impl in BASELINES:
-        name = "cudnn" if impl == "cudnn" else "xla"
+    if is_baseline(impl):
+        name = "xla" if impl == "xla_dense" else "cudnn"
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=case.causal, implementation=name)
     impl, variant = split_variant(impl)
     plan = sc.plan(
@@ -120,7 +133,7 @@ def prepare_case(
     row = {"implementation": impl, "num_chunks": num_chunks, **dataclasses.asdict(case)}
     try:
         args = case_inputs(case, seed) if args is None else args
-        compiled = _program(impl, case, num_chunks, **plan_options).lower(*args).compile()
+        compiled = _program(impl, case, num_chunks, **plan_options).lower(*args).compile(compiler_options(impl))
         mem = compiled.memory_analysis()
         if mem is not None:
             row["temp_bytes"] = int(mem.temp_size_in_bytes)
@@ -236,7 +249,7 @@ def write_results(path: str, **sections) -> None:
 def add_ratios(rows: list[dict]) -> None:
     """Adds `ratio_vs_<baseline>` = baseline seconds / seconds, per case."""
     key = lambda r: (r["seq_len"], r["head_dim"], r["causal"], r["direction"], r["batch"], r["heads"], r["dtype"])
-    for base in BASELINES:
+    for base in (*BASELINES, DETERMINISTIC_CUDNN):
         times = {key(r): r["seconds"] for r in rows if r["implementation"] == base and "seconds" in r}
         for r in rows:
             if "seconds" in r and key(r) in times:
@@ -281,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", choices=["yes", "no", "both"], default="both")
     parser.add_argument("--directions", nargs="+", choices=["fwd", "fwd_bwd"], default=["fwd", "fwd_bwd"])
     parser.add_argument("--implementations", nargs="+", default=None,
-                        help="kernels of this library and baselines (cudnn, xla_dense); default: by backend")
+                        help="kernels of this library and baselines (cudnn, cudnn:deterministic, xla_dense);"
+                        " default: by backend")
     parser.add_argument("--num-chunks", type=int, default=None, help="force this many chunks in our plans")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16")
@@ -299,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = default_implementation()
     impls = args.implementations or (["cudnn", ours] if on_gpu else ["xla_dense", ours])
     for impl in impls:
-        if impl not in BASELINES:
+        if not is_baseline(impl):
             resolve_implementation(split_variant(impl)[0])  # a bad name fails before any work
     causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
     rows = []
@@ -308,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in causal:
                 for direction in args.directions:
                     case = Case(n, d, c, direction, heads=args.heads, dtype=args.dtype)
-                    chunks = lambda impl: None if impl in BASELINES else args.num_chunks
+                    chunks = lambda impl: None if is_baseline(impl) else args.num_chunks
                     if args.interleave:
                         inputs = case_inputs(case)
                         prepared = [prepare_case(impl, case, chunks(impl), args=inputs) for impl in impls]

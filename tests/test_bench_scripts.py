@@ -1,6 +1,7 @@
-"""Argument parsing of bench/mosaic_kernel.py (and the launches bench/mosaic_backward_parts.py times) and the
-CSV reading of bench/ncu_metrics.py."""
+"""Argument parsing of bench/mosaic_kernel.py (and the launches bench/mosaic_backward_parts.py times), the
+CSV reading of bench/ncu_metrics.py and the bit comparisons of bench/repeatability.py."""
 
+import json
 import os
 import sys
 
@@ -11,6 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import mosaic_backward_parts  # noqa: E402
 import mosaic_kernel  # noqa: E402
 import ncu_metrics  # noqa: E402
+import repeatability  # noqa: E402
 from stream_cqsa_jax._src.kernels import mosaic_gpu_backward  # noqa: E402
 
 
@@ -169,3 +171,27 @@ def test_ptxas_report_gives_each_kernel_its_own_notes_and_spills(tmp_path, capsy
     assert "| 1 | 232 | 40 | 72 | 32 | C7513 x1, C7519 x2 |" in capsys.readouterr().out
     log.write_text("no report here\n")
     assert ptxas_report.main([str(log)]) == 1
+
+
+def test_repeatability_compares_bits_and_scales_the_difference():
+    import jax.numpy as jnp
+
+    a = jnp.array([1.0, -4.0, 2.0], jnp.bfloat16)
+    b = a.at[2].set(2.015625)  # the next bfloat16 above 2
+    (same, diff), (same_b, diff_b) = repeatability._compare((a, b), (a, a))
+    assert same and diff == 0.0
+    assert not same_b and diff_b == pytest.approx(0.015625 / 4)
+    zero = jnp.zeros(2, jnp.bfloat16)
+    assert not repeatability._compare((zero,), (-zero,))[0][0]  # -0 is other bits
+
+
+def test_repeatability_rows_on_cpu(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["--seq-lens", "256", "--head-dims", "32", "--heads", "2", "--runs", "2", "--implementations", "xla", "--out", str(out)]
+    assert repeatability.main(argv) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["implementation"] == "xla" and row["runs"] == 2
+    assert row["runs_differing"] == {"out": 0, "dq": 0, "dk": 0, "dv": 0}
+    assert "dq 0/1 differ" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        repeatability.main(["--runs", "1"])

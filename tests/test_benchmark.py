@@ -75,3 +75,23 @@ def test_case_forward_launch_follows_the_key_array_size():
     assert benchmark.Case(1 << 19, 64, False, "fwd_bwd", batch=2).forward_launch().cluster == 2
     assert benchmark.Case(1 << 20, 64, True, "fwd").forward_launch().cluster == 1
     assert benchmark.Case(1 << 20, 64, False, "fwd", heads=2).forward_launch().cluster == 1
+
+
+def test_deterministic_cudnn_is_a_baseline_compiled_with_xla_deterministic_ops():
+    assert benchmark.is_baseline("cudnn:deterministic") and benchmark.is_baseline("xla_dense")
+    assert not benchmark.is_baseline("xla") and not benchmark.is_baseline("mosaic_gpu:nondeterministic")
+    assert benchmark.compiler_options("cudnn:deterministic") == {"xla_gpu_deterministic_ops": True}
+    assert benchmark.compiler_options("cudnn") is None and benchmark.compiler_options("xla") is None
+    with pytest.raises(ValueError, match="only variant"):
+        benchmark.split_variant("xla:deterministic")  # the variant is cuDNN's alone
+
+
+def test_ratios_are_taken_against_each_baseline_of_the_case():
+    key = dict(seq_len=256, head_dim=32, causal=True, direction="fwd_bwd", batch=1, heads=2, dtype="bfloat16")
+    rows = [{"implementation": impl, "seconds": s, **key}
+            for impl, s in (("cudnn", 1.0), ("cudnn:deterministic", 1.5), ("mosaic_gpu", 1.2))]
+    benchmark.add_ratios(rows)
+    ours = rows[2]
+    assert ours["ratio_vs_cudnn"] == pytest.approx(1.0 / 1.2)
+    assert ours["ratio_vs_cudnn:deterministic"] == pytest.approx(1.5 / 1.2)
+    assert "ratio_vs_xla_dense" not in ours
