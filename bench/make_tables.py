@@ -118,6 +118,11 @@ H100_FORWARD_TURNS_FILES = [
 # Runs on an H100: forward plus backward with the dq kernel in passes over windows of keys (`Launch.dq_pass_keys`)
 # and in 32-tile segments, next to the default launch of each head dim.
 H100_DQ_PASSES_FILES = ["h100_dq_passes_256k_d128_nc.json", "h100_dq_passes_256k_d64_nc.json"]
+# Today's defaults on an H100: the forward, then forward plus backward (the dq kernel's turns at a hardware
+# barrier beside the head dim 128 default), then each kernel's counters in forward plus backward.
+H100_DEFAULTS_FORWARD = "h100_fwd_defaults.json"
+H100_DEFAULTS_BACKWARD_FILES = ["h100_bwd_d128_dqnamed.json", "h100_bwd_256k_d64_nc.json"]
+H100_NCU_BACKWARD = "h100_ncu_bwd_d128_nc.json"
 # Forward plus backward with 64-key dq tiles (ptxas's report in a log beside each).
 DQ_TILE_FILES = ["bwd_dq_tiles_64k_d64.json", "bwd_dq_tiles_64k_d128.json"]
 SMS = 132  # streaming multiprocessors of the H100 SXM and the H200, one forward thread block each at a time
@@ -729,6 +734,42 @@ def ncu_table(name: str) -> str:
     return "\n".join(lines)
 
 
+# Tensor-core products per score of each Hopper kernel: the forward's two, dk/dv's four, dq's three.
+_PRODUCTS = {"forward": 2, "dk/dv": 4, "dq": 3}
+
+
+def _backward_kernel_names(kernels: list[dict]) -> list[str]:
+    """Our three kernels of forward plus backward, which share one name in ncu's report, told apart: the
+    forward runs first, and of the two after it the dq kernel holds more shared memory."""
+    if len(kernels) != 3:
+        raise ValueError(f"expected the forward, dk/dv and dq kernels, got {len(kernels)} kernels")
+    smem = [k["metrics"]["launch__shared_mem_per_block_dynamic"] for k in kernels[1:]]
+    return ["forward", *(("dk/dv", "dq") if smem[0] < smem[1] else ("dq", "dk/dv"))]
+
+
+def ncu_backward_table(name: str) -> str:
+    """Each of our kernels' counters in forward plus backward (`bench/ncu_metrics.py --direction fwd_bwd` with
+    ``dram__bytes_write.sum`` and ``lts__t_sectors_op_red.sum``), with the SM cycles each takes per product,
+    scaled to 64K x 64K scores: the same figure at two lengths means the same work per cycle."""
+    lines = [
+        "| N | D | kernel | seconds | SM clock MHz | M cycles per product (64K scale) | DRAM read GB "
+        "| DRAM write GB | L2 hit % | L2 reduce GB |",
+        "| --- " * 10 + "|",
+    ]
+    for r in _load_rows([name]):
+        for kernel, k in zip(_backward_kernel_names(r["kernels"]), r["kernels"]):
+            m = k["metrics"]
+            seconds, clock = m["gpu__time_duration.sum"] / 1e9, m["sm__cycles_elapsed.avg.per_second"]
+            scale = (r["seq_len"] / 65536) ** 2
+            lines.append(
+                f"| {_tokens(r['seq_len'])} | {r['head_dim']} | {kernel} | {seconds:.4f} | {clock / 1e6:.0f} "
+                f"| {seconds * clock / _PRODUCTS[kernel] / scale / 1e6:.2f} | {m['dram__bytes_read.sum'] / 1e9:.1f} "
+                f"| {m['dram__bytes_write.sum'] / 1e9:.1f} | {m['lts__t_sector_hit_rate.pct']:.1f} "
+                f"| {m['lts__t_sectors_op_red.sum'] * 32 / 1e9:.1f} |"
+            )
+    return "\n".join(lines)
+
+
 _STALLS = ("long_scoreboard", "wait", "barrier", "dispatch_stall", "not_selected", "short_scoreboard")
 
 
@@ -1010,6 +1051,21 @@ def generated_mosaic() -> str:
             "every 4096 keys instead of every 1024. Neither is a default: passes gained 0.5% at head dim 128 and "
             "lost 0.6% at 64 (docs/hopper_kernel.md).",
             *(backward_launch_table(name) for name in H100_DQ_PASSES_FILES),
+            "### On an H100: today's defaults",
+            f"Files: `{H100_DEFAULTS_FORWARD}` (forward, 5 rounds), then `" + "` and `".join(H100_DEFAULTS_BACKWARD_FILES)
+            + "` (forward plus backward, 3 rounds); one H100 in one session, bfloat16, B=1, 8 heads, in turns with "
+            "cuDNN after a warm-up, median. Each case's first backward row is its head dim's default launch; the "
+            "second row at head dim 128 adds the dq kernel's turns at a hardware barrier "
+            "(`Launch.dq_turns` with `dq_named_turns`), which are not a default.",
+            forward_launch_table(H100_DEFAULTS_FORWARD),
+            *(backward_launch_table(name) for name in H100_DEFAULTS_BACKWARD_FILES),
+            "### On an H100: each kernel's counters in forward plus backward, head dim 128 without a mask",
+            f"File: `{H100_NCU_BACKWARD}` (Nsight Compute around `bench/profile_case.py`, one run after a warm-up, "
+            "clocks left to the card; bfloat16, B=1, 8 heads; default launches). \"M cycles per product\": the "
+            "kernel's seconds times its SM clock, per tensor-core product per score (forward 2, dk/dv 4, dq 3), "
+            "scaled to 64K x 64K scores. \"L2 reduce\": `lts__t_sectors_op_red` in 32-byte sectors, the dq "
+            "kernel's additions of its running sums into dq in device memory.",
+            ncu_backward_table(H100_NCU_BACKWARD),
             "### Forward plus backward: dk's ds from shared memory, and 64-key dq tiles",
             "Files: `" + "` and `".join(H100_DK_FROM_SMEM_FILES) + "` (an H100), then `" + "` and `".join(DQ_TILE_FILES)
             + "` (an H200); 64K, no mask, bfloat16, B=1, 8 heads, 5 rounds in turns with cuDNN after a warm-up, "
