@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import device_reference
+from launches import backward_launch_as
 from mosaic_kernel import backward_launch
-from stream_cqsa_jax._src.kernels import mosaic_gpu_backward
 from stream_cqsa_jax.benchmark import Case, attention_for, error_text, write_results
 
 
@@ -176,23 +176,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.reference == "device" and args.rows is not None:
         parser.error("--rows: the device reference checks every row; leave --rows out")
-    if args.backward_launch:
-        launch = backward_launch(args.backward_launch)
-        mosaic_gpu_backward.default_launch = lambda head_dim, deterministic=True: launch
+    launch = backward_launch(args.backward_launch) if args.backward_launch else None
     masks = {"both": (True, False), "yes": (True,), "no": (False,)}[args.causal]
     results = []
-    for n in args.seq_lens:
-        for d in args.head_dims:
-            for causal, seed in itertools.product(masks, args.seeds):
-                if args.reference == "device":
-                    results.append(check_every_row(n, args.heads, d, causal, args.implementations, args.grads, seed))
-                else:
-                    results.append(check(n, args.heads, d, causal, args.rows, args.implementations, args.grads, seed))
-                if args.backward_launch:
-                    results[-1]["backward_launch"] = args.backward_launch
-                print(json.dumps(results[-1]), flush=True)
-                if args.out:
-                    write_results(args.out, results=results)
+    with backward_launch_as(launch):
+        for n in args.seq_lens:
+            for d in args.head_dims:
+                for causal, seed in itertools.product(masks, args.seeds):
+                    if args.reference == "device":
+                        result = check_every_row(n, args.heads, d, causal, args.implementations, args.grads, seed)
+                    else:
+                        result = check(n, args.heads, d, causal, args.rows, args.implementations, args.grads, seed)
+                    results.append(result)
+                    if args.backward_launch:
+                        results[-1]["backward_launch"] = args.backward_launch
+                    print(json.dumps(results[-1]), flush=True)
+                    if args.out:
+                        write_results(args.out, results=results)
     return 0
 
 

@@ -21,8 +21,7 @@ import argparse
 import dataclasses
 import sys
 
-import jax
-
+from launches import forward_launch_as
 from mosaic_backward_parts import use_block_order
 from stream_cqsa_jax import benchmark
 from stream_cqsa_jax._src.kernels import mosaic_gpu
@@ -34,6 +33,11 @@ def _shape(text: str) -> tuple[int, int, int, int]:
         raise argparse.ArgumentTypeError(f"shape {text!r}: expected seq_len:heads:batch:head_dim")
     n, heads, batch, d = map(int, parts)
     return n, heads, batch, d
+
+
+def _with_cluster(own_launch, cluster: int):
+    """The forward's own launch with `cluster` thread blocks per cluster."""
+    return lambda *args: dataclasses.replace(own_launch(*args), cluster=cluster)
 
 
 def main(argv=None) -> int:
@@ -55,16 +59,14 @@ def main(argv=None) -> int:
             for cluster in args.clusters or [None]:
                 if order is not None:
                     use_block_order(order)
-                if cluster is not None:
-                    mosaic_gpu.default_launch = lambda *a, c=cluster: dataclasses.replace(own_launch(*a), cluster=c)
-                jax.clear_caches()  # traced programs are cached per plan, not per launch or block order
-                row, run = benchmark.prepare_case("mosaic_gpu", case, args=inputs)
+                # entering clears the traced programs, which are cached per plan, not per block order
+                with forward_launch_as(None if cluster is None else _with_cluster(own_launch, cluster)):
+                    row, run = benchmark.prepare_case("mosaic_gpu", case, args=inputs)
                 if order is not None:
                     row["block_order"] = order
                 if cluster is not None:
                     row["cluster"] = cluster
                 prepared.append((row, run))
-                mosaic_gpu.default_launch = own_launch
         use_block_order("heads_first")
         got = benchmark.run_interleaved(prepared, case, args.rounds)
         base = got[0].get("seconds")

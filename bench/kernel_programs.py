@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 import stream_cqsa_jax as sc
+from launches import backward_launch_as, forward_launch_as
 from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
 
 
@@ -54,31 +55,28 @@ def kernel_programs(
 
     on_hopper = mosaic_gpu.on_hopper, mosaic_gpu_backward.on_hopper
     forward_default, backward_default = mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch
+    changes, forward_changes = dict(backward_fields or {}), dict(forward_fields or {})
+    if cluster is not None:
+        forward_changes.update(cluster=cluster)
+        changes.update(dq_cluster=cluster, dkv_cluster=cluster)
+    forward = (lambda *a: dataclasses.replace(forward_default(*a), **forward_changes)) if forward_changes else None
+    backward = (lambda *a, **k: dataclasses.replace(backward_default(*a, **k), **changes)) if changes else None
     try:
         core._run_serde_pass = capture
         mosaic_gpu.on_hopper = mosaic_gpu_backward.on_hopper = lambda: True
-        changes, forward_changes = dict(backward_fields or {}), dict(forward_fields or {})
-        if cluster is not None:
-            forward_changes.update(cluster=cluster)
-            changes.update(dq_cluster=cluster, dkv_cluster=cluster)
-        if forward_changes:
-            mosaic_gpu.default_launch = lambda *a: dataclasses.replace(forward_default(*a), **forward_changes)
-        if changes:
-            mosaic_gpu_backward.default_launch = lambda *a, **k: dataclasses.replace(
-                backward_default(*a, **k), **changes
-            )
-        plan = sc.plan(q_len=seq_len, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
-                       is_causal=causal, implementation="mosaic_gpu")
-        q = jax.ShapeDtypeStruct((1, seq_len, 4, head_dim), jnp.bfloat16)
-        kv = jax.ShapeDtypeStruct((1, seq_len, 2, head_dim), jnp.bfloat16)
-        loss = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=plan, is_causal=causal).astype(jnp.float32).sum()
-        jax.clear_caches()  # traced programs are cached per plan, not per launch
-        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
+        with forward_launch_as(forward), backward_launch_as(backward):
+            plan = sc.plan(q_len=seq_len, num_q_heads=4, num_kv_heads=2, head_dim=head_dim, dtype=jnp.bfloat16,
+                           is_causal=causal, implementation="mosaic_gpu")
+            q = jax.ShapeDtypeStruct((1, seq_len, 4, head_dim), jnp.bfloat16)
+            kv = jax.ShapeDtypeStruct((1, seq_len, 2, head_dim), jnp.bfloat16)
+
+            def loss(q, k, v):
+                return sc.dot_product_attention(q, k, v, plan=plan, is_causal=causal).astype(jnp.float32).sum()
+
+            jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(lowering_platforms=("cuda",))
     finally:
         core._run_serde_pass = serialize
         mosaic_gpu.on_hopper, mosaic_gpu_backward.on_hopper = on_hopper
-        mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch = forward_default, backward_default
-        jax.clear_caches()
     return texts
 
 

@@ -1052,8 +1052,8 @@ def generated_mosaic() -> str:
             "lost 0.6% at 64 (docs/hopper_kernel.md).",
             *(backward_launch_table(name) for name in H100_DQ_PASSES_FILES),
             "### On an H100: today's defaults",
-            f"Files: `{H100_DEFAULTS_FORWARD}` (forward, 5 rounds), then `" + "` and `".join(H100_DEFAULTS_BACKWARD_FILES)
-            + "` (forward plus backward, 3 rounds); one H100 in one session, bfloat16, B=1, 8 heads, in turns with "
+            f"Files: `{H100_DEFAULTS_FORWARD}` (forward, 5 rounds), then `"
+            + "` and `".join(H100_DEFAULTS_BACKWARD_FILES) + "` (forward plus backward, 3 rounds); one H100 in one session, bfloat16, B=1, 8 heads, in turns with "
             "cuDNN after a warm-up, median. Each case's first backward row is its head dim's default launch; the "
             "second row at head dim 128 adds the dq kernel's turns at a hardware barrier "
             "(`Launch.dq_turns` with `dq_named_turns`), which are not a default.",

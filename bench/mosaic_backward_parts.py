@@ -35,6 +35,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
+from launches import backward_launch_as
 from mosaic_kernel import backward_launch
 from stream_cqsa_jax import benchmark
 from stream_cqsa_jax._src.kernels import mosaic_gpu_backward, mosaic_gpu_common
@@ -72,18 +73,6 @@ def backward_without(kernel: str | None):
         yield
     finally:
         mosaic_gpu_backward._dq, mosaic_gpu_backward._dkv = saved
-
-
-@contextlib.contextmanager
-def backward_launch_as(launch: mosaic_gpu_backward.Launch | None):
-    """Within: the Hopper backward runs `launch` in place of its default (None: the default)."""
-    default = mosaic_gpu_backward.default_launch
-    if launch is not None:
-        mosaic_gpu_backward.default_launch = lambda *args, **kwargs: launch
-    try:
-        yield
-    finally:
-        mosaic_gpu_backward.default_launch = default
 
 
 def _time(impl: str, case: benchmark.Case, iters: int, without: str | None = None) -> float | None:

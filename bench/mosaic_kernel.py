@@ -12,8 +12,8 @@ thread blocks that share their key and value copies, and ``,scoresfirst`` and ``
 set `mosaic_gpu.Launch.scores_first` and ``named_turns``); every launch given is timed on the single-subproblem
 plan (kernel speed alone) and, with ``--decomposed C``, on a plan forced to ``C`` chunks (C
 subproblems, all on the device), which measures what the decomposition itself costs.
-``--portable`` adds the Triton kernel, ``--cudnn-deterministic`` cuDNN compiled for the same bits
-on every run (``cudnn:deterministic`` in `stream_cqsa_jax.benchmark`; ratios against it are
+``--portable`` adds the Triton kernel, ``--cudnn-deterministic`` cuDNN compiled with XLA's
+deterministic ops (``cudnn:deterministic`` in `stream_cqsa_jax.benchmark`; ratios against it are
 ``ratio_vs_cudnn_deterministic``). All programs of a case are compiled first, on the same
 inputs; then each is timed after the other, or, with ``--interleave``, in turns
 (`benchmark.run_interleaved`: a long run warms the card, which favours
@@ -36,8 +36,7 @@ import dataclasses
 import itertools
 import sys
 
-import jax
-
+import launches
 from stream_cqsa_jax import benchmark
 from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
 
@@ -121,14 +120,13 @@ def main(argv=None) -> int:
                         help="with --backward-launches: the forward's launch (default: the kernel's own)")
     parser.add_argument("--portable", action="store_true", help="also time the Triton kernel")
     parser.add_argument("--cudnn-deterministic", action="store_true",
-                        help="also time cuDNN compiled for the same bits on every run (cudnn:deterministic)")
+                        help="also time cuDNN compiled with XLA's deterministic ops (cudnn:deterministic)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--interleave", action="store_true",
                         help="time the programs of a case in turns (`--iters` rounds; benchmark.run_interleaved)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     causal = {"yes": [True], "no": [False], "both": [True, False]}[args.causal]
-    default_launch, default_backward_launch = mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch
     direction = "fwd_bwd" if args.backward_launches else "fwd"
     rows = []
     chunk_counts = (None, args.decomposed) if args.decomposed else (None,)  # None: one subproblem
@@ -146,32 +144,28 @@ def main(argv=None) -> int:
         # one subproblem's own forward launch (the runs' key and value heads are their query heads)
         own_forward = case.forward_launch()
         if args.backward_launches:
-            if args.forward_launch:
-                mosaic_gpu.default_launch = lambda *_, launch=_launch(args.forward_launch): launch
+            forward = _launch(args.forward_launch) if args.forward_launch else None
             for launch in map(backward_launch, args.backward_launches):
-                mosaic_gpu_backward.default_launch = lambda head_dim, deterministic=True, launch=launch: launch
-                jax.clear_caches()  # traced programs are cached per plan, not per launch
-                for chunks in chunk_counts:
-                    row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
-                    row.update(dataclasses.asdict(launch))
-                    if args.forward_launch or not chunks:  # cut into chunks, each subproblem picks its own
-                        row["forward_launch"] = args.forward_launch or launch_text(own_forward)
-                    what = f" chunks={chunks}" if chunks else ""
-                    programs.append((f"{label} mosaic_gpu backward {launch}{what}", row, run))
+                with launches.forward_launch_as(forward), launches.backward_launch_as(launch):
+                    for chunks in chunk_counts:
+                        row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
+                        row.update(dataclasses.asdict(launch))
+                        if args.forward_launch or not chunks:  # cut into chunks, each subproblem picks its own
+                            row["forward_launch"] = args.forward_launch or launch_text(own_forward)
+                        what = f" chunks={chunks}" if chunks else ""
+                        programs.append((f"{label} mosaic_gpu backward {launch}{what}", row, run))
         else:
             for given in [_launch(x) for x in args.launches] if args.launches else [None]:
                 # None: the kernel's own choice (`mosaic_gpu.default_launch`), per subproblem
-                mosaic_gpu.default_launch = default_launch if given is None else lambda *_, launch=given: launch
                 launch = given or own_forward
-                jax.clear_caches()
-                for chunks in chunk_counts:
-                    row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
-                    row.update(dataclasses.asdict(launch))
-                    if given is None and chunks:
-                        del row["cluster"]  # the subproblems' own choice, which the sizes of their key arrays decide
-                    what = launch_text(launch) + (f" chunks={chunks}" if chunks else "")
-                    programs.append((f"{label} mosaic_gpu {what}", row, run))
-        mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch = default_launch, default_backward_launch
+                with launches.forward_launch_as(given):
+                    for chunks in chunk_counts:
+                        row, run = benchmark.prepare_case("mosaic_gpu", case, chunks, args=inputs)
+                        row.update(dataclasses.asdict(launch))
+                        if given is None and chunks:
+                            del row["cluster"]  # the subproblems' own choice, which their key arrays' sizes decide
+                        what = launch_text(launch) + (f" chunks={chunks}" if chunks else "")
+                        programs.append((f"{label} mosaic_gpu {what}", row, run))
         prepared = [(row, run) for _, row, run in programs]
         if args.interleave:
             benchmark.run_interleaved(prepared, case, args.iters)

@@ -92,7 +92,8 @@ def main(argv=None) -> int:
         row = check(impl, case, args.runs)
         rows.append(row)
         what = row.get("error") or ", ".join(
-            f"{name} {row['runs_differing'][name]}/{args.runs - 1} differ (up to {row['largest_relative_difference'][name]:.1e})"
+            f"{name} {row['runs_differing'][name]}/{args.runs - 1} differ"
+            f" (up to {row['largest_relative_difference'][name]:.1e})"
             for name in ARRAYS
         )
         print(f"N={n} D={d} causal={c} {impl}: {what}", flush=True)

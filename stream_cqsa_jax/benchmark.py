@@ -14,8 +14,9 @@ over a long run does not favour whichever runs first. Ratios are against
 cuDNN when it runs (GPU), else against XLA's dense attention. A kernel name
 followed by ``:nondeterministic`` (``mosaic_gpu:nondeterministic``) plans with
 ``deterministic_backward=False``; ``cudnn:deterministic`` is cuDNN compiled with
-XLA's ``xla_gpu_deterministic_ops``, under which cuDNN's backward gives the same
-bits on every run (its default adds into dq in an order that varies).
+XLA's ``xla_gpu_deterministic_ops`` (XLA's switch to deterministic kernels;
+``bench/repeatability.py`` checks which implementations give the same bits on
+every run).
 """
 
 from __future__ import annotations

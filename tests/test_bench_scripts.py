@@ -1,5 +1,5 @@
-"""Argument parsing of bench/mosaic_kernel.py (and the launches bench/mosaic_backward_parts.py times), the
-CSV reading of bench/ncu_metrics.py and the bit comparisons of bench/repeatability.py."""
+"""Argument parsing of bench/mosaic_kernel.py, the launches the bench scripts run under (bench/launches.py),
+the CSV reading of bench/ncu_metrics.py and the bit comparisons of bench/repeatability.py."""
 
 import json
 import os
@@ -9,11 +9,11 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 
-import mosaic_backward_parts  # noqa: E402
+import launches  # noqa: E402
 import mosaic_kernel  # noqa: E402
 import ncu_metrics  # noqa: E402
 import repeatability  # noqa: E402
-from stream_cqsa_jax._src.kernels import mosaic_gpu_backward  # noqa: E402
+from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward  # noqa: E402
 
 
 def test_forward_launch_flags():
@@ -51,14 +51,36 @@ def test_backward_launch_flags():
         mosaic_kernel.backward_launch("128,2,64,2,pass1024,pass2048")
 
 
-def test_backward_parts_time_the_launch_given_and_restore_the_default():
+def test_launches_given_hold_within_and_the_defaults_come_back():
     default = mosaic_gpu_backward.default_launch(128)
-    with mosaic_backward_parts.backward_launch_as(mosaic_kernel.backward_launch("128,2,64,2,seg8,flush,pass65536")):
-        chosen = mosaic_gpu_backward.default_launch(128)
+    with launches.backward_launch_as(mosaic_kernel.backward_launch("128,2,64,2,seg8,flush,pass65536")):
+        chosen = mosaic_gpu_backward.default_launch(128, deterministic=False)
         assert (chosen.dq_pass_keys, chosen.dq_segment, chosen.dq_flush) == (65536, 8, True)
     assert mosaic_gpu_backward.default_launch(128) == default
-    with mosaic_backward_parts.backward_launch_as(None):
+    with launches.backward_launch_as(None):
         assert mosaic_gpu_backward.default_launch(128) == default
+    forward_default = mosaic_gpu.default_launch
+    with launches.forward_launch_as(mosaic_kernel._launch("64,3")) as own:
+        assert own is forward_default
+        assert (mosaic_gpu.default_launch(128, 1 << 20).block_kv, mosaic_gpu.default_launch(64).stages) == (64, 3)
+    with pytest.raises(RuntimeError, match="broke"), launches.forward_launch_as(lambda *a: own(*a)):
+        raise RuntimeError("broke")
+    assert mosaic_gpu.default_launch is forward_default
+
+
+def test_mosaic_kernel_records_each_launch_and_gives_the_defaults_back(tmp_path):
+    """On a CPU, cuDNN fails (recorded) and the plans run the portable kernel, through the same flow."""
+    forward, backward = mosaic_gpu.default_launch, mosaic_gpu_backward.default_launch
+    out = tmp_path / "m.json"
+    common = ["--seq-lens", "256", "--head-dims", "64", "--causal", "yes", "--iters", "1", "--out", str(out)]
+    assert mosaic_kernel.main(common + ["--backward-launches", "128,2,64,2,paired", "--cudnn-deterministic"]) == 0
+    cudnn, deterministic, ours = json.loads(out.read_text())["rows"]
+    assert (cudnn["implementation"], deterministic["implementation"]) == ("cudnn", "cudnn:deterministic")
+    assert ours["implementation"] == "mosaic_gpu" and ours["dkv_paired"] and "seconds" in ours
+    assert mosaic_kernel.main(common + ["--launches", "64,3"]) == 0
+    ours = json.loads(out.read_text())["rows"][1]
+    assert (ours["block_kv"], ours["stages"]) == (64, 3) and "seconds" in ours
+    assert mosaic_gpu.default_launch is forward and mosaic_gpu_backward.default_launch is backward
 
 
 # The shape of ncu's --csv output: its own lines, the program's output, then one row per kernel and metric.
@@ -187,7 +209,8 @@ def test_repeatability_compares_bits_and_scales_the_difference():
 
 def test_repeatability_rows_on_cpu(tmp_path, capsys):
     out = tmp_path / "r.json"
-    argv = ["--seq-lens", "256", "--head-dims", "32", "--heads", "2", "--runs", "2", "--implementations", "xla", "--out", str(out)]
+    argv = ["--seq-lens", "256", "--head-dims", "32", "--heads", "2", "--runs", "2", "--implementations", "xla"]
+    argv += ["--out", str(out)]
     assert repeatability.main(argv) == 0
     row = json.loads(out.read_text())["rows"][0]
     assert row["implementation"] == "xla" and row["runs"] == 2
