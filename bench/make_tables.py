@@ -960,7 +960,9 @@ def generated_mosaic() -> str:
             "every 50 ms (the samples stop after the first four programs at 64K). The parts come from the calls per "
             "second as above; in brackets, the part's time per unit of work at 256K against 64K. At the card's power "
             "cap throughout at 64K, the dq kernel still takes 10% longer per unit of work at 256K, and no other part "
-            "does.",
+            "does. Counted in cycles it does not (Nsight Compute, \"each kernel's counters in forward plus backward\" "
+            "below, on an H100): every kernel does the same work per cycle at both lengths, and the dq kernel runs at "
+            "the lowest clock at 256K.",
             clock_probe_table("clock_probe_d128.json"),
             "### The dq kernel's thread blocks in pairs: forward plus backward (`Launch.dq_cluster`)",
             "Files: as named (bfloat16, B=1, 8 heads, in turns with cuDNN after a warm-up, median of 5 rounds at "
