@@ -1055,10 +1055,10 @@ def generated_mosaic() -> str:
             *(backward_launch_table(name) for name in H100_DQ_PASSES_FILES),
             "### On an H100: today's defaults",
             f"Files: `{H100_DEFAULTS_FORWARD}` (forward, 5 rounds), then `"
-            + "` and `".join(H100_DEFAULTS_BACKWARD_FILES) + "` (forward plus backward, 3 rounds); one H100 in one session, bfloat16, B=1, 8 heads, in turns with "
-            "cuDNN after a warm-up, median. Each case's first backward row is its head dim's default launch; the "
-            "second row at head dim 128 adds the dq kernel's turns at a hardware barrier "
-            "(`Launch.dq_turns` with `dq_named_turns`), which are not a default.",
+            + "` and `".join(H100_DEFAULTS_BACKWARD_FILES) + "` (forward plus backward, 3 rounds); one H100 in one "
+            "session, bfloat16, B=1, 8 heads, in turns with cuDNN after a warm-up, median. Each case's first "
+            "backward row is its head dim's default launch; the second row at head dim 128 adds the dq kernel's "
+            "turns at a hardware barrier (`Launch.dq_turns` with `dq_named_turns`), which are not a default.",
             forward_launch_table(H100_DEFAULTS_FORWARD),
             *(backward_launch_table(name) for name in H100_DEFAULTS_BACKWARD_FILES),
             "### On an H100: each kernel's counters in forward plus backward, head dim 128 without a mask",

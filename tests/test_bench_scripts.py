@@ -205,6 +205,9 @@ def test_repeatability_compares_bits_and_scales_the_difference():
     assert not same_b and diff_b == pytest.approx(0.015625 / 4)
     zero = jnp.zeros(2, jnp.bfloat16)
     assert not repeatability._compare((zero,), (-zero,))[0][0]  # -0 is other bits
+    wide = jnp.array([1.0, 3.0], jnp.float32)
+    (same, diff), = repeatability._compare((wide,), (wide.at[0].set(1.0 + 2**-23),))
+    assert not same and diff == pytest.approx(2**-23 / 3)
 
 
 def test_repeatability_rows_on_cpu(tmp_path, capsys):
