@@ -187,10 +187,10 @@ def main(argv=None) -> int:
                         result = check_every_row(n, args.heads, d, causal, args.implementations, args.grads, seed)
                     else:
                         result = check(n, args.heads, d, causal, args.rows, args.implementations, args.grads, seed)
-                    results.append(result)
                     if args.backward_launch:
-                        results[-1]["backward_launch"] = args.backward_launch
-                    print(json.dumps(results[-1]), flush=True)
+                        result["backward_launch"] = args.backward_launch
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
                     if args.out:
                         write_results(args.out, results=results)
     return 0

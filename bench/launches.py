@@ -24,10 +24,10 @@ BackwardChoice = Union[mosaic_gpu_backward.Launch, Callable[..., mosaic_gpu_back
 
 
 @contextlib.contextmanager
-def _default_launch_as(module, launch_type: type, choice):
+def _default_launch_as(module, choice):
     default = module.default_launch
     if choice is not None:
-        module.default_launch = (lambda *args, **kwargs: choice) if isinstance(choice, launch_type) else choice
+        module.default_launch = (lambda *args, **kwargs: choice) if isinstance(choice, module.Launch) else choice
     jax.clear_caches()
     try:
         yield default
@@ -38,9 +38,9 @@ def _default_launch_as(module, launch_type: type, choice):
 
 def forward_launch_as(choice: ForwardChoice):
     """Within: the Hopper forward takes `choice` (see `ForwardChoice`); yields the default function."""
-    return _default_launch_as(mosaic_gpu, mosaic_gpu.Launch, choice)
+    return _default_launch_as(mosaic_gpu, choice)
 
 
 def backward_launch_as(choice: BackwardChoice):
     """Within: the Hopper backward takes `choice` (see `BackwardChoice`); yields the default function."""
-    return _default_launch_as(mosaic_gpu_backward, mosaic_gpu_backward.Launch, choice)
+    return _default_launch_as(mosaic_gpu_backward, choice)

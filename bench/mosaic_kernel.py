@@ -14,8 +14,8 @@ plan (kernel speed alone) and, with ``--decomposed C``, on a plan forced to ``C`
 subproblems, all on the device), which measures what the decomposition itself costs.
 ``--portable`` adds the Triton kernel, ``--cudnn-deterministic`` cuDNN compiled with XLA's
 deterministic ops (``cudnn:deterministic`` in `stream_cqsa_jax.benchmark`; ratios against it are
-``ratio_vs_cudnn_deterministic``). All programs of a case are compiled first, on the same
-inputs; then each is timed after the other, or, with ``--interleave``, in turns
+``ratio_vs_cudnn:deterministic``, as `benchmark.add_ratios` names them). All programs of a case are
+compiled first, on the same inputs; then each is timed after the other, or, with ``--interleave``, in turns
 (`benchmark.run_interleaved`: a long run warms the card, which favours
 whichever runs first).
 
@@ -92,17 +92,15 @@ def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     )
 
 
-def _report(row: dict, base: dict, label: str, deterministic_base: dict | None = None) -> None:
+def _report(row: dict, label: str) -> None:
+    """Prints a timed row with its ratios against the baselines (`benchmark.add_ratios`)."""
     if "seconds" not in row:
         text = row.get("error", "?")
     else:
         text = f"{row['seconds']:.4f} s, {row['tflops']:.0f} TFLOP/s"
-        if "seconds" in base:
-            row["ratio_vs_cudnn"] = base["seconds"] / row["seconds"]
-            text += f", {row['ratio_vs_cudnn']:.3f}x cuDNN"
-        if deterministic_base is not None and "seconds" in deterministic_base:
-            row["ratio_vs_cudnn_deterministic"] = deterministic_base["seconds"] / row["seconds"]
-            text += f", {row['ratio_vs_cudnn_deterministic']:.3f}x deterministic cuDNN"
+        for base, name in (("cudnn", "cuDNN"), (benchmark.DETERMINISTIC_CUDNN, "deterministic cuDNN")):
+            if f"ratio_vs_{base}" in row:
+                text += f", {row[f'ratio_vs_{base}']:.3f}x {name}"
     print(f"{label}: {text}", flush=True)
 
 
@@ -172,10 +170,9 @@ def main(argv=None) -> int:
         else:
             for row, run in prepared:
                 benchmark.time_alone(row, run, case, args.iters)
-        base = programs[0][1]
-        deterministic_base = programs[1][1] if args.cudnn_deterministic else None
+        benchmark.add_ratios([row for _, row, _ in programs])
         for text, row, _ in programs:
-            _report(row, base, text, deterministic_base)
+            _report(row, text)
             rows.append(row)
         if args.out:  # after every case, so that a run stopped at a time limit keeps the cases it finished
             benchmark.write_results(args.out, rows=rows)
