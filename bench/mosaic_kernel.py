@@ -8,8 +8,9 @@
 
 Each launch is written ``block_kv,stages`` (``block_kv,stages,heavy`` takes the
 query tiles in reverse order, heaviest first when causal; a trailing ``,cluster2`` pairs
-thread blocks that share their key and value copies, and ``,scoresfirst`` and ``,namedturns``
-set `mosaic_gpu.Launch.scores_first` and ``named_turns``); every launch given is timed on the single-subproblem
+thread blocks that share their key and value copies, ``,scoresfirst`` and ``,namedturns``
+set `mosaic_gpu.Launch.scores_first` and ``named_turns``, ``,exp2fmaN`` sets ``exp2_on_fma`` to N
+sixteenths and ``,wg3`` three compute warpgroups, ``warpgroups``); every launch given is timed on the single-subproblem
 plan (kernel speed alone) and, with ``--decomposed C``, on a plan forced to ``C`` chunks (C
 subproblems, all on the device), which measures what the decomposition itself costs.
 ``--portable`` adds the Triton kernel, ``--cudnn-deterministic`` cuDNN compiled with XLA's
@@ -41,28 +42,33 @@ from stream_cqsa_jax import benchmark
 from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
 
 
-def _launch(text: str) -> mosaic_gpu.Launch:
+def forward_launch(text: str) -> mosaic_gpu.Launch:
     """``block_kv,stages``, then optionally ``,heavy`` (query tiles in reverse order), ``,cluster2``
-    (`Launch.cluster` = 2), ``,scoresfirst`` (`Launch.scores_first`) and ``,namedturns``
-    (`Launch.named_turns`)."""
+    (`Launch.cluster` = 2), ``,scoresfirst`` (`Launch.scores_first`), ``,namedturns``
+    (`Launch.named_turns`), ``,exp2fmaN`` (`Launch.exp2_on_fma` = N) and ``,wg3`` (`Launch.warpgroups` = 3)."""
     parts = text.split(",")
     flags = set(parts[2:])
-    known = ("heavy", "cluster2", "scoresfirst", "namedturns")
-    if flags - set(known):
-        raise ValueError(f"forward launch {text!r}: flags after the numbers are {', '.join(map(repr, known))}")
+    known = ("heavy", "cluster2", "scoresfirst", "namedturns", "wg3")
+    fma = [f for f in flags if f.startswith("exp2fma") and f[len("exp2fma"):].isdigit()]
+    if flags - set(known) - set(fma) or len(fma) > 1:
+        raise ValueError(
+            f"forward launch {text!r}: flags after the numbers are {', '.join(map(repr, known))} and one 'exp2fmaN'"
+        )
     return mosaic_gpu.Launch(
         block_kv=int(parts[0]), stages=int(parts[1]), heavy_first="heavy" in flags,
         cluster=2 if "cluster2" in flags else 1, scores_first="scoresfirst" in flags,
-        named_turns="namedturns" in flags,
+        named_turns="namedturns" in flags, exp2_on_fma=int(fma[0][len("exp2fma"):]) if fma else 0,
+        warpgroups=3 if "wg3" in flags else 2,
     )
 
 
 def launch_text(launch: mosaic_gpu.Launch) -> str:
-    """The forward launch written as `_launch` reads it."""
+    """The forward launch written as `forward_launch` reads it."""
     return (
         f"{launch.block_kv},{launch.stages}" + (",heavy" if launch.heavy_first else "")
         + (",cluster2" if launch.cluster == 2 else "") + (",scoresfirst" if launch.scores_first else "")
         + (",namedturns" if launch.named_turns else "")
+        + (f",exp2fma{launch.exp2_on_fma}" if launch.exp2_on_fma else "") + (",wg3" if launch.warpgroups == 3 else "")
     )
 
 
@@ -142,7 +148,7 @@ def main(argv=None) -> int:
         # one subproblem's own forward launch (the runs' key and value heads are their query heads)
         own_forward = case.forward_launch()
         if args.backward_launches:
-            forward = _launch(args.forward_launch) if args.forward_launch else None
+            forward = forward_launch(args.forward_launch) if args.forward_launch else None
             for launch in map(backward_launch, args.backward_launches):
                 with launches.forward_launch_as(forward), launches.backward_launch_as(launch):
                     for chunks in chunk_counts:
@@ -153,7 +159,7 @@ def main(argv=None) -> int:
                         what = f" chunks={chunks}" if chunks else ""
                         programs.append((f"{label} mosaic_gpu backward {launch}{what}", row, run))
         else:
-            for given in [_launch(x) for x in args.launches] if args.launches else [None]:
+            for given in [forward_launch(x) for x in args.launches] if args.launches else [None]:
                 # None: the kernel's own choice (`mosaic_gpu.default_launch`), per subproblem
                 launch = given or own_forward
                 with launches.forward_launch_as(given):

@@ -58,12 +58,15 @@ def parse_csv(text: str) -> list[dict]:
 
 def ncu_command(
     ncu: str, implementation: str, seq_len: int, head_dim: int, causal: bool, heads: int, direction: str = "fwd",
-    extra_metrics: tuple[str, ...] = (),
+    extra_metrics: tuple[str, ...] = (), forward_launch: str | None = None,
 ) -> list[str]:
-    """The command line that profiles one case (``extra_metrics`` after ``METRICS``; ncu takes ``regex:...``)."""
+    """The command line that profiles one case (``extra_metrics`` after ``METRICS``; ncu takes ``regex:...``;
+    `forward_launch`, as `mosaic_kernel.py` writes it, for our forward)."""
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile_case.py")
     case = ["--implementation", implementation, "--seq-len", str(seq_len), "--head-dim", str(head_dim),
             "--heads", str(heads), "--direction", direction] + (["--causal"] if causal else [])
+    if forward_launch and implementation == "mosaic_gpu":
+        case += ["--forward-launch", forward_launch]
     return [ncu, "--clock-control", "none", "--profile-from-start", "off", "--csv", "-k", KERNELS,
             "--metrics", ",".join(METRICS + tuple(extra_metrics)), sys.executable, script, *case]
 
@@ -77,6 +80,7 @@ def main(argv=None) -> int:
     parser.add_argument("--direction", choices=("fwd", "fwd_bwd"), default="fwd")
     parser.add_argument("--implementations", nargs="+", default=["mosaic_gpu", "cudnn"])
     parser.add_argument("--extra-metrics", nargs="*", default=[], help="more metrics, or regex:EXPR")
+    parser.add_argument("--forward-launch", default=None, help="our forward's launch, as mosaic_kernel.py writes it")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per profiled case")
     parser.add_argument("--parse", default=None, help="print the kernels of an ncu CSV file and stop")
     parser.add_argument("--out", default=None)
@@ -90,11 +94,14 @@ def main(argv=None) -> int:
     for n in args.seq_lens:
         for impl in args.implementations:
             command = ncu_command(
-                ncu, impl, n, args.head_dim, args.causal, args.heads, args.direction, args.extra_metrics
+                ncu, impl, n, args.head_dim, args.causal, args.heads, args.direction, args.extra_metrics,
+                args.forward_launch,
             )
             row = {"implementation": impl, "seq_len": n, "head_dim": args.head_dim, "causal": args.causal,
                    "heads": args.heads, "batch": 1, "direction": args.direction,
                    "ncu_options": " ".join(command[1 : command.index(sys.executable)])}
+            if args.forward_launch and impl == "mosaic_gpu":
+                row["forward_launch"] = args.forward_launch
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
                 row["kernels"] = parse_csv(done.stdout)

@@ -2,7 +2,8 @@
 
     ncu --clock-control none --profile-from-start off -k regex:"mosaic|cudnn" \\
         --metrics gpu__time_duration.sum,lts__t_sector_hit_rate.pct,dram__bytes_read.sum \\
-        python bench/profile_case.py --implementation mosaic_gpu --seq-len 65536 --head-dim 64
+        python bench/profile_case.py --implementation mosaic_gpu --seq-len 65536 --head-dim 64 \\
+        [--forward-launch 128,2,heavy,wg3]
 
 Compiling launches kernels of its own (XLA's autotuning, cuDNN's plan search) that a profiler
 attached from the start would capture. So the capture range is opened around the one run that
@@ -21,6 +22,8 @@ import glob
 import os
 import sys
 
+import launches
+import mosaic_kernel
 from stream_cqsa_jax import benchmark
 
 
@@ -59,9 +62,14 @@ def main(argv=None) -> int:
     parser.add_argument("--causal", action="store_true")
     parser.add_argument("--direction", choices=("fwd", "fwd_bwd"), default="fwd")
     parser.add_argument("--num-chunks", type=int, default=None, help="chunks of our plan (default: its own)")
+    parser.add_argument(
+        "--forward-launch", default=None, help="the Hopper forward's launch as bench/mosaic_kernel.py writes it"
+    )
     args = parser.parse_args(argv)
     case = benchmark.Case(args.seq_len, args.head_dim, args.causal, args.direction, args.batch, args.heads)
-    row, run = benchmark.prepare_case(args.implementation, case, args.num_chunks)
+    launch = mosaic_kernel.forward_launch(args.forward_launch) if args.forward_launch else None
+    with launches.forward_launch_as(launch):  # compiled under it; the program keeps it
+        row, run = benchmark.prepare_case(args.implementation, case, args.num_chunks)
     if run is None:
         print(f"{args.implementation}: {row['error']}", file=sys.stderr)
         return 1

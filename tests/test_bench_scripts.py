@@ -17,21 +17,29 @@ from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward  # noqa
 
 
 def test_forward_launch_flags():
-    plain = mosaic_kernel._launch("128,2")
+    plain = mosaic_kernel.forward_launch("128,2")
     assert (plain.block_kv, plain.stages, plain.heavy_first, plain.cluster) == (128, 2, False, 1)
-    paired = mosaic_kernel._launch("64,3,heavy,cluster2")
+    paired = mosaic_kernel.forward_launch("64,3,heavy,cluster2")
     assert (paired.block_kv, paired.stages, paired.heavy_first, paired.cluster) == (64, 3, True, 2)
-    assert mosaic_kernel._launch("128,2,heavy,scoresfirst").scores_first and not paired.scores_first
-    assert mosaic_kernel._launch("128,2,namedturns").named_turns and not paired.named_turns
-    with pytest.raises(ValueError, match="'heavy', 'cluster2', 'scoresfirst', 'namedturns'"):
-        mosaic_kernel._launch("128,2,cluster4")
+    assert mosaic_kernel.forward_launch("128,2,heavy,scoresfirst").scores_first and not paired.scores_first
+    assert mosaic_kernel.forward_launch("128,2,namedturns").named_turns and not paired.named_turns
+    assert mosaic_kernel.forward_launch("128,2,exp2fma3").exp2_on_fma == 3 and paired.exp2_on_fma == 0
+    assert mosaic_kernel.forward_launch("128,2,heavy,wg3").warpgroups == 3 and paired.warpgroups == 2
+    with pytest.raises(ValueError, match="'heavy', 'cluster2', 'scoresfirst', 'namedturns', 'wg3' and one 'exp2fmaN'"):
+        mosaic_kernel.forward_launch("128,2,cluster4")
+    for text in ("128,2,exp2fma2,exp2fma4", "128,2,exp2fma"):
+        with pytest.raises(ValueError, match="one 'exp2fmaN'"):
+            mosaic_kernel.forward_launch(text)
+    with pytest.raises(ValueError, match=r"exp2_on_fma must be in \[0, 16\]"):
+        mosaic_kernel.forward_launch("128,2,exp2fma17")
     for flag in ("valuesfirst", "psmem"):  # removed options
         with pytest.raises(ValueError, match="flags after the numbers"):
-            mosaic_kernel._launch(f"128,2,heavy,{flag}")
+            mosaic_kernel.forward_launch(f"128,2,heavy,{flag}")
     for text in ("128,2", "64,3,heavy,cluster2", "128,2,cluster2", "128,2,heavy,cluster2,scoresfirst",
-                 "128,2,heavy,cluster2,namedturns", "128,2,heavy,cluster2,scoresfirst,namedturns"):
+                 "128,2,heavy,cluster2,namedturns", "128,2,heavy,cluster2,scoresfirst,namedturns",
+                 "128,2,heavy,exp2fma4", "128,2,heavy,scoresfirst,exp2fma2,wg3"):
         # how backward rows record the forward's
-        assert mosaic_kernel.launch_text(mosaic_kernel._launch(text)) == text
+        assert mosaic_kernel.launch_text(mosaic_kernel.forward_launch(text)) == text
 
 
 def test_backward_launch_flags():
@@ -60,7 +68,7 @@ def test_launches_given_hold_within_and_the_defaults_come_back():
     with launches.backward_launch_as(None):
         assert mosaic_gpu_backward.default_launch(128) == default
     forward_default = mosaic_gpu.default_launch
-    with launches.forward_launch_as(mosaic_kernel._launch("64,3")) as own:
+    with launches.forward_launch_as(mosaic_kernel.forward_launch("64,3")) as own:
         assert own is forward_default
         assert (mosaic_gpu.default_launch(128, 1 << 20).block_kv, mosaic_gpu.default_launch(64).stages) == (64, 3)
     with pytest.raises(RuntimeError, match="broke"), launches.forward_launch_as(lambda *a: own(*a)):
@@ -121,6 +129,9 @@ def test_ncu_command_profiles_one_run_of_the_case_with_the_clocks_left_alone():
     stalls = "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"
     more = ncu_metrics.ncu_command("ncu", "mosaic_gpu", 65536, 64, False, 8, "fwd", (stalls, "sm__cycles_active.avg"))
     assert ",".join((*ncu_metrics.METRICS, stalls, "sm__cycles_active.avg")) in more
+    ours = ncu_metrics.ncu_command("ncu", "mosaic_gpu", 65536, 64, False, 8, forward_launch="128,2,heavy,wg3")
+    assert ours[-2:] == ["--forward-launch", "128,2,heavy,wg3"]
+    assert "--forward-launch" not in ncu_metrics.ncu_command("ncu", "cudnn", 65536, 64, False, 8, forward_launch="x")
 
 
 def test_kernel_programs_are_the_same_text_for_the_same_code_and_differ_with_pairs():

@@ -118,21 +118,32 @@ def test_mosaic_query_tile_order_gives_the_same_bits(monkeypatch):
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(q, k, v)), plain)
 
 
+FORWARD_OPTIONS = {
+    "stages3": dict(stages=3),
+    "scores_first": dict(scores_first=True),
+    "scores_first_pairs": dict(scores_first=True, cluster=2),
+    "named_turns": dict(named_turns=True),
+    "named_turns_pairs": dict(named_turns=True, cluster=2),
+    "scores_first_named_turns_pairs": dict(scores_first=True, named_turns=True, cluster=2),
+    "three_warpgroups": dict(warpgroups=3),  # head dim 64 only
+    "three_warpgroups_scores_first": dict(warpgroups=3, scores_first=True),
+}
+SAME_BITS_CASES = ["causal_gqa_odd", "dense_head128_f16", "window", "cross_lengths", "large_logits"]
+
+
 @hopper
-@pytest.mark.parametrize(
-    "option",
-    [dict(stages=3), dict(scores_first=True), dict(scores_first=True, cluster=2), dict(named_turns=True),
-     dict(named_turns=True, cluster=2), dict(scores_first=True, named_turns=True, cluster=2)],
-    ids=["stages3", "scores_first", "scores_first_pairs", "named_turns", "named_turns_pairs",
-         "scores_first_named_turns_pairs"],
-)
-@pytest.mark.parametrize("case", ["causal_gqa_odd", "dense_head128_f16", "window", "cross_lengths", "large_logits"])
+@pytest.mark.parametrize("case,option", [
+    pytest.param(case, option, id=f"{case}-{name}")
+    for name, option in FORWARD_OPTIONS.items() for case in SAME_BITS_CASES
+    if option.get("warpgroups", 2) == 2 or CASES[case][5] == 64
+])
 def test_mosaic_forward_options_give_the_same_bits(case, option, monkeypatch):
     """A third stage (whose output tiles all live in the ring's memory) changes only how far ahead
-    tiles are copied, and `Launch.scores_first` and `Launch.named_turns` (the default at head dim 128 has
-    both) only when the products are issued and waited for: the output and the log-sum-exp are the same
-    bits as those of the launch with no options (masked, plain and skipped tiles all occur; with pairs of
-    thread blocks where the query chunks allow)."""
+    tiles are copied, `Launch.scores_first` and `Launch.named_turns` (the default at head dim 128 has
+    both) only when the products are issued and waited for, and three compute warpgroups (192-row tiles,
+    the chunks ending in part tiles) which rows share a thread block: the output and the log-sum-exp are
+    the same bits as those of the launch with no options (masked, plain and skipped tiles all occur; with
+    pairs of thread blocks where the query chunks allow)."""
     c = _float64_case(CASES[case], case)
     monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
     f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, return_residuals=True, **c.structured,
@@ -147,6 +158,37 @@ def test_mosaic_forward_options_give_the_same_bits(case, option, monkeypatch):
     assert rel_error(as64(results[1][0]), c.ref_out) <= 1.2 * c.base_out
     for name, a, b in zip(("out", "lse"), *results):
         np.testing.assert_array_equal(b, a, err_msg=name)
+
+
+@hopper
+@pytest.mark.parametrize("sixteenths", [4, 16])
+@pytest.mark.parametrize("case", list(CASES))
+def test_mosaic_forward_exp2_on_fma_matches_float64(case, sixteenths, monkeypatch):
+    """With part or all of the unmasked tiles' exp2 by the polynomial (`Launch.exp2_on_fma`; head dim 128
+    with scores first, 64 without), the output holds the float64 bar of the other tests, rows that see no
+    key still give 0 and -inf, the log-sum-exp stays within float32 rounding of the default launch's and
+    the output within a small part of a bfloat16 kernel's error of it (large logits: inputs below the
+    polynomial's range occur)."""
+    c = _float64_case(CASES[case], case)
+    monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
+    f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, return_residuals=True, **c.structured,
+                                                 **c.extra)
+    chosen = mosaic_gpu.default_launch
+    results = []
+    for k in (0, sixteenths):
+        launch_of = lambda *args, k=k: dataclasses.replace(chosen(*args), exp2_on_fma=k)
+        monkeypatch.setattr(mosaic_gpu, "default_launch", launch_of)
+        jax.clear_caches()
+        results.append([np.asarray(x) for x in jax.jit(f)(c.q, c.k, c.v)])
+    jax.clear_caches()
+    (default_out, default_lse), (out, lse) = results
+    assert rel_error(as64(out), c.ref_out) <= 1.2 * c.base_out
+    assert rel_error(as64(out), as64(default_out)) <= 0.25 * c.base_out
+    seen = c.vis.any(-1)  # [B, T]
+    assert np.all(out[~seen] == 0)
+    lse_seen = np.broadcast_to(seen[:, None, :], lse.shape)
+    assert np.all(lse[~lse_seen] == -np.inf)
+    np.testing.assert_allclose(lse[lse_seen], default_lse[lse_seen], rtol=0, atol=1e-5)
 
 
 def test_mosaic_plans_fall_back_where_the_kernel_does_not_apply():
@@ -220,6 +262,45 @@ def test_mosaic_forward_launch_options_lower_for_cuda(case, cluster, semantics, 
     texts = [_lower_forward(case, monkeypatch, cluster=cluster, **{**plain, option: on}) for on in (False, True)]
     assert texts[0] != texts[1]
     assert ("bar.sync 8, 256" in texts[1]) == (option == "named_turns")
+
+
+@pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
+@pytest.mark.parametrize("case,cluster,scores_first", [("causal_head64", 1, False), ("gqa_lengths_head128", 2, True)])
+def test_mosaic_forward_exp2_on_fma_lowers_for_cuda(case, cluster, scores_first, semantics, monkeypatch):
+    """`Launch.exp2_on_fma` lowers for CUDA under the lowering semantics of jax 0.10 and 0.11, with and
+    without scores first; the polynomial (its rounding step, ``add.rn.f32``) reaches the program only
+    when the option is on."""
+    _use_lowering_semantics(monkeypatch, semantics)
+    texts = [
+        _lower_forward(case, monkeypatch, cluster=cluster, scores_first=scores_first, exp2_on_fma=k) for k in (0, 4)
+    ]
+    assert ["add.rn.f32" in text for text in texts] == [False, True]
+
+
+@pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
+@pytest.mark.parametrize("case", ["causal_head64", "window_decomposed"])
+def test_mosaic_forward_three_warpgroups_lower_for_cuda(case, semantics, monkeypatch):
+    """`Launch.warpgroups` = 3 lowers for CUDA under the lowering semantics of jax 0.10 and 0.11, with and
+    without scores first (both cases' chunks end in a part tile of 192 rows); its ring of hardware
+    barriers and the meeting of all three reach the program, which two warpgroups' program has none of."""
+    _use_lowering_semantics(monkeypatch, semantics)
+    plain = dict(cluster=1, named_turns=False)
+    two = _lower_forward(case, monkeypatch, **plain)
+    assert "bar.arrive" not in two and "384;" not in two
+    for scores_first in (False, True):
+        three = _lower_forward(case, monkeypatch, **plain, scores_first=scores_first, warpgroups=3)
+        assert "bar.arrive $0, 256;" in three and "bar.sync $0, 256;" in three and "bar.sync 11, 384;" in three
+
+
+def test_three_warpgroups_take_head_dim_64_single_thread_blocks_without_named_turns(monkeypatch):
+    assert mosaic_gpu.Launch(warpgroups=3).warpgroups == 3
+    with pytest.raises(ValueError, match="warpgroups must be 2 or 3, got 4"):
+        mosaic_gpu.Launch(warpgroups=4)
+    for bad in (dict(cluster=2), dict(named_turns=True)):
+        with pytest.raises(ValueError, match="cluster 1.*named_turns off"):
+            mosaic_gpu.Launch(warpgroups=3, **bad)
+    with pytest.raises(ValueError, match="warpgroups=3 takes head dim 64, got 128"):
+        _lower_forward("gqa_lengths_head128", monkeypatch, cluster=1, named_turns=False, warpgroups=3)
 
 
 def test_mosaic_forward_three_stages_fit_at_head_dim_128(monkeypatch):

@@ -56,3 +56,18 @@ def test_only_the_run_after_the_warm_up_is_captured(monkeypatch, capsys):
 def test_a_case_that_fails_to_compile_is_reported(capsys):
     assert profile_case.main(["--implementation", "no_such_kernel", "--seq-len", "256", "--head-dim", "32"]) == 1
     assert "no_such_kernel" in capsys.readouterr().err
+
+
+def test_a_forward_launch_given_is_the_one_compiled(monkeypatch):
+    seen = []
+
+    def prepare(*_):
+        seen.append(profile_case.launches.mosaic_gpu.default_launch(64))
+        return {}, lambda: None
+
+    monkeypatch.setattr(profile_case, "_cuda_runtime", lambda: None)
+    monkeypatch.setattr(profile_case.benchmark, "prepare_case", prepare)
+    args = ["--seq-len", "256", "--head-dim", "64"]
+    assert profile_case.main(args + ["--forward-launch", "128,2,heavy,wg3"]) == 0
+    assert profile_case.main(args) == 0
+    assert [launch.warpgroups for launch in seen] == [3, 2]

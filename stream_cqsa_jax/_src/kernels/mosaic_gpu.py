@@ -14,7 +14,8 @@ each issues a tile's scores and then the previous tile's ``p v``, and
 computes its softmax while ``p v`` runs. With
 `Launch.cluster` 2, two thread blocks of neighbouring query tiles form a
 cluster that walks the key tiles of both, each copy warpgroup bringing half
-of every tile into both blocks' rings.
+of every tile into both blocks' rings. With `Launch.warpgroups` 3, three
+compute warpgroups (192 rows) pass their turn round a ring.
 
 The output is the subproblem's softmax state (`base`): float32 ``acc``, row
 max ``m`` and ``l``. bfloat16 and float16 inputs, head dims 64 and 128,
@@ -38,7 +39,7 @@ from ..devices import on_hopper
 from ..masks import Band
 from ..merge import SoftmaxState
 from ..tiling import MOSAIC_GPU_DTYPES, MOSAIC_GPU_HEAD_DIMS
-from . import block_map, mosaic_gpu_backward, pallas_triton
+from . import block_map, exp2_polynomial, mosaic_gpu_backward, pallas_triton
 from .base import KernelConfig, KernelInputs
 from .mosaic_gpu_common import (
     LOG2E,
@@ -50,6 +51,7 @@ from .mosaic_gpu_common import (
     run_kernel,
     split_refs,
     stream_kv,
+    tiles_per_chunk,
     visible,
 )
 
@@ -59,7 +61,10 @@ except ImportError:  # pragma: no cover
     plgpu = None
 
 ROWS = 64  # query rows per compute warpgroup
-BLOCK_ROWS = 2 * ROWS  # query rows per thread block
+BLOCK_ROWS = 2 * ROWS  # query rows per thread block of two compute warpgroups (the default)
+# Registers per thread (`set_max_registers`) of a compute and of the copy warpgroup, by the number of
+# compute warpgroups: together within the multiprocessor's 64K.
+REGISTERS = {2: (232, 40), 3: (160, 24)}
 _LN2 = math.log(2.0)
 
 
@@ -88,6 +93,20 @@ class Launch:
     where a waiting warp sleeps until the other warpgroup arrives, instead of at a barrier in
     shared memory, which a waiting warp polls. Only when products are issued changes: the same
     bits.
+
+    exp2_on_fma: over the key tiles that a compute warpgroup sees whole, this many sixteenths of each
+    thread's probabilities take ``exp2`` as a polynomial on the FMA units (`exp2_polynomial`) instead
+    of the multi-function unit, which at head dim 64 has as many cycles of work per step as the tensor
+    cores (docs/hopper_kernel.md). Relative error below 1.6e-7 either way, but not the same bits.
+
+    warpgroups: compute warpgroups per thread block, 2 or 3 (3 x 64 = 192 query rows, with 160
+    registers per thread instead of 232). Three take their turns round a ring of hardware barriers
+    (`Turns`), so that while one issues its products the other two compute their softmax: at head
+    dim 64 a warpgroup's softmax takes longer than its products (by our reading of the counters,
+    docs/hopper_kernel.md). A chunk that is no multiple of 192 rows ends in a tile whose last
+    warpgroups see nothing. Head dim 64 only, single thread blocks (`cluster` 1), and `named_turns`
+    off (the ring is of hardware barriers already). Each row adds up the same tiles in the same
+    order: the same bits as with two.
     """
 
     block_kv: int = 128
@@ -96,10 +115,18 @@ class Launch:
     cluster: int = 1
     scores_first: bool = False
     named_turns: bool = False
+    exp2_on_fma: int = 0
+    warpgroups: int = 2
 
     def __post_init__(self):
         if self.cluster not in (1, 2):
             raise ValueError(f"Launch.cluster must be 1 or 2, got {self.cluster}")
+        if self.warpgroups not in (2, 3):
+            raise ValueError(f"Launch.warpgroups must be 2 or 3, got {self.warpgroups}")
+        if self.warpgroups == 3 and (self.cluster != 1 or self.named_turns):
+            raise ValueError("Launch.warpgroups=3 runs single thread blocks (cluster 1) with named_turns off")
+        if not 0 <= self.exp2_on_fma <= 16:
+            raise ValueError(f"Launch.exp2_on_fma must be in [0, 16] (sixteenths), got {self.exp2_on_fma}")
 
 
 # Rows of a subproblem's key array (examples x keys x key/value heads) from which head dim 64 pairs its
@@ -131,7 +158,7 @@ def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
         and jnp.dtype(inp.q.dtype).name in MOSAIC_GPU_DTYPES
         and inp.q.shape[-1] in MOSAIC_GPU_HEAD_DIMS
         and inp.q_segment_ids is None
-        and cfg.q_chunk % BLOCK_ROWS == 0
+        and cfg.q_chunk % BLOCK_ROWS == 0  # whole tiles of two warpgroups; three end chunks in part tiles
         and cfg.kv_chunk % launch.block_kv == 0
     )
 
@@ -142,23 +169,32 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     (q_smem, ring, *apart), q_ready, k_ready, v_ready, k_free, v_free, turn = scratch
     (k_smem, v_smem), in_ring = ring
     o_smem, m_smem, l_smem = (*in_ring, *apart)
-    band, bk, stages, cluster = cfg.band, launch.block_kv, launch.stages, launch.cluster
+    band, bk, stages, cluster, wgs = cfg.band, launch.block_kv, launch.stages, launch.cluster, launch.warpgroups
+    block_rows = wgs * ROWS
     bi, head, t, wg = (lax.axis_index(a) for a in ("batch", "heads", "tiles", "wg"))
     if launch.heavy_first:
-        t = q_ref.shape[1] // (BLOCK_ROWS * cluster) - 1 - t
-    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, BLOCK_ROWS, bk, cluster)
+        t = q_ref.shape[1] // cfg.q_chunk * tiles_per_chunk(cfg.q_chunk, block_rows, cluster) - 1 - t
+    block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, block_rows, bk, cluster)
     q_limit, kv_limit = block.q_limit, block.kv_limit
+    compute_registers, copy_registers = REGISTERS[wgs]
 
-    @pl.when(wg < 2)
+    @pl.when(wg < wgs)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(compute_registers, action="increase")
         q_tile, o_tile, m_tile, l_tile = q_smem.at[wg], o_smem.at[wg], m_smem.at[wg], l_smem.at[wg]
         q_start, row0 = block.warpgroup_rows(wg, ROWS)
-        own = block_map.query_span(band, q_start, ROWS, q_limit, kv_limit)
-        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_tile, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
+        inside = block.warpgroup_inside(wg, ROWS)  # None: always
+        when_inside = (lambda f: f()) if inside is None else pl.when(inside)
+        own_limit = q_limit if inside is None else jnp.where(inside, q_limit, 0)  # rows outside see nothing
+        own = block_map.query_span(band, q_start, ROWS, own_limit, kv_limit)
+
+        @when_inside
+        def _():
+            plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, ROWS), head], q_tile, q_ready.at[wg])
+            plgpu.barrier_wait(q_ready.at[wg])
+
         qk_factor = cfg.scale * LOG2E
-        turns = Turns(turn, wg, named=launch.named_turns)
+        turns = Turns(turn, wg, named=launch.named_turns, warpgroups=wgs)
 
         def issue_scores(ref, ring):
             """Issues q k^T of the key tile in stage `ring` into the accumulator `ref`."""
@@ -178,19 +214,21 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
 
             return pl.run_scoped(issue, plgpu.ACC((ROWS, bk), jnp.float32))
 
-        def probabilities(s, m_i):
-            """(m, alpha, p in float32) after the scores `s`. Base-2: m is kept in units of log2,
-            so p = exp2(s * factor - m) is one FMA."""
+        def probabilities(s, m_i, whole: bool):
+            """(m, alpha, p in float32) after the scores `s` (of a tile no mask cuts if `whole`).
+            Base-2: m is kept in units of log2, so p = exp2(s * factor - m) is one FMA."""
             m_new = jnp.maximum(m_i, s.max(axis=1) * qk_factor)
             m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)
             alpha = jnp.exp2(m_i - m_use)
-            p = jnp.exp2(s * qk_factor - lax.broadcast_in_dim(m_use, s.shape, [0]))
+            x = s * qk_factor - lax.broadcast_in_dim(m_use, s.shape, [0])
+            # Masked scores are -inf, whose exp2 must be 0: the polynomial gives 2^-126 (its least input).
+            p = exp2_polynomial.split_exp2(x, launch.exp2_on_fma) if whole else jnp.exp2(x)
             return m_new, alpha, p
 
-        def softmax(s, m_i, l_i, acc):
+        def softmax(s, m_i, l_i, acc, whole: bool):
             """(acc times alpha, l, m, p in the inputs' dtype) after the scores `s`, held before the
             next pass."""
-            m_new, alpha, p = probabilities(s, m_i)
+            m_new, alpha, p = probabilities(s, m_i, whole)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(q_ref.dtype)
@@ -228,7 +266,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
                     jnp.int32, (ROWS, bk), 1, layout=plgpu.Layout.WGMMA
                 )
                 s = jnp.where(visible(band, q_pos, kv_pos, q_limit, kv_limit), s, -jnp.inf)
-            return softmax(s, m_i, l_i, acc)
+            return softmax(s, m_i, l_i, acc, whole=kv_start is None)
 
         def visit(kt, carry, kv_start, masked: bool):
             step, acc, m_i, l_i = carry
@@ -265,7 +303,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
                     turns.take()
                     s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # p v may still run
                     plgpu.barrier_arrive(k_free.at[ring])
-                    m_new, alpha, p = probabilities(s, m_i)
+                    m_new, alpha, p = probabilities(s, m_i, whole=True)
                     l_new = l_i * alpha + p.sum(axis=1)
                     return plgpu.wgmma_accumulator_load(o_ref, wait_n=0), m_new, alpha, l_new, p
 
@@ -303,22 +341,24 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
         plain_steps = scores_first if launch.scores_first else None
         _, acc, m_i, l_i = block.walk(own, skip, visit, init, plain_steps)
         turns.finish()
-        # Once both compute warpgroups pass this, neither reads the key/value ring again,
+        # Once every compute warpgroup passes this, none reads the key/value ring again,
         # and the output tiles may reuse its memory.
-        turns.take()
+        turns.meet()
 
-        o_tile[...] = acc
-        m_tile[...] = m_i * _LN2
-        l_tile[...] = l_i
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_tile, acc_ref.at[bi, pl.ds(row0, ROWS), head])
-        plgpu.copy_smem_to_gmem(m_tile, m_ref.at[bi, head, pl.ds(row0, ROWS)])
-        plgpu.copy_smem_to_gmem(l_tile, l_ref.at[bi, head, pl.ds(row0, ROWS)])
-        plgpu.wait_smem_to_gmem(0)
+        @when_inside
+        def _():
+            o_tile[...] = acc
+            m_tile[...] = m_i * _LN2
+            l_tile[...] = l_i
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_tile, acc_ref.at[bi, pl.ds(row0, ROWS), head])
+            plgpu.copy_smem_to_gmem(m_tile, m_ref.at[bi, head, pl.ds(row0, ROWS)])
+            plgpu.copy_smem_to_gmem(l_tile, l_ref.at[bi, head, pl.ds(row0, ROWS)])
+            plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
+    @pl.when(wg == wgs)
     def _memory():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(copy_registers, action="decrease")
         barriers = (k_ready, v_ready, k_free, v_free)
         kv_head = block_map.div(head, groups)
         steps = stream_kv(block, k_ref, v_ref, k_smem, v_smem, barriers, bi, kv_head, stages, cluster)
@@ -337,6 +377,11 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
     launch = dataclasses.replace(launch, cluster=cluster_fits(cfg.q_chunk, BLOCK_ROWS, launch.cluster))
     if not supports(inp, cfg, launch):
         return pallas_triton.forward(inp, cfg)
+    if launch.warpgroups == 3 and h != 64:
+        raise ValueError(
+            f"Launch.warpgroups=3 takes head dim 64, got {h}: at 160 registers a thread could not hold the "
+            "output, the scores and p"
+        )
     tab, lay = block_map.pack(inp)
     lens = block_map.lengths(inp)
     dtype = inp.q.dtype
@@ -345,32 +390,35 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
         plgpu.SMEM((launch.stages, launch.block_kv, h), dtype, transforms=swizzled),
         plgpu.SMEM((launch.stages, launch.block_kv, h), dtype, transforms=swizzled),
     )
-    out = (plgpu.SMEM((2, ROWS, h), jnp.float32), *[plgpu.SMEM((2, ROWS), jnp.float32)] * 2)  # acc, m, l
+    wgs = launch.warpgroups
+    out = (plgpu.SMEM((wgs, ROWS, h), jnp.float32), *[plgpu.SMEM((wgs, ROWS), jnp.float32)] * 2)  # acc, m, l
     # The output's acc tile reuses the ring; with more than two stages m's and l's do too, which three
     # stages of 128-key tiles at head dim 128 need to fit.
     in_ring = 3 if launch.stages > 2 else 1
     smem = (
-        plgpu.SMEM((2, ROWS, h), dtype, transforms=swizzled),  # q
+        plgpu.SMEM((wgs, ROWS, h), dtype, transforms=swizzled),  # q
         plgpu.RefUnion(ring, out[:in_ring]),
         *out[in_ring:],
     )
     free = functools.partial(free_barrier, launch.cluster)
     scratch = (
         smem,
-        plgpu.Barrier(num_barriers=2),  # query tiles landed
+        plgpu.Barrier(num_barriers=wgs),  # query tiles landed
         plgpu.Barrier(num_barriers=launch.stages),  # key tile landed
         plgpu.Barrier(num_barriers=launch.stages),  # value tile landed
-        free(num_arrivals=2, num_barriers=launch.stages),  # key stage free
-        free(num_arrivals=2, num_barriers=launch.stages),  # value stage free
-        plgpu.Barrier(num_arrivals=2),  # tensor-core turn
+        free(num_arrivals=wgs, num_barriers=launch.stages),  # key stage free
+        free(num_arrivals=wgs, num_barriers=launch.stages),  # value stage free
+        plgpu.Barrier(num_arrivals=2),  # tensor-core turn (two warpgroups; three take a ring of hardware barriers)
     )
     rows = jax.ShapeDtypeStruct((b, n, lq), jnp.float32)
     body = functools.partial(
         _kernel, cfg=cfg, lay=lay, launch=launch, groups=n // kh, has_lengths=lens is not None
     )
     out_type = (jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32), rows, rows)
-    grid = (n, lq // (BLOCK_ROWS * launch.cluster), b)
-    acc, m, l = run_kernel(body, out_type, scratch, grid, tab, lens, inp.q, inp.k, inp.v, cluster=launch.cluster)
+    grid = (n, lq // cfg.q_chunk * tiles_per_chunk(cfg.q_chunk, wgs * ROWS, launch.cluster), b)
+    acc, m, l = run_kernel(
+        body, out_type, scratch, grid, tab, lens, inp.q, inp.k, inp.v, cluster=launch.cluster, warpgroups=wgs
+    )
     return SoftmaxState(acc, m, l)
 
 

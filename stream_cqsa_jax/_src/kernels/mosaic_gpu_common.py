@@ -24,15 +24,17 @@ from ..masks import Band
 from . import block_map
 
 try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports everywhere.
+    from jax.experimental.mosaic import gpu as mgpu
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import llvm
+    from jaxlib.mlir.dialects import arith, llvm
 except ImportError:  # pragma: no cover
     plgpu = None
 
 LOG2E = math.log2(math.e)
-# The hardware barrier at which the compute warpgroups take turns with `Turns(named=True)`. Mosaic GPU
-# keeps 0 (the whole block) and 1 to 3 (one per warpgroup) for its own synchronization.
+# The hardware barrier at which the compute warpgroups take turns with `Turns(named=True)`; three compute
+# warpgroups take `TURN_BARRIER` + their index, and meet all together at `TURN_BARRIER` + 3. Mosaic GPU
+# keeps 0 (the whole block) and 1 to 4 (one per warpgroup) for its own synchronization.
 TURN_BARRIER = 8
 
 
@@ -78,15 +80,19 @@ def batched_as(batched):
 GRID_ORDER = ("heads", "tiles", "batch")
 
 
-def run_kernel(body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *operands, cluster: int = 1):
-    """Runs `body` on a grid (heads, tiles, batch) of thread blocks of two compute warpgroups and
-    a copy warpgroup (axis "wg"), laid out in `GRID_ORDER`; its arguments: `tab`, `lens` unless None,
-    `operands`, the outputs of `out_type`, the `scratch`. An operand may be a `jax.Ref` (inside
-    `pl.run_state`), which the kernel may update in place. With `cluster` > 1 each grid point is
-    a cluster of that many thread blocks (axis "cluster"), which may share copies (`stream_kv`)."""
+def run_kernel(
+    body, out_type, scratch, grid: tuple[int, int, int], tab, lens, *operands, cluster: int = 1, warpgroups: int = 2
+):
+    """Runs `body` on a grid (heads, tiles, batch) of thread blocks of `warpgroups` compute warpgroups
+    and a copy warpgroup (axis "wg", the copy warpgroup last), laid out in `GRID_ORDER`; its arguments:
+    `tab`, `lens` unless None, `operands`, the outputs of `out_type`, the `scratch`. An operand may be a
+    `jax.Ref` (inside `pl.run_state`), which the kernel may update in place. With `cluster` > 1 each grid
+    point is a cluster of that many thread blocks (axis "cluster"), which may share copies (`stream_kv`)."""
     args = (tab, *(() if lens is None else (lens,)), *operands)
     size = dict(zip(("heads", "tiles", "batch"), grid))
-    layout = dict(grid=tuple(size[a] for a in GRID_ORDER), grid_names=GRID_ORDER, num_threads=3, thread_name="wg")
+    layout = dict(
+        grid=tuple(size[a] for a in GRID_ORDER), grid_names=GRID_ORDER, num_threads=warpgroups + 1, thread_name="wg"
+    )
     if cluster > 1:
         layout.update(cluster=(cluster,), cluster_names=("cluster",))
     params = plgpu.CompilerParams(approx_math=True)
@@ -117,10 +123,16 @@ def free_barrier(cluster: int, **kwargs):
     return plgpu.Barrier(**kwargs)
 
 
+def tiles_per_chunk(chunk: int, rows: int, cluster: int = 1) -> int:
+    """Clusters of `cluster` tiles of `rows` rows that cover a chunk of `chunk` positions (the last one
+    runs past the chunk's end where `chunk` is not a multiple of their rows)."""
+    return -(-chunk // (rows * cluster))
+
+
 def cluster_tile(tab_ref, chunks_at: int, chunk: int, t, rows: int, cluster: int):
     """(slot, first position) of cluster `t` of `cluster` tiles of `rows` rows (or keys), slot-major over
     the plan's slots of `chunk` positions, whose chunk indices the table holds from `chunks_at`."""
-    per_chunk = chunk // (rows * cluster)
+    per_chunk = tiles_per_chunk(chunk, rows, cluster)
     slot = block_map.div(t, per_chunk)
     return slot, tab_ref[chunks_at + slot] * chunk + (t - slot * per_chunk) * (rows * cluster)
 
@@ -141,6 +153,22 @@ def sync_compute_warpgroups() -> None:
     sync()
 
 
+def own_barrier(instruction: str, offset: int, warpgroups: int, threads: int) -> None:
+    """``instruction`` (``bar.sync`` or ``bar.arrive``) for `threads` threads at the hardware barrier
+    `TURN_BARRIER` + ((this warpgroup's index + `offset`) mod `warpgroups`)."""
+
+    @plgpu.inline_mgpu()
+    def emit(_):
+        i32 = ir.IntegerType.get_signless(32)
+        index = arith.addi(mgpu.utils.warpgroup_idx(sync=True), mgpu.utils.c(offset, i32))
+        index = arith.remui(index, mgpu.utils.c(warpgroups, i32))
+        barrier = arith.addi(index, mgpu.utils.c(TURN_BARRIER, i32))
+        void = ir.Type.parse("!llvm.void")
+        llvm.inline_asm(void, [barrier], f"{instruction} $0, {threads};", "r", has_side_effects=True)
+
+    emit()
+
+
 class Turns:
     """The two compute warpgroups taking turns on the tensor cores through the barrier `turn` (two
     arrivals), or doing nothing where `turn` is None. Each pass (`take`, or `arrive` then `wait`) is a sync
@@ -148,25 +176,52 @@ class Turns:
     (`finish`), so that while one issues its products the other computes from its last ones.
 
     With `named`, a pass is the hardware barrier `TURN_BARRIER` instead of the memory barrier `turn`
-    (which a waiting warp polls): `arrive` does nothing and `wait` meets the other warpgroup there."""
+    (which a waiting warp polls): `arrive` does nothing and `wait` meets the other warpgroup there.
 
-    def __init__(self, turn, wg, named: bool = False):
-        self._turn, self._wg, self._named = turn, wg, named
+    With three `warpgroups` (`turn` not None) the turn is a token passed round a ring of hardware
+    barriers, one per warpgroup: `wait` takes it (``bar.sync`` at this warpgroup's barrier, where the
+    previous warpgroup arrived), `take` passes it on (``bar.arrive`` at the next one's) and `arrive`
+    does nothing, so a warpgroup holds it from a step's `wait` to the next step's `take`, while it
+    issues its products. Warpgroup 0 holds it first. Only one token goes round, so no barrier gets a
+    second arrival before its warpgroup came."""
+
+    def __init__(self, turn, wg, named: bool = False, warpgroups: int = 2):
+        self._turn, self._wg, self._named, self._warpgroups = turn, wg, named, warpgroups
+        self._ring = turn is not None and warpgroups > 2
 
     def arrive(self) -> None:
-        if self._turn is not None and not self._named:
+        if self._turn is not None and not self._named and not self._ring:
             plgpu.barrier_arrive(self._turn)
 
     def wait(self) -> None:
-        if self._turn is not None:
+        if self._ring:
+            own_barrier("bar.sync", 0, self._warpgroups, 256)
+        elif self._turn is not None:
             if self._named:
                 sync_compute_warpgroups()
             else:
                 plgpu.barrier_wait(self._turn)
 
     def take(self) -> None:
+        if self._ring:
+            own_barrier("bar.arrive", 1, self._warpgroups, 256)
+            return
         self.arrive()
         self.wait()
+
+    def meet(self) -> None:
+        """Every compute warpgroup past this point has seen all the others reach it (a pass, with two)."""
+        if not self._ring:
+            self.take()
+            return
+
+        @plgpu.inline_mgpu()
+        def sync(_):
+            void = ir.Type.parse("!llvm.void")
+            threads = 128 * self._warpgroups
+            llvm.inline_asm(void, [], f"bar.sync {TURN_BARRIER + 3}, {threads};", "", has_side_effects=True)
+
+        sync()
 
     def hand_over(self, *values):
         """A pass, with `values` computed before it, not moved past it (a barrier of no operands
@@ -179,11 +234,16 @@ class Turns:
         return values
 
     def start(self) -> None:
-        if self._turn is not None:
+        if self._ring:
+            pl.when(self._wg != 0)(self.wait)
+        elif self._turn is not None:
             pl.when(self._wg == 1)(self.take)
 
     def finish(self) -> None:
-        if self._turn is not None:
+        if self._ring:  # pass the token on; warpgroup 0 takes it back from the last, so none is left
+            self.take()
+            pl.when(self._wg == 0)(self.wait)
+        elif self._turn is not None:
             pl.when(self._wg == 0)(self.take)
 
 
@@ -200,10 +260,16 @@ class QueryBlock:
     ):
         self._tab, self._lay, self._window = tab_ref, lay, window
         self.block_kv, self.kv_chunk = block_kv, cfg.kv_chunk
-        self._t, self._rows, self._cluster = t, rows, cluster
+        self._t, self._rows, self._cluster, self._q_chunk = t, rows, cluster, cfg.q_chunk
         self.slot, self.start = cluster_tile(tab_ref, lay.q_chunks, cfg.q_chunk, t, rows, cluster)
         self.q_limit, self.kv_limit = block_map.limits(cfg.band, lens_ref, bi)
-        self.span = block_map.query_span(cfg.band, self.start, rows * cluster, self.q_limit, self.kv_limit)
+        # Where the chunk is no whole number of tiles, its last tile runs past its end: rows that see nothing.
+        self._ragged = cfg.q_chunk % (rows * cluster) != 0
+        span_limit = self.q_limit
+        if self._ragged:
+            self._in_chunk = (t - self.slot * tiles_per_chunk(cfg.q_chunk, rows, cluster)) * (rows * cluster)
+            span_limit = jnp.minimum(self.q_limit, self.start - self._in_chunk + cfg.q_chunk)
+        self.span = block_map.query_span(cfg.band, self.start, rows * cluster, span_limit, self.kv_limit)
         self.pair_count = tab_ref[lay.pair_count + self.slot]
         self.member = cluster_member(cluster)
 
@@ -211,7 +277,17 @@ class QueryBlock:
         """(first query position, first row in the subproblem's query array) of the `rows` rows of
         compute warpgroup `wg` in this thread block's tile."""
         q_start = self.start + self.member * self._rows + wg * rows
+        if self._ragged:
+            return q_start, self.slot * self._q_chunk + self._in_chunk + self.member * self._rows + wg * rows
         return q_start, (self._t * self._cluster + self.member) * self._rows + wg * rows
+
+    def warpgroup_inside(self, wg, rows: int):
+        """Whether the `rows` rows of compute warpgroup `wg` lie inside their chunk (a traced bool), or
+        None where every tile's rows do (chunks of whole tiles). Rows outside see no key: their
+        warpgroup skips every tile and writes nothing."""
+        if not self._ragged:
+            return None
+        return self._in_chunk + self.member * self._rows + wg * rows < self._q_chunk
 
     def pair_chunk(self, p):
         """(key slot, first key position) of the block's pair `p`."""
