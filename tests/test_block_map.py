@@ -6,6 +6,8 @@ visible pair lies in the range the walk visits, tiles taken without a mask
 are visible everywhere, and a compute warpgroup's own range (64 rows) clipped
 to its thread block's range (128 rows) loses no visible tile. The dq kernel's
 passes over windows of the key array split each walk into disjoint parts.
+Thread blocks of three warpgroups (192 rows) hold every query row of chunks
+of 128-row multiples once, and their rows past a chunk's end see nothing.
 """
 
 import jax.numpy as jnp
@@ -113,3 +115,67 @@ def test_key_windows_split_every_walk_into_disjoint_passes(causal, tiles_per_chu
                 assert all(window[0] <= slot * chunk + kt * block < window[1] for kt in tiles), (window, part[p])
             covered += tiles
         assert covered == list(range(first, last)), (p, whole[p], [part[p] for part in parts])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    causal=st.booleans(),
+    chunk_tiles=st.integers(1, 7),
+    slots=st.integers(1, 3),
+    q_limit=st.one_of(st.none(), st.integers(0, 3000)),
+    data=st.data(),
+)
+def test_three_warpgroup_tiles_cover_each_chunk_once_and_rows_past_it_see_nothing(
+    causal, chunk_tiles, slots, q_limit, data
+):
+    """Thread blocks of three compute warpgroups (192 rows, `mosaic_gpu.Launch.warpgroups`) over chunks
+    of 128-row multiples: the warpgroups inside their chunk hold each of the subproblem's query rows once,
+    at the row's position; a chunk's last tile may run past its end, and its warpgroups past the end see
+    no key (their span, with the limit the forward gives them, is empty) and the block walks the key tiles
+    of its rows inside the chunk only."""
+    block, rows, chunk = 128, 192, 128 * chunk_tiles
+    chunks = slots + data.draw(st.integers(0, 2))  # the sequence's chunks; the subproblem holds `slots` of them
+    q_ids = data.draw(st.permutations(range(chunks)))[:slots]
+    seq = chunk * chunks
+    limit = seq if q_limit is None else min(q_limit, seq)
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    inp = KernelInputs(
+        None, None, None, i32(q_ids), i32(range(chunks)), i32([chunks] * slots), i32([list(range(chunks))] * slots),
+        jnp.zeros((slots, chunks), bool), i32(np.zeros(chunks)), i32(np.zeros((chunks, 1))), None, None, None, None,
+    )
+    tab, lay = block_map.pack(inp)
+    band = Band.of(seq, seq, causal, None)
+    cfg = KernelConfig(band, chunk, chunk, 128, block, 1.0)
+    lens = i32([[limit], [seq]])  # the query length of the example, as `block_map.lengths` packs it
+    per_chunk = -(-chunk // rows)
+    held = {}
+    for t in range(slots * per_chunk):
+        qb = QueryBlock(tab, lens, lay, cfg, 0, jnp.int32(t), rows, block)
+        walked = [tuple(int(x) for x in qb.pair_tiles(jnp.int32(p))) for p in range(chunks)]
+        for wg in range(3):
+            q_start, row0 = (int(x) for x in qb.warpgroup_rows(wg, 64))
+            inside = qb.warpgroup_inside(wg, 64)
+            assert (inside is None) == (chunk % rows == 0)
+            inside = True if inside is None else bool(inside)
+            own_limit = limit if inside else 0  # what the forward gives the warpgroup
+            if not inside:
+                assert bool(block_map.query_span(band, jnp.int32(q_start), 64, jnp.int32(0), jnp.int32(seq)).empty)
+                continue
+            for i in range(64):
+                assert row0 + i not in held, (t, wg, row0 + i)
+                held[row0 + i] = q_start + i
+            q_rows = q_start + np.arange(64)
+            for kv_slot, chunk_start, first, last in walked:
+                assert chunk_start == kv_slot * chunk
+                for kt in range(chunk // block):
+                    cols = chunk_start + kt * block + np.arange(block)
+                    if _visible(band, own_limit, seq, q_rows, cols).any():
+                        assert first <= kt < last, (t, wg, kv_slot, kt, first, last)
+        # The walk is that of the block's rows inside the chunk: none is walked for the rows past it.
+        in_chunk = (t % per_chunk) * rows
+        start = q_ids[t // per_chunk] * chunk + in_chunk
+        for kv_slot, chunk_start, first, last in walked:
+            alone = _ranges(band, start, min(rows, chunk - in_chunk), limit, seq, chunk_start, block, chunk // block, True)
+            assert (first, last) == (alone[0], alone[3]), (t, kv_slot)
+    assert sorted(held) == list(range(slots * chunk))
+    assert all(held[r] == q_ids[r // chunk] * chunk + r % chunk for r in held)
