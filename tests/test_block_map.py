@@ -175,7 +175,8 @@ def test_three_warpgroup_tiles_cover_each_chunk_once_and_rows_past_it_see_nothin
         in_chunk = (t % per_chunk) * rows
         start = q_ids[t // per_chunk] * chunk + in_chunk
         for kv_slot, chunk_start, first, last in walked:
-            alone = _ranges(band, start, min(rows, chunk - in_chunk), limit, seq, chunk_start, block, chunk // block, True)
+            valid = min(rows, chunk - in_chunk)
+            alone = _ranges(band, start, valid, limit, seq, chunk_start, block, chunk // block, True)
             assert (first, last) == (alone[0], alone[3]), (t, kv_slot)
     assert sorted(held) == list(range(slots * chunk))
     assert all(held[r] == q_ids[r // chunk] * chunk + r % chunk for r in held)
