@@ -22,7 +22,7 @@ import stream_cqsa_jax as sc
 from baselines import data_masks, xla_errors
 from reference import as64, attention, attention_grads, random_inputs, rel_error, visibility
 from stream_cqsa_jax._src.devices import on_hopper
-from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward, pallas_triton
+from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward, mosaic_gpu_common, pallas_triton
 from stream_cqsa_jax._src.kernels.base import KernelConfig, KernelInputs
 from stream_cqsa_jax._src.masks import Band
 
@@ -290,6 +290,57 @@ def test_mosaic_forward_three_warpgroups_lower_for_cuda(case, semantics, monkeyp
     for scores_first in (False, True):
         three = _lower_forward(case, monkeypatch, **plain, scores_first=scores_first, warpgroups=3)
         assert "bar.arrive $0, 256;" in three and "bar.sync $0, 256;" in three and "bar.sync 11, 384;" in three
+
+
+def _ring_sequences(monkeypatch, steps: int) -> list[list[tuple[str, int]]]:
+    """Per compute warpgroup of three, the hardware-barrier instructions (``bar.sync`` or ``bar.arrive``,
+    barrier) that `Turns` gives a forward of `steps` key tiles: `start`, then per tile `take`, `arrive`,
+    `wait` (the order of every kind of step of the forward), then `finish`."""
+    sequences = []
+    for wg in range(3):
+        ops = []
+        record = lambda instruction, offset, warpgroups, threads, wg=wg, ops=ops: ops.append(
+            (instruction, mosaic_gpu_common.TURN_BARRIER + (wg + offset) % warpgroups)
+        )
+        monkeypatch.setattr(mosaic_gpu_common, "own_barrier", record)
+        turns = mosaic_gpu_common.Turns("turn", wg, warpgroups=3)
+        turns.start()
+        for _ in range(steps):
+            turns.take()
+            turns.arrive()
+            turns.wait()
+        turns.finish()
+        sequences.append(ops)
+    return sequences
+
+
+@pytest.mark.parametrize("steps", [0, 1, 2, 7])
+def test_three_warpgroups_pass_one_token_round_their_ring(steps, monkeypatch):
+    """The ring of `Turns` with three warpgroups, run against a model of hardware barriers (a barrier
+    of 256 threads completes when two warpgroups have come, ``bar.sync`` waiting for it) in many random
+    orders: every warpgroup finishes, each barrier completes only with the one warpgroup that waits at
+    it, the warpgroups issue in turn (0, 1, 2, 0, ...), and no barrier is left half full."""
+    sequences = _ring_sequences(monkeypatch, steps)
+    assert all(len(ops) == 2 * steps + 2 for ops in sequences)
+    rng = np.random.default_rng(steps)
+    for _ in range(50):
+        position, waiting, count, holders = [0, 0, 0], {}, {}, [0]  # warpgroup 0 holds the token first
+        while any(p < len(ops) for p, ops in zip(position, sequences)):
+            runnable = [w for w in range(3) if position[w] < len(sequences[w]) and w not in waiting.values()]
+            assert runnable, f"deadlock at {position}"
+            w = runnable[rng.integers(len(runnable))]
+            instruction, barrier = sequences[w][position[w]]
+            position[w] += 1
+            count[barrier] = count.get(barrier, 0) + 128
+            if instruction == "bar.sync":
+                assert barrier not in waiting, "two warpgroups wait at one barrier"
+                waiting[barrier] = w
+            if count[barrier] == 256:
+                assert barrier in waiting, "a barrier completed with no warpgroup waiting at it"
+                holders.append(waiting.pop(barrier))
+                count[barrier] = 0
+        assert not waiting and not any(count.values())
+        assert holders == [i % 3 for i in range(len(holders))]
 
 
 def test_three_warpgroups_take_head_dim_64_single_thread_blocks_without_named_turns(monkeypatch):
