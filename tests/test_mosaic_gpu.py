@@ -188,7 +188,7 @@ def test_mosaic_forward_exp2_on_fma_matches_float64(case, sixteenths, monkeypatc
     assert np.all(out[~seen] == 0)
     lse_seen = np.broadcast_to(seen[:, None, :], lse.shape)
     assert np.all(lse[~lse_seen] == -np.inf)
-    np.testing.assert_allclose(lse[lse_seen], default_lse[lse_seen], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(lse[lse_seen], default_lse[lse_seen], rtol=1e-6, atol=1e-5)
 
 
 def test_mosaic_plans_fall_back_where_the_kernel_does_not_apply():
