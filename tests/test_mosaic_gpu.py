@@ -161,14 +161,17 @@ def test_mosaic_forward_options_give_the_same_bits(case, option, monkeypatch):
 
 
 @hopper
-@pytest.mark.parametrize("sixteenths", [4, 16])
-@pytest.mark.parametrize("case", list(CASES))
-def test_mosaic_forward_exp2_on_fma_matches_float64(case, sixteenths, monkeypatch):
+@pytest.mark.parametrize("case,sixteenths,warpgroups", [
+    pytest.param(case, sixteenths, warpgroups, id=f"{case}-{sixteenths}-{warpgroups}")
+    for sixteenths, warpgroups in ((4, 2), (16, 2), (4, 3)) for case in CASES
+    if warpgroups == 2 or CASES[case][5] == 64
+])
+def test_mosaic_forward_exp2_on_fma_matches_float64(case, sixteenths, warpgroups, monkeypatch):
     """With part or all of the unmasked tiles' exp2 by the polynomial (`Launch.exp2_on_fma`; head dim 128
-    with scores first, 64 without), the output holds the float64 bar of the other tests, rows that see no
-    key still give 0 and -inf, the log-sum-exp stays within float32 rounding of the default launch's and
-    the output within a small part of a bfloat16 kernel's error of it (large logits: inputs below the
-    polynomial's range occur)."""
+    with scores first, 64 without, and with three warpgroups), the output holds the float64 bar of the
+    other tests, rows that see no key still give 0 and -inf, the log-sum-exp stays within float32
+    rounding of the launch without it and the output within a small part of a bfloat16 kernel's error
+    of it (large logits: inputs below the polynomial's range occur)."""
     c = _float64_case(CASES[case], case)
     monkeypatch.setattr(pallas_triton, "forward", _portable_forward)
     f = lambda q, k, v: sc.dot_product_attention(q, k, v, plan=c.plan, return_residuals=True, **c.structured,
@@ -176,7 +179,8 @@ def test_mosaic_forward_exp2_on_fma_matches_float64(case, sixteenths, monkeypatc
     chosen = mosaic_gpu.default_launch
     results = []
     for k in (0, sixteenths):
-        launch_of = lambda *args, k=k: dataclasses.replace(chosen(*args), exp2_on_fma=k)
+        three = dict(warpgroups=3, cluster=1, named_turns=False) if warpgroups == 3 else {}
+        launch_of = lambda *args, k=k, three=three: dataclasses.replace(chosen(*args), exp2_on_fma=k, **three)
         monkeypatch.setattr(mosaic_gpu, "default_launch", launch_of)
         jax.clear_caches()
         results.append([np.asarray(x) for x in jax.jit(f)(c.q, c.k, c.v)])
