@@ -29,7 +29,6 @@ try:  # Mosaic GPU ships with jaxlib; guard anyway so that the package imports e
     from jax.experimental.pallas import mosaic_gpu as plgpu
     from jaxlib.mlir import ir
     from jaxlib.mlir.dialects import arith, llvm, vector
-    from jaxlib.mlir.dialects import math as mlir_math
 except ImportError:  # pragma: no cover
     plgpu = None
 
@@ -45,7 +44,7 @@ MANTISSA_BITS = 23
 
 def exp2(x: np.ndarray) -> np.ndarray:
     """2^x for float32 `x` of any shape, by the polynomial: the kernel's steps in NumPy, each FMA
-    rounded once to float32 (a float32 product is exact in float64)."""
+    rounded to float32 from float64, where a float32 product is exact (so once, but for a rare tie)."""
     x = np.maximum(np.asarray(x, np.float32), np.float32(LOWEST))
     t = x + np.float32(ROUNDER)
     f = (x - (t - np.float32(ROUNDER))).astype(np.float64)
@@ -85,25 +84,23 @@ def _mufu_exp2(register):
 
 
 def _polynomial_exp2(register):
-    """The polynomial's 2^x of each float32 of a register vector (the steps of `exp2`)."""
-    floats = register.type
-    ints = ir.VectorType.get(ir.VectorType(floats).shape, ir.IntegerType.get_signless(32))
+    """The polynomial's 2^x of each float32 of a register vector."""
+    return _each(_polynomial_exp2_of, register)
 
-    def splat(vector_type, attribute):
-        return arith.constant(vector_type, ir.DenseElementsAttr.get_splat(vector_type, attribute))
 
-    def const(value: float):
-        return splat(floats, ir.FloatAttr.get(ir.F32Type.get(), value))
-
-    x = arith.maximumf(register, const(LOWEST))
+def _polynomial_exp2_of(x):
+    """The polynomial's 2^x of one float32: the steps of `exp2`, each an explicit PTX instruction where
+    LLVM might choose another (maximum, the rounding sum, the FMAs)."""
+    i32 = ir.IntegerType.get_signless(32)
+    x = _asm("max.NaN.f32 $0, $1, $2;", x, _scalar(LOWEST))
     # An instruction no rewrite sees into, so that nothing folds (x + r) - r into x.
-    t = _each(lambda element: _asm("add.rn.f32 $0, $1, $2;", element, _scalar(ROUNDER)), x)
-    f = arith.subf(x, arith.subf(t, const(ROUNDER)))
-    p = const(COEFFICIENTS[-1])
+    t = _asm("add.rn.f32 $0, $1, $2;", x, _scalar(ROUNDER))
+    f = arith.subf(x, arith.subf(t, _scalar(ROUNDER)))
+    p = _scalar(COEFFICIENTS[-1])
     for c in COEFFICIENTS[-2::-1]:
-        p = mlir_math.fma(p, f, const(c))
-    n = arith.shli(arith.bitcast(ints, t), splat(ints, ir.IntegerAttr.get(ints.element_type, MANTISSA_BITS)))
-    return arith.bitcast(floats, arith.addi(arith.bitcast(ints, p), n))
+        p = _asm("fma.rn.f32 $0, $1, $2, $3;", p, f, _scalar(c))
+    n = arith.shli(arith.bitcast(i32, t), arith.constant(i32, ir.IntegerAttr.get(i32, MANTISSA_BITS)))
+    return arith.bitcast(ir.F32Type.get(), arith.addi(arith.bitcast(i32, p), n))
 
 
 def _scalar(value: float):
