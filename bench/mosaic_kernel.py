@@ -24,9 +24,9 @@ With ``--backward-launches`` the pass timed is forward plus backward (cuDNN's
 too; with ``--decomposed``, on both plans), once per backward launch, written
 ``dq_block_kv,dq_stages,dkv_block_q,dkv_stages``
 (`mosaic_gpu_backward.Launch`; trailing ``,paired``, ``,fused``, ``,segN``, ``,flush``,
-``,cluster2``, ``,dkvcluster2``, ``,dqturns``, ``,dqnamed`` and ``,passN`` set ``dkv_paired``, ``fused_dq``,
-``dq_segment``, ``dq_flush``, ``dq_cluster``, ``dkv_cluster``, ``dq_turns``, ``dq_named_turns`` and
-``dq_pass_keys``),
+``,cluster2``, ``,dkvcluster2``, ``,dqturns``, ``,dqnamed``, ``,passN`` and ``,kvregs`` set ``dkv_paired``,
+``fused_dq``, ``dq_segment``, ``dq_flush``, ``dq_cluster``, ``dkv_cluster``, ``dq_turns``, ``dq_named_turns``,
+``dq_pass_keys`` and ``dkv_kv_in_registers``),
 with the forward's own launch or ``--forward-launch``.
 """
 
@@ -77,17 +77,18 @@ def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     (`Launch.dkv_paired`), ``,fused`` (`Launch.fused_dq`), ``,segN`` (`Launch.dq_segment` = N),
     ``,flush`` (`Launch.dq_flush`), ``,cluster2`` (`Launch.dq_cluster` = 2), ``,dkvcluster2``
     (`Launch.dkv_cluster` = 2), ``,dqturns`` (`Launch.dq_turns`), ``,dqnamed``
-    (`Launch.dq_named_turns`) and ``,passN`` (`Launch.dq_pass_keys` = N)."""
+    (`Launch.dq_named_turns`), ``,passN`` (`Launch.dq_pass_keys` = N) and ``,kvregs``
+    (`Launch.dkv_kv_in_registers`)."""
     parts = text.split(",")
     dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
     flags = set(parts[4:])
     numbered = {p: [f for f in flags if f.startswith(p) and f[len(p):].isdigit()] for p in ("seg", "pass")}
-    known = {"paired", "fused", "flush", "cluster2", "dkvcluster2", "dqturns", "dqnamed"}
+    known = {"paired", "fused", "flush", "cluster2", "dkvcluster2", "dqturns", "dqnamed", "kvregs"}
     unknown = flags - known - set(itertools.chain(*numbered.values()))
     if unknown or any(len(found) > 1 for found in numbered.values()):
         raise ValueError(
             f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'flush', 'cluster2',"
-            " 'dkvcluster2', 'dqturns', 'dqnamed', one 'segN' and one 'passN'"
+            " 'dkvcluster2', 'dqturns', 'dqnamed', 'kvregs', one 'segN' and one 'passN'"
         )
     number = lambda prefix: int(numbered[prefix][0][len(prefix):]) if numbered[prefix] else 0
     return mosaic_gpu_backward.Launch(
@@ -95,6 +96,7 @@ def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
         dq_segment=number("seg"), dq_flush="flush" in flags,
         dq_cluster=2 if "cluster2" in flags else 1, dkv_cluster=2 if "dkvcluster2" in flags else 1,
         dq_turns="dqturns" in flags, dq_named_turns="dqnamed" in flags, dq_pass_keys=number("pass"),
+        dkv_kv_in_registers="kvregs" in flags,
     )
 
 

@@ -53,6 +53,8 @@ def test_backward_launch_flags():
     assert named.dq_turns and named.dq_named_turns and not both.dq_named_turns
     assert mosaic_kernel.backward_launch("128,2,64,2,seg8,flush,pass65536").dq_pass_keys == 65536
     assert mosaic_kernel.backward_launch("128,2,64,2,seg8,flush").dq_pass_keys == 0
+    assert mosaic_kernel.backward_launch("128,2,64,2,paired,seg8,kvregs").dkv_kv_in_registers
+    assert not both.dkv_kv_in_registers
     with pytest.raises(ValueError, match="'cluster2'"):
         mosaic_kernel.backward_launch("128,2,64,2,pairs")
     with pytest.raises(ValueError, match="one 'passN'"):

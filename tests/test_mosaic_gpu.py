@@ -631,6 +631,23 @@ def test_mosaic_backward_turns_give_the_same_bits(case, monkeypatch):
             np.testing.assert_array_equal(b, a, err_msg=f"{name}, turns at a hardware barrier: {named}")
 
 
+@hopper
+@pytest.mark.parametrize("case", ["causal_gqa_odd", "window", "cross_lengths", "large_logits"])
+def test_mosaic_dkv_kv_in_registers_give_the_same_bits(case, monkeypatch):
+    """k and v in registers as the first operands of the dk/dv kernel's ``s^T`` and ``dp^T``
+    (`Launch.dkv_kv_in_registers`), with paired products and in turn: the same products in the same
+    order, so the gradients are the same bits as with both operands in shared memory."""
+    c = _float64_case(BACKWARD_CASES[case], case)
+    monkeypatch.setattr(pallas_triton, "backward", _portable_backward)
+    for paired in (True, False):
+        plain = dataclasses.replace(mosaic_gpu_backward.default_launch(64), dkv_paired=paired)
+        without = _output_and_gradients(c, monkeypatch, plain)
+        in_registers = _output_and_gradients(c, monkeypatch, dataclasses.replace(plain, dkv_kv_in_registers=True))
+        assert rel_error(as64(in_registers[2]), c.ref_grads[1]) <= 1.5 * c.base_grads[1]
+        for name, a, b in zip(("out", "dq", "dk", "dv"), without, in_registers):
+            np.testing.assert_array_equal(b, a, err_msg=f"{name}, paired products: {paired}")
+
+
 DQ_PASS_CASES = [("causal_gqa_odd", None), ("window", None), ("gqa_lengths_head128", 1), ("cross_causal_gqa_head128", 2)]
 
 
@@ -848,12 +865,32 @@ def _lower_gradient(head_dim: int, deterministic_backward: bool = True, vmapped:
     (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_cluster=2)),
     (64, mosaic_gpu_backward.Launch(dkv_paired=True, dq_segment=8, dq_cluster=2)),  # dq without turns
     (128, mosaic_gpu_backward.Launch(dq_segment=8, dq_flush=True, dq_turns=True)),  # dq's turns, segments in memory
+    (64, mosaic_gpu_backward.Launch(dkv_kv_in_registers=True)),  # dk/dv's k and v in registers, products in turn
+    (64, mosaic_gpu_backward.Launch(fused_dq=True, dkv_kv_in_registers=True)),
 ])
 def test_mosaic_backward_other_launches_lower_for_cuda(head_dim, launch, monkeypatch):
     """Launches other than the default (what a tuning sweep tries) build and fit in shared memory."""
     _pretend_hopper(monkeypatch)
     monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: launch)
     _lower_gradient(head_dim)
+
+
+@pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])
+def test_dkv_kv_in_registers_changes_the_gradient_program_at_head_dim_64_only(semantics, monkeypatch):
+    """`Launch.dkv_kv_in_registers` lowers for CUDA under the lowering semantics of jax 0.10 and 0.11 and
+    changes the program (the default's paired products); at head dim 128 it is refused."""
+    _pretend_hopper(monkeypatch)
+    _use_lowering_semantics(monkeypatch, semantics)
+    texts = []
+    for on in (False, True):
+        launch = dataclasses.replace(mosaic_gpu_backward.default_launch(64), dkv_kv_in_registers=on)
+        monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_, launch=launch: launch)
+        texts.append(_lower_gradient(64))
+    assert texts[0] != texts[1]
+    wide = dataclasses.replace(mosaic_gpu_backward.Launch(), dkv_kv_in_registers=True)
+    monkeypatch.setattr(mosaic_gpu_backward, "default_launch", lambda *_: wide)
+    with pytest.raises(ValueError, match="dkv_kv_in_registers takes head dim 64, got 128"):
+        _lower_gradient(128)
 
 
 @pytest.mark.parametrize("semantics", ["Lane", "Warpgroup"])

@@ -120,6 +120,11 @@ class Launch:
     (same products, same order, same bits).
     dq_named_turns: with `dq_turns`, the turns are taken at a hardware barrier, as the forward's
     with `mosaic_gpu.Launch.named_turns` (same bits).
+    dkv_kv_in_registers: the dk/dv kernel loads each warpgroup's k and v tiles into registers once
+    (16 registers each per thread at head dim 64) as the first operands of ``s^T`` and ``dp^T``,
+    which then read only q and dO from shared memory. With both operands there, a product of
+    N = 64 query rows asks shared memory for 128 bytes per cycle, all it gives, while the copies
+    also write to it (by arithmetic, not measured). Head dim 64 only. Same products: same bits.
     dq_pass_keys: the dq kernel runs in passes over windows of this many rows of the key array
     (0: one pass over all), each a launch that adds onto the dq of the passes before it. The
     thread blocks running at once then read keys and values from one window, which L2 holds
@@ -143,6 +148,7 @@ class Launch:
     dq_turns: bool = False
     dq_named_turns: bool = False
     dq_pass_keys: int = 0
+    dkv_kv_in_registers: bool = False
 
     def __post_init__(self):
         for name in ("dq_cluster", "dkv_cluster"):
@@ -531,6 +537,10 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
         plgpu.copy_gmem_to_smem(v_ref.at[keys], v_tile, v_ready.at[wg])
         plgpu.barrier_wait(k_ready.at[wg])
         plgpu.barrier_wait(v_ready.at[wg])
+        if launch.dkv_kv_in_registers:  # the first operands of s^T and dp^T, read from shared memory once
+            k_first, v_first = _load(k_tile, plgpu.Layout.WGMMA), _load(v_tile, plgpu.Layout.WGMMA)
+        else:
+            k_first, v_first = k_tile, v_tile
         qk_factor = cfg.scale * LOG2E
         shape = (ROWS, bq)
         per_column = plgpu.Layout.WGMMA.reduce(0)
@@ -583,9 +593,9 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
 
             s, dp = _product_pair(  # s^T (keys x query rows) and dp^T
                 shape,
-                (k_tile, q_tile.transpose((1, 0))),
+                (k_first, q_tile.transpose((1, 0))),
                 do_ready.at[ring],
-                (v_tile, do_tile.transpose((1, 0))),
+                (v_first, do_tile.transpose((1, 0))),
             )
             if masked:
                 s = mask(s, j, q_start)
@@ -614,7 +624,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             plgpu.barrier_wait(q_ready.at[ring])
 
             def scores(ref):
-                plgpu.wgmma(ref, k_tile, q_tile.transpose((1, 0)))
+                plgpu.wgmma(ref, k_first, q_tile.transpose((1, 0)))
                 return ref[...]
 
             s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))  # s^T: keys x query rows
@@ -628,7 +638,7 @@ def _dkv_kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_
             def values(refs):
                 dv_ref, dp_ref = refs
                 plgpu.wgmma(dv_ref, p16, do_tile)
-                plgpu.wgmma(dp_ref, v_tile, do_tile.transpose((1, 0)))
+                plgpu.wgmma(dp_ref, v_first, do_tile.transpose((1, 0)))
 
             zeros = plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
             dv, dp = pl.run_state(values)((plgpu.ACC.init(dv), plgpu.ACC.init(zeros)))
@@ -692,6 +702,8 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
     (unscaled, added up by the kernel into zeros)."""
     b, lk, kh, h = inp.k.shape
     dtype, bq, stages = inp.q.dtype, launch.dkv_block_q, launch.dkv_stages
+    if launch.dkv_kv_in_registers and h != 64:
+        raise ValueError(f"Launch.dkv_kv_in_registers takes head dim 64, got {h}: k and v would take 64 registers each")
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     operands = (
         plgpu.SMEM((2, ROWS, h), dtype, transforms=swizzled),  # k of each warpgroup's keys
