@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover
 
 LOG2E = math.log2(math.e)
 # The hardware barrier at which the compute warpgroups take turns with `Turns(named=True)`; three compute
-# warpgroups take `TURN_BARRIER` + their index, and meet all together at `TURN_BARRIER` + 3. Mosaic GPU
+# warpgroups take `TURN_BARRIER` + their index, and meet all together at `TURN_BARRIER` + 3 (`Turns`). Mosaic GPU
 # keeps 0 (the whole block) and 1 to 4 (one per warpgroup) for its own synchronization.
 TURN_BARRIER = 8
 
@@ -218,8 +218,8 @@ class Turns:
         @plgpu.inline_mgpu()
         def sync(_):
             void = ir.Type.parse("!llvm.void")
-            threads = 128 * self._warpgroups
-            llvm.inline_asm(void, [], f"bar.sync {TURN_BARRIER + 3}, {threads};", "", has_side_effects=True)
+            barrier, threads = TURN_BARRIER + self._warpgroups, 128 * self._warpgroups  # past the ring's barriers
+            llvm.inline_asm(void, [], f"bar.sync {barrier}, {threads};", "", has_side_effects=True)
 
         sync()
 
@@ -252,7 +252,9 @@ class QueryBlock:
     `rows` rows from ``start``, their limits, and the key tiles of `block_kv` keys that some of
     them see, which every thread block of the cluster walks. This thread block's own tile is
     number `member` of the cluster (`warpgroup_rows`). With `window` = (lo, hi), multiples of
-    `block_kv`, the walk keeps only the tiles in rows [lo, hi) of the key array (`pair_tiles`)."""
+    `block_kv`, the walk keeps only the tiles in rows [lo, hi) of the key array (`pair_tiles`).
+    A chunk that is no whole number of tiles ends in a tile that runs past it: the walk is that of
+    its rows inside the chunk, and a warpgroup tells its own by `warpgroup_inside`."""
 
     def __init__(
         self, tab_ref, lens_ref, lay, cfg, bi, t, rows: int, block_kv: int, cluster: int = 1,
