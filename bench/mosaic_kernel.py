@@ -42,6 +42,16 @@ from stream_cqsa_jax import benchmark
 from stream_cqsa_jax._src.kernels import mosaic_gpu, mosaic_gpu_backward
 
 
+def _numbered(flags: set[str], *prefixes: str) -> dict[str, list[str]]:
+    """Per prefix, the flags that are it followed by a number (``seg8`` for ``seg``)."""
+    return {p: [f for f in flags if f.startswith(p) and f[len(p):].isdigit()] for p in prefixes}
+
+
+def _number(numbered: dict[str, list[str]], prefix: str) -> int:
+    """The number of `prefix`'s flag in `numbered` (`_numbered`), or 0 without one."""
+    return int(numbered[prefix][0][len(prefix):]) if numbered[prefix] else 0
+
+
 def forward_launch(text: str) -> mosaic_gpu.Launch:
     """``block_kv,stages``, then optionally ``,heavy`` (query tiles in reverse order), ``,cluster2``
     (`Launch.cluster` = 2), ``,scoresfirst`` (`Launch.scores_first`), ``,namedturns``
@@ -49,15 +59,15 @@ def forward_launch(text: str) -> mosaic_gpu.Launch:
     parts = text.split(",")
     flags = set(parts[2:])
     known = ("heavy", "cluster2", "scoresfirst", "namedturns", "wg3")
-    fma = [f for f in flags if f.startswith("exp2fma") and f[len("exp2fma"):].isdigit()]
-    if flags - set(known) - set(fma) or len(fma) > 1:
+    numbered = _numbered(flags, "exp2fma")
+    if flags - set(known) - set(numbered["exp2fma"]) or len(numbered["exp2fma"]) > 1:
         raise ValueError(
             f"forward launch {text!r}: flags after the numbers are {', '.join(map(repr, known))} and one 'exp2fmaN'"
         )
     return mosaic_gpu.Launch(
         block_kv=int(parts[0]), stages=int(parts[1]), heavy_first="heavy" in flags,
         cluster=2 if "cluster2" in flags else 1, scores_first="scoresfirst" in flags,
-        named_turns="namedturns" in flags, exp2_on_fma=int(fma[0][len("exp2fma"):]) if fma else 0,
+        named_turns="namedturns" in flags, exp2_on_fma=_number(numbered, "exp2fma"),
         warpgroups=3 if "wg3" in flags else 2,
     )
 
@@ -82,7 +92,7 @@ def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
     parts = text.split(",")
     dq_block_kv, dq_stages, dkv_block_q, dkv_stages = (int(x) for x in parts[:4])
     flags = set(parts[4:])
-    numbered = {p: [f for f in flags if f.startswith(p) and f[len(p):].isdigit()] for p in ("seg", "pass")}
+    numbered = _numbered(flags, "seg", "pass")
     known = {"paired", "fused", "flush", "cluster2", "dkvcluster2", "dqturns", "dqnamed", "kvregs"}
     unknown = flags - known - set(itertools.chain(*numbered.values()))
     if unknown or any(len(found) > 1 for found in numbered.values()):
@@ -90,12 +100,11 @@ def backward_launch(text: str) -> mosaic_gpu_backward.Launch:
             f"backward launch {text!r}: flags after the numbers are 'paired', 'fused', 'flush', 'cluster2',"
             " 'dkvcluster2', 'dqturns', 'dqnamed', 'kvregs', one 'segN' and one 'passN'"
         )
-    number = lambda prefix: int(numbered[prefix][0][len(prefix):]) if numbered[prefix] else 0
     return mosaic_gpu_backward.Launch(
         dq_block_kv, dq_stages, dkv_block_q, dkv_stages, dkv_paired="paired" in flags, fused_dq="fused" in flags,
-        dq_segment=number("seg"), dq_flush="flush" in flags,
+        dq_segment=_number(numbered, "seg"), dq_flush="flush" in flags,
         dq_cluster=2 if "cluster2" in flags else 1, dkv_cluster=2 if "dkvcluster2" in flags else 1,
-        dq_turns="dqturns" in flags, dq_named_turns="dqnamed" in flags, dq_pass_keys=number("pass"),
+        dq_turns="dqturns" in flags, dq_named_turns="dqnamed" in flags, dq_pass_keys=_number(numbered, "pass"),
         dkv_kv_in_registers="kvregs" in flags,
     )
 

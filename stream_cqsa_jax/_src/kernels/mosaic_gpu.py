@@ -150,6 +150,12 @@ def default_launch(head_dim: int, key_rows: int = 0, band: Band | None = None) -
     )
 
 
+def query_tiles(q_rows: int, cfg: KernelConfig, launch: Launch) -> int:
+    """The grid's tiles of a subproblem of `q_rows` query rows: per chunk, the clusters of thread blocks
+    of `launch.warpgroups` x `ROWS` rows that cover it."""
+    return q_rows // cfg.q_chunk * tiles_per_chunk(cfg.q_chunk, launch.warpgroups * ROWS, launch.cluster)
+
+
 def supports(inp: KernelInputs, cfg: KernelConfig, launch: Launch) -> bool:
     """Whether this kernel runs `inp` (else the portable kernel does)."""
     return (
@@ -173,7 +179,7 @@ def _kernel(*refs, cfg: KernelConfig, lay, launch: Launch, groups: int, has_leng
     block_rows = wgs * ROWS
     bi, head, t, wg = (lax.axis_index(a) for a in ("batch", "heads", "tiles", "wg"))
     if launch.heavy_first:
-        t = q_ref.shape[1] // cfg.q_chunk * tiles_per_chunk(cfg.q_chunk, block_rows, cluster) - 1 - t
+        t = query_tiles(q_ref.shape[1], cfg, launch) - 1 - t
     block = QueryBlock(tab_ref, lens_ref, lay, cfg, bi, t, block_rows, bk, cluster)
     q_limit, kv_limit = block.q_limit, block.kv_limit
     compute_registers, copy_registers = REGISTERS[wgs]
@@ -415,7 +421,7 @@ def forward(inp: KernelInputs, cfg: KernelConfig, launch: Launch | None = None) 
         _kernel, cfg=cfg, lay=lay, launch=launch, groups=n // kh, has_lengths=lens is not None
     )
     out_type = (jax.ShapeDtypeStruct((b, lq, n, h), jnp.float32), rows, rows)
-    grid = (n, lq // cfg.q_chunk * tiles_per_chunk(cfg.q_chunk, wgs * ROWS, launch.cluster), b)
+    grid = (n, query_tiles(lq, cfg, launch), b)
     acc, m, l = run_kernel(
         body, out_type, scratch, grid, tab, lens, inp.q, inp.k, inp.v, cluster=launch.cluster, warpgroups=wgs
     )

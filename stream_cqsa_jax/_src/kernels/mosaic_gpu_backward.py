@@ -702,8 +702,6 @@ def _dkv(inp: KernelInputs, do, rows, tab, lay, lens, cfg: KernelConfig, launch:
     (unscaled, added up by the kernel into zeros)."""
     b, lk, kh, h = inp.k.shape
     dtype, bq, stages = inp.q.dtype, launch.dkv_block_q, launch.dkv_stages
-    if launch.dkv_kv_in_registers and h != 64:
-        raise ValueError(f"Launch.dkv_kv_in_registers takes head dim 64, got {h}: k and v would take 64 registers each")
     swizzled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     operands = (
         plgpu.SMEM((2, ROWS, h), dtype, transforms=swizzled),  # k of each warpgroup's keys
@@ -758,6 +756,10 @@ def backward(
     launch = launch or default_launch(inp.q.shape[-1], cfg.deterministic)
     if not supports(inp, cfg, launch):
         return pallas_triton.backward(inp, do, m, l, delta, cfg)
+    if launch.dkv_kv_in_registers and inp.q.shape[-1] != 64:
+        raise ValueError(
+            f"Launch.dkv_kv_in_registers takes head dim 64, got {inp.q.shape[-1]}: k and v would take 64 registers each"
+        )
     tab, lay = block_map.pack(inp)
     lens = block_map.lengths(inp)
     rows = _row_terms(m, l, delta)
